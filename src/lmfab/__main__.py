@@ -1,0 +1,7 @@
+"""``python -m lmfab`` (what torchrun and ``--num_devices`` launch)."""
+
+import sys
+
+from lmfab.cli import main
+
+sys.exit(main())

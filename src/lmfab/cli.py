@@ -1,0 +1,157 @@
+"""The ``lmfab`` command line. Verbs only: parse, then call one public function per verb.
+
+    lmfab run --params P --mode {train,eval,train_and_eval,eval_all} --model_dir D
+              [--num_steps S] [--num_devices N] [--num_nodes M] [--set a.b=c ...]
+              [--init_from CKPT] [--dry-run]
+    lmfab data tokenize --input PATH... --out DIR --seq_len T [--vocab_size V | --tokenizer J]
+    lmfab generate --model_dir D --prompt TEXT
+
+The flags of ``run`` mirror the Cerebras Model Zoo's ``run.py`` (``--params --mode
+--num_steps --model_dir``), with ``--num_devices`` / ``--num_nodes`` in place of ``--num_csx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Flags consumed by the launcher and not passed on to the relaunched processes.
+_LAUNCH_FLAGS = {"--num_devices", "--num_nodes", "--node_rank", "--master_addr", "--master_port"}
+
+
+def _strip_launch_flags(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _LAUNCH_FLAGS:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmfab", description=__doc__.split("\n")[0])
+    verbs = p.add_subparsers(dest="verb", required=True)
+
+    r = verbs.add_parser("run", help="train / evaluate from one params YAML")
+    r.add_argument("--params", required=True, help="params YAML")
+    r.add_argument("--mode", default="train", choices=["train", "eval", "train_and_eval", "eval_all"])
+    r.add_argument("--model_dir", help="run directory (default: runconfig.model_dir)")
+    r.add_argument("--num_steps", type=int, help="steps to run in this invocation")
+    r.add_argument("--max_steps", type=int, help="total steps (overrides runconfig.max_steps)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params value, e.g. optimizer.learning_rate=3e-4")
+    r.add_argument("--init_from", help="load weights only from a checkpoint or run dir")
+    r.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the resolved config and the run plan, then exit")
+    r.add_argument("--num_devices", type=int, default=1, help="processes per node")
+    r.add_argument("--num_nodes", type=int, default=1)
+    r.add_argument("--node_rank", type=int, default=0)
+    r.add_argument("--master_addr")
+    r.add_argument("--master_port", type=int, default=29500)
+
+    d = verbs.add_parser("data", help="data preparation").add_subparsers(dest="data_verb", required=True)
+    t = d.add_parser("tokenize", help="train or load a BPE tokenizer and pack token shards")
+    t.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.zst / txt files or folders")
+    t.add_argument("--out", required=True, help="output dataset directory")
+    t.add_argument("--seq_len", type=int, required=True)
+    t.add_argument("--vocab_size", type=int, default=8192)
+    t.add_argument("--tokenizer", help="an existing tokenizer.json (skips training)")
+    t.add_argument("--val_fraction", type=float, default=0.02)
+    t.add_argument("--seed", type=int, default=0)
+
+    g = verbs.add_parser("generate", help="sample text from a trained run")
+    g.add_argument("--model_dir", required=True, help="run directory or checkpoint directory")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max_new_tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top_k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    return p
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    from lmfab.dist.launch import already_launched, relaunch
+    from lmfab.dist.world import world_size_from_env
+
+    world_size = args.num_devices * args.num_nodes
+    if world_size > 1 and not args.dry_run and not already_launched():
+        return relaunch(
+            _strip_launch_flags(argv), num_devices=args.num_devices, num_nodes=args.num_nodes,
+            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+        )
+    if already_launched():
+        world_size = world_size_from_env()
+
+    from lmfab.config import load_config
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"runconfig.max_steps={args.max_steps}")
+    cfg = load_config(args.params, overrides, world_size=world_size)
+    model_dir = args.model_dir or cfg.runconfig.model_dir
+    if args.dry_run:
+        import yaml
+
+        from lmfab.config import config_to_dict
+        from lmfab.train.plan import format_plan, plan_run
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+        print(f"\nrun plan ({args.mode}, model_dir={model_dir}):")
+        print(format_plan(plan_run(cfg, world_size)))
+        return 0
+    if not model_dir:
+        raise SystemExit("lmfab run: --model_dir is required (or set runconfig.model_dir)")
+
+    from lmfab.train.loop import run_mode
+
+    run_mode(cfg, mode=args.mode, model_dir=model_dir, num_steps=args.num_steps,
+             init_from=args.init_from)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from lmfab.data.tokenize import tokenize_corpus
+
+    tokenize_corpus(
+        args.input, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmfab.infer.generate import generate_text
+
+    text = generate_text(
+        args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,
+    )
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from lmfab.config import ConfigError
+    from lmfab.data.shards import ShardError
+
+    try:
+        if args.verb == "run":
+            return cmd_run(args, argv)
+        if args.verb == "data":
+            return cmd_data(args)
+        return cmd_generate(args)
+    except (ConfigError, ShardError, FileNotFoundError) as e:
+        print(f"lmfab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Load, override, validate and write params files.
+
+YAML is data: it is parsed with ``yaml.safe_load`` and converted into the dataclasses of
+:mod:`lmfab.config.schema` by a strict converter that walks the type hints. Unknown keys,
+wrong types, values outside a closed set and missing required keys fail with the key path
+and a hint; :func:`check_config` then rejects impossible combinations (global batch not
+divisible over the devices, ``seq_len`` beyond the model's positions, ...).
+
+``--set a.b=c`` overrides are applied to the raw mapping before conversion, so they are
+checked exactly like the file. The value is parsed as YAML (``3e-4``, ``true``, ``[1, 2]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lmfab.config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A params file or override that lmfab cannot honour. The message names the key path."""
+
+
+def _hint(key: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` or raise ConfigError at ``path``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors: list[tuple[Any, ConfigError]] = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except ConfigError as e:
+                errors.append((option, e))
+        # A list or mapping that failed inside: report the inner error, it names the key.
+        for option, err in errors:
+            if (isinstance(value, list) and typing.get_origin(option) is list) or (
+                isinstance(value, dict) and dataclasses.is_dataclass(option)
+            ):
+                raise err
+        expected = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{path}: expected {expected}, got {value!r}") from None
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            hint = _hint(str(value), [str(a) for a in allowed])
+            raise ConfigError(f"{path}: {value!r} is not one of {list(allowed)}{hint}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _to_dataclass(value, tp, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 1e6 in YAML is a float
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {path}")  # a bug in the schema
+
+
+def _to_dataclass(raw: Any, cls: type, path: str) -> Any:
+    where = path or "params"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(
+                f"{path + '.' if path else ''}{key}: unknown key{_hint(str(key), fields)}; "
+                f"allowed in {where}: {', '.join(fields)}"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: required key is missing")
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
+    """Apply ``a.b=c`` overrides to a raw params mapping (in place; returned for chaining)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key in {key!r}")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def config_from_dict(raw: dict, *, world_size: int = 1, source: str = "params") -> Config:
+    """Convert and check a raw mapping. Errors are prefixed with ``source`` (the file)."""
+    try:
+        cfg = _to_dataclass(raw, Config, "")
+        check_config(cfg, world_size=world_size)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(
+    path: str | Path, overrides: typing.Sequence[str] = (), *, world_size: int = 1
+) -> Config:
+    """Read a params YAML, apply ``--set`` overrides, convert and check it."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    return config_from_dict(raw, world_size=world_size, source=str(path))
+
+
+def micro_batching(batch_size: int, micro: int | None, world_size: int) -> tuple[int, int]:
+    """(micro_batch_size, grad_accum_steps) for a global batch over ``world_size`` devices."""
+    if batch_size % world_size:
+        raise ConfigError(
+            f"batch_size={batch_size} is not divisible by the {world_size} devices"
+        )
+    per_device = batch_size // world_size
+    micro = micro or per_device
+    if per_device % micro:
+        raise ConfigError(
+            f"batch_size={batch_size} over {world_size} device(s) is {per_device} per device, "
+            f"not divisible by micro_batch_size={micro}; choose a divisor of {per_device}"
+        )
+    return micro, per_device // micro
+
+
+def check_config(cfg: Config, *, world_size: int = 1) -> None:
+    """Cross-field checks: combinations that cannot run fail here, not at step 1000."""
+    m, o, t, e, r = cfg.model, cfg.optimizer, cfg.train_input, cfg.eval_input, cfg.runconfig
+    for name in ("n_layer", "n_head", "d_model", "vocab_size", "max_seq_len"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name}: must be positive, got {getattr(m, name)}")
+    if m.d_model % m.n_head:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}"
+        )
+    if m.d_ff is not None and m.d_ff <= 0:
+        raise ConfigError(f"model.d_ff: must be positive, got {m.d_ff}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if t.seq_len <= 0:
+        raise ConfigError(f"train_input.seq_len: must be positive, got {t.seq_len}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"train_input.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
+            "(learned positions end there); raise model.max_seq_len or lower seq_len"
+        )
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optimizer.betas: expected two numbers in [0, 1), got {o.betas}")
+    if o.max_grad_norm is not None and o.max_grad_norm <= 0:
+        raise ConfigError("optimizer.max_grad_norm: must be positive or null (no clipping)")
+    if isinstance(o.learning_rate, list):
+        if not o.learning_rate:
+            raise ConfigError("optimizer.learning_rate: an empty schedule list")
+        for i, seg in enumerate(o.learning_rate):
+            where = f"optimizer.learning_rate[{i}]"
+            if seg.steps <= 0:
+                raise ConfigError(f"{where}.steps: must be positive, got {seg.steps}")
+            if seg.schedule == "constant" and seg.end not in (None, seg.start):
+                raise ConfigError(f"{where}.end: a constant segment holds start; drop end")
+            if seg.schedule != "constant" and seg.end is None:
+                raise ConfigError(f"{where}.end: required for a {seg.schedule} segment")
+    elif o.learning_rate < 0:
+        raise ConfigError("optimizer.learning_rate: must be non-negative")
+    for section, batch, micro in (
+        ("train_input", t.batch_size, t.micro_batch_size),
+        ("eval_input", e.batch_size, e.micro_batch_size),
+    ):
+        if batch <= 0 or (micro is not None and micro <= 0):
+            raise ConfigError(f"{section}.batch_size and micro_batch_size must be positive")
+        try:
+            micro_batching(batch, micro, world_size)
+        except ConfigError as err:
+            raise ConfigError(f"{section}: {err}") from None
+    if r.max_steps < 0 or r.log_steps <= 0:
+        raise ConfigError("runconfig.max_steps must be >= 0 and runconfig.log_steps > 0")
+    if r.checkpoint_steps < 0 or r.eval_steps < 0 or r.keep_checkpoints < 0:
+        raise ConfigError("runconfig.checkpoint_steps, eval_steps, keep_checkpoints: >= 0")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def write_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

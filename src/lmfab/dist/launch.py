@@ -1,0 +1,44 @@
+"""``--num_devices N`` / ``--num_nodes M``: relaunch this command under torch.distributed.run.
+
+The child processes get the same argv minus the launch flags, plus the environment that
+torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), so the rest of lmfab sees
+exactly what a user's own ``torchrun --nproc_per_node N -m lmfab run ...`` would give it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def already_launched() -> bool:
+    return "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def relaunch(
+    argv: list[str],
+    *,
+    num_devices: int,
+    num_nodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str | None = None,
+    master_port: int = 29500,
+) -> int:
+    """Run ``python -m lmfab <argv>`` under torch.distributed.run; return its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_devices}"]
+    if num_nodes == 1 and master_addr is None:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={num_nodes}",
+            f"--node_rank={node_rank}",
+            f"--master_addr={master_addr or '127.0.0.1'}",
+            f"--master_port={master_port}",
+        ]
+    cmd += ["-m", "lmfab", *argv]
+    env = dict(os.environ)
+    if num_devices > 1 and "OMP_NUM_THREADS" not in env:
+        # CPU processes share the cores instead of oversubscribing them.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_devices))
+    return subprocess.call(cmd, env=env)

@@ -1,0 +1,278 @@
+"""The training loop and the four run modes (train, eval, train_and_eval, eval_all).
+
+Kept plain on purpose: one function builds the run, one function does a step. The global
+batch of the params file is split over the devices and micro-batches with gradient
+accumulation (``lmfab.config.micro_batching``); each device sees its contiguous slice of the
+same global batch, so the result does not depend on the device count. The newest complete
+checkpoint in ``model_dir`` resumes automatically; ``init_from`` loads weights only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmfab.config.load import ConfigError, config_to_dict, micro_batching, write_config
+from lmfab.config.schema import Config
+from lmfab.data.loader import BatchLoader, TokenDataset
+from lmfab.data.shards import tokenizer_hash
+from lmfab.dist import World, all_reduce_mean, barrier, init_world, parallelize, shutdown
+from lmfab.eval.loss import evaluate_loss
+from lmfab.models.gpt import GPT, build_model, materialize
+from lmfab.train import checkpoint as ckpt
+from lmfab.train.metrics import MetricsLogger, console, format_duration, peak_flops
+from lmfab.train.optim import build_optimizer
+from lmfab.train.plan import format_plan, plan_run
+from lmfab.train.schedule import LRSchedule
+
+MODES = ("train", "eval", "train_and_eval", "eval_all")
+
+
+@dataclass
+class Run:
+    """Everything one process needs, built once."""
+
+    cfg: Config
+    world: World
+    model_dir: Path
+    model: GPT  # the unwrapped module: its state_dict is what checkpoints hold
+    wrapped: nn.Module  # what the loop calls (compiled / DDP)
+    autocast: contextlib.AbstractContextManager
+    log: MetricsLogger
+
+    def say(self, msg: str) -> None:
+        console(msg, self.world.is_main)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    precision = cfg.runconfig.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _data_dir(cfg: Config, section: str) -> Path:
+    d = cfg.train_input.data_dir if section == "train" else (
+        cfg.eval_input.data_dir or cfg.train_input.data_dir
+    )
+    return Path(d)
+
+
+def open_split(cfg: Config, section: str) -> TokenDataset:
+    """Open the token shards of train_input or eval_input and check them against the config."""
+    data_dir = _data_dir(cfg, section)
+    split = cfg.train_input.split if section == "train" else cfg.eval_input.split
+    tok = data_dir / "tokenizer.json"
+    meta_file = data_dir / "meta.json"
+    if meta_file.is_file():
+        vocab = json.loads(meta_file.read_text()).get("vocab_size")
+        if vocab is not None and vocab > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({vocab}, {meta_file}); raise model.vocab_size"
+            )
+    return TokenDataset(
+        data_dir / split,
+        window=cfg.train_input.seq_len + 1,
+        tokenizer_hash=tokenizer_hash(tok) if tok.is_file() else None,
+    )
+
+
+def setup(cfg: Config, model_dir: str | Path) -> Run:
+    world = init_world(cfg.runconfig.device, cfg.runconfig.dist_backend)
+    torch.manual_seed(cfg.runconfig.seed + world.rank)
+    model_dir = Path(model_dir)
+    model = materialize(build_model(cfg.model), world.device, seed=cfg.runconfig.seed)
+    wrapped = parallelize(model, world, cfg.runconfig)
+    log = MetricsLogger(model_dir, enabled=world.is_main, tensorboard=cfg.runconfig.tensorboard)
+    return Run(cfg, world, model_dir, model, wrapped, _autocast(cfg, world.device), log)
+
+
+def _check_resumable(saved: Path, cfg: Config) -> None:
+    import yaml
+
+    saved_model = yaml.safe_load((saved / "config.yaml").read_text())["model"]
+    if saved_model != config_to_dict(cfg)["model"]:
+        diff = {k: (saved_model.get(k), v) for k, v in config_to_dict(cfg)["model"].items()
+                if saved_model.get(k) != v}
+        raise ConfigError(
+            f"{saved}: cannot resume, the model section differs from the checkpoint's "
+            f"(key: (checkpoint, now)) {diff}; use a new --model_dir, or --init_from to "
+            "start a new run from these weights"
+        )
+
+
+def evaluate(run: Run, dataset: TokenDataset) -> dict:
+    e = run.cfg.eval_input
+    micro, _ = micro_batching(e.batch_size, e.micro_batch_size, run.world.world_size)
+    return evaluate_loss(
+        run.model, dataset, batch_size=e.batch_size, micro_batch=micro,
+        max_batches=e.max_batches, world=run.world, autocast=run.autocast,
+    )
+
+
+def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int):
+    """One optimizer step over this rank's rows (micro*accum, T+1). Returns (loss, grad-norm)."""
+    loss_sum = torch.zeros((), device=rows.device)
+    for k, mb in enumerate(rows.split(micro)):
+        x, y = mb[:, :-1], mb[:, 1:]
+        last = k == accum - 1
+        sync = contextlib.nullcontext() if last or not run.world.distributed else run.wrapped.no_sync()
+        with sync:
+            with run.autocast:
+                loss = run.wrapped(x, y)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    max_norm = run.cfg.optimizer.max_grad_norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        run.model.parameters(), max_norm if max_norm is not None else float("inf")
+    )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accum, grad_norm
+
+
+def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end: bool) -> dict:
+    cfg, world = run.cfg, run.world
+    t, r = cfg.train_input, cfg.runconfig
+    plan = plan_run(cfg, world.world_size)
+    optimizer = build_optimizer(run.model, cfg.optimizer, world.device)
+    schedule = LRSchedule(cfg.optimizer.learning_rate)
+    train_set = open_split(cfg, "train")
+    loader = BatchLoader(train_set, global_batch=t.batch_size, rank=world.rank,
+                         world_size=world.world_size, seed=t.seed, shuffle=t.shuffle)
+    eval_set = open_split(cfg, "eval") if (r.eval_steps or eval_at_end) else None
+
+    step, tokens_seen = 0, 0
+    newest = ckpt.latest_checkpoint(run.model_dir)
+    if newest is not None:
+        _check_resumable(newest, cfg)
+        state = ckpt.load_checkpoint(newest, model=run.model, optimizer=optimizer, world=world)
+        loader.load_state_dict(state["loader"])
+        step, tokens_seen = state["step"], state.get("tokens", 0)
+        run.say(f"resumed from {newest} (step {step})")
+        if init_from:
+            run.say(f"note: --init_from {init_from} ignored; resuming the run in {run.model_dir}")
+    elif init_from:
+        src = ckpt.load_weights(run.model, init_from)
+        run.say(f"initialised weights from {src} (weights only; optimizer and step start fresh)")
+
+    if world.is_main:
+        run.model_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run.model_dir / "config.yaml")
+        tok = _data_dir(cfg, "train") / "tokenizer.json"
+        if tok.is_file():
+            shutil.copyfile(tok, run.model_dir / "tokenizer.json")
+    run.say(format_plan(plan))
+
+    end = r.max_steps if num_steps is None else min(r.max_steps, step + num_steps)
+    peak = peak_flops(world.device, r.peak_flops_per_device)
+    run.say(f"training steps {step} -> {end} on {world.world_size} x {world.device.type}")
+
+    def save(at: int) -> None:
+        state = {"loader": loader.state_dict(), "tokens": tokens_seen}
+        path = ckpt.save_checkpoint(run.model_dir, step=at, model=run.model, optimizer=optimizer,
+                                    state=state, cfg=cfg, world=world, keep=r.keep_checkpoints)
+        run.say(f"checkpoint {path}")
+
+    run.wrapped.train()
+    last_time, last_step, t_start = time.perf_counter(), step, time.perf_counter()
+    result: dict = {}
+    while step < end:
+        lr = schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = torch.from_numpy(loader.next_batch()).to(world.device, non_blocking=True)
+        loss, grad_norm = _train_step(run, optimizer, rows, plan.micro_batch, plan.grad_accum)
+        step += 1
+        tokens_seen += plan.tokens_per_step
+
+        if step % r.log_steps == 0 or step == end:
+            loss_v, gn = all_reduce_mean([loss.item(), grad_norm.item()], world)
+            now = time.perf_counter()
+            dt = (now - last_time) / max(step - last_step, 1)
+            tok_s = plan.tokens_per_step / dt
+            mfu = tok_s * plan.flops_per_token / (peak * world.world_size) if peak else None
+            eta = format_duration(dt * (end - step))
+            run.say(
+                f"step {step:>6}/{end} | loss {loss_v:.4f} | lr {lr:.3e} | grad-norm {gn:.3f} | "
+                f"{tok_s:,.0f} tok/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {eta}"
+            )
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"loss is {loss_v} at step {step}; stopping")
+            result = {"loss": loss_v, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s,
+                      "mfu": mfu, "tokens": tokens_seen, "step_time_s": dt}
+            run.log.log(step, result)
+            last_time, last_step = time.perf_counter(), step
+        if r.eval_steps and step % r.eval_steps == 0 and step != end:
+            _eval_and_log(run, eval_set, step)
+        if r.checkpoint_steps and step % r.checkpoint_steps == 0 and step != end:
+            save(step)
+
+    newest = ckpt.latest_checkpoint(run.model_dir)
+    if newest is None or newest.name != f"step_{step:08d}":
+        save(step)
+    run.say(f"trained {step} steps in {format_duration(time.perf_counter() - t_start)}")
+    if eval_at_end:
+        result["eval"] = _eval_and_log(run, eval_set, step)
+    return result
+
+
+def _eval_and_log(run: Run, dataset: TokenDataset, step: int) -> dict:
+    metrics = evaluate(run, dataset)
+    run.say(f"eval step {step} | loss {metrics['loss']:.4f} | ppl {metrics['perplexity']:.2f} "
+            f"| {metrics['tokens']:,} tokens")
+    run.log.log(step, metrics, prefix="eval")
+    return metrics
+
+
+def eval_checkpoints(run: Run, *, all_checkpoints: bool, init_from: str | None) -> list[dict]:
+    dataset = open_split(run.cfg, "eval")
+    if all_checkpoints:
+        paths = ckpt.list_checkpoints(run.model_dir)
+    else:
+        newest = ckpt.latest_checkpoint(run.model_dir)
+        paths = [newest] if newest else ([Path(init_from)] if init_from else [])
+    if not paths:
+        raise FileNotFoundError(f"{run.model_dir}: no checkpoint to evaluate (train first)")
+    results = []
+    for path in paths:
+        src = ckpt.load_weights(run.model, path)
+        step = json.loads((src / "state.json").read_text())["step"] if (src / "state.json").is_file() else 0
+        results.append({"checkpoint": str(src), "step": step, **_eval_and_log(run, dataset, step)})
+    if run.world.is_main:
+        (run.model_dir / "eval_results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def run_mode(
+    cfg: Config,
+    *,
+    mode: str,
+    model_dir: str | Path,
+    num_steps: int | None = None,
+    init_from: str | None = None,
+) -> dict | list[dict]:
+    """Entry point of ``lmfab run``: set up the world, run the mode, tear down."""
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    run = setup(cfg, model_dir)
+    try:
+        if mode in ("train", "train_and_eval"):
+            return train(run, num_steps=num_steps, init_from=init_from,
+                         eval_at_end=mode == "train_and_eval")
+        return eval_checkpoints(run, all_checkpoints=mode == "eval_all", init_from=init_from)
+    finally:
+        run.log.close()
+        barrier(run.world)
+        shutdown(run.world)

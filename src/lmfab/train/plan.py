@@ -1,0 +1,99 @@
+"""What a run will do, before it does it: batch split, parameters, FLOPs, memory.
+
+Used by ``lmfab run --dry-run`` and printed at the start of every run. The memory figure is
+an estimate, not a measurement: fp32 weights, gradients and AdamW moments (16 bytes per
+parameter) plus activations of one micro-batch without recomputation, using the per-layer
+count of Korthikanti et al. 2022 (arXiv 2205.05198, "34·s·b·h" bytes in 16-bit precision
+with fused attention, which never stores the T×T scores) and the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lmfab.config.load import micro_batching
+from lmfab.config.schema import Config
+from lmfab.models.gpt import build_model
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    world_size: int
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    tokens_per_step: int
+    n_params: int
+    n_params_no_pos: int
+    flops_per_token: float
+    flops_per_step: float
+    state_bytes: int
+    activation_bytes: int
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.state_bytes + self.activation_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "memory_bytes": self.memory_bytes}
+
+
+def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2) -> RunPlan:
+    t, m = cfg.train_input, cfg.model
+    micro, accum = micro_batching(t.batch_size, t.micro_batch_size, world_size)
+    model = build_model(m)  # meta device: no memory
+    n = model.num_params()
+    n_no_pos = model.num_params(exclude_positions=True)
+    fpt = model.flops_per_token(t.seq_len)
+    tokens = t.batch_size * t.seq_len
+    act_per_layer = 34 * t.seq_len * micro * m.d_model * bytes_per_activation // 2
+    logits = micro * t.seq_len * m.vocab_size * (bytes_per_activation + 8)
+    return RunPlan(
+        world_size=world_size,
+        global_batch=t.batch_size,
+        micro_batch=micro,
+        grad_accum=accum,
+        seq_len=t.seq_len,
+        tokens_per_step=tokens,
+        n_params=n,
+        n_params_no_pos=n_no_pos,
+        flops_per_token=fpt,
+        flops_per_step=fpt * tokens,
+        state_bytes=16 * n,
+        activation_bytes=act_per_layer * m.n_layer + logits,
+    )
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T", "P", "E"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}Z{unit}"
+
+
+def human_bytes(n: float) -> str:
+    for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
+            return f"{n:.3g} {suffix}"
+        n /= 1024
+    return f"{n:.3g} PiB"
+
+
+def format_plan(plan: RunPlan) -> str:
+    rows = [
+        ("devices", f"{plan.world_size}"),
+        ("global batch", f"{plan.global_batch} sequences x {plan.seq_len} tokens = "
+                         f"{plan.tokens_per_step:,} tokens/step"),
+        ("per device", f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation step(s)"),
+        ("parameters", f"{plan.n_params:,} ({human(plan.n_params)}; "
+                       f"{plan.n_params_no_pos:,} without position embeddings)"),
+        ("FLOPs/token", f"{human(plan.flops_per_token)} (6N + 12·L·d·T, forward+backward)"),
+        ("FLOPs/step", human(plan.flops_per_step)),
+        ("memory/device", f"~{human_bytes(plan.memory_bytes)} (estimate: "
+                          f"{human_bytes(plan.state_bytes)} weights+grads+AdamW, "
+                          f"{human_bytes(plan.activation_bytes)} activations)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,104 @@
+"""Params files: every shipped YAML loads and builds; bad ones fail with the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmfab.config import ConfigError, LRSegment, load_config, micro_batching, write_config
+from lmfab.models import build_model
+from lmfab.train.schedule import LRSchedule
+
+from .conftest import CONFIGS
+
+SHIPPED = sorted((CONFIGS / "train").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_yaml_loads_and_builds_on_meta(path: Path):
+    cfg = load_config(path)
+    model = build_model(cfg.model)
+    assert next(model.parameters()).device.type == "meta"
+    assert model.num_params() > 0
+
+
+def test_shipped_presets_exist():
+    assert {p.stem for p in SHIPPED} >= {"tiny", "gpt2-124m", "cerebras-gpt-1.3b"}
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _tiny_raw() -> dict:
+    return yaml.safe_load((CONFIGS / "train" / "tiny.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["model"].update(n_heads=4), r"model\.n_heads: unknown key \(did you mean 'n_head'\?\)"),
+        (lambda r: r.update(trainer={}), r"trainer: unknown key"),
+        (lambda r: r["model"].update(n_layer="four"), r"model\.n_layer: expected an integer"),
+        (lambda r: r["model"].update(pos="alibii"), r"model\.pos: 'alibii' is not one of"),
+        (lambda r: r["model"].pop("d_model"), r"model\.d_model: required key is missing"),
+        (lambda r: r["model"].update(n_head=3), r"d_model=128 is not divisible by model\.n_head=3"),
+        (lambda r: r["train_input"].update(seq_len=256), r"seq_len=256 exceeds model\.max_seq_len=128"),
+        (lambda r: r["train_input"].update(micro_batch_size=5), r"train_input: .*micro_batch_size=5"),
+        (lambda r: r["optimizer"]["learning_rate"][1].pop("end"), r"learning_rate\[1\]\.end: required"),
+        (lambda r: r["optimizer"]["learning_rate"][0].update(shedule="linear"),
+         r"learning_rate\[0\]\.shedule: unknown key \(did you mean 'schedule'\?\)"),
+        (lambda r: r["runconfig"].update(tensorboard="yes"), r"runconfig\.tensorboard: expected true or false"),
+    ],
+)
+def test_bad_config_fails_with_key_path(tmp_path, mutate, message):
+    raw = _tiny_raw()
+    mutate(raw)
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_batch_must_divide_over_devices():
+    path = CONFIGS / "train" / "tiny.yaml"
+    load_config(path, world_size=2)  # 16 = 2 devices x 8 micro x 1 accum
+    with pytest.raises(ConfigError, match="not divisible by the 3 devices"):
+        load_config(path, world_size=3)
+    assert micro_batching(16, 8, 1) == (8, 2)
+    assert micro_batching(16, None, 4) == (4, 1)
+
+
+def test_set_overrides_are_typed_and_checked(tmp_path):
+    path = CONFIGS / "train" / "tiny.yaml"
+    cfg = load_config(path, ["optimizer.learning_rate=3e-4", "train_input.batch_size=64",
+                             "runconfig.compile=true"])
+    assert cfg.optimizer.learning_rate == pytest.approx(3e-4)
+    assert cfg.train_input.batch_size == 64 and cfg.runconfig.compile is True
+    with pytest.raises(ConfigError, match=r"model\.d_modle: unknown key \(did you mean 'd_model'"):
+        load_config(path, ["model.d_modle=64"])
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        load_config(path, ["model.d_model"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "train" / "tiny.yaml")
+    out = tmp_path / "config.yaml"
+    write_config(cfg, out)
+    assert load_config(out) == cfg
+    resolved = yaml.safe_load(out.read_text())
+    assert resolved["model"]["norm_eps"] == 1e-5  # defaults are filled in
+
+
+def test_lr_schedule_segments():
+    sched = LRSchedule([LRSegment("linear", 10, 0.0, 1.0), LRSegment("cosine", 10, 1.0, 0.1)])
+    assert sched(0) == 0.0
+    assert sched(5) == pytest.approx(0.5)
+    assert sched(10) == pytest.approx(1.0)
+    assert sched(15) == pytest.approx(0.55)
+    assert sched(20) == pytest.approx(0.1) and sched(1000) == pytest.approx(0.1)
+    assert LRSchedule(3e-4)(123) == 3e-4

@@ -1,0 +1,92 @@
+"""The GPT module: shapes, initialisation, parameter counts and FLOPs accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from lmfab.config import ModelConfig
+from lmfab.models import build_model, materialize
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(n_layer=2, n_head=4, d_model=64, vocab_size=101, max_seq_len=32)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_forward_backward_shapes():
+    model = materialize(build_model(small()), "cpu", seed=0)
+    idx = torch.randint(0, 101, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 101)
+    loss = model(idx, torch.randint(0, 101, (3, 17)))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    # Untrained, small-std init: loss near ln(V) = 4.6.
+    assert abs(loss.item() - torch.log(torch.tensor(101.0)).item()) < 0.5
+    loss.backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_meta_build_allocates_nothing_and_init_is_seeded():
+    meta = build_model(small())
+    assert all(p.is_meta for p in meta.parameters())
+    a = materialize(build_model(small()), "cpu", seed=1)
+    b = materialize(build_model(small()), "cpu", seed=1)
+    c = materialize(build_model(small()), "cpu", seed=2)
+    for (n, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(pa, pb), n
+        if pa.ndim > 1:
+            assert not torch.equal(pa, pc), n
+    std = a.blocks[0].mlp.fc.weight.std().item()
+    assert 0.015 < std < 0.025  # init_std 0.02
+    assert a.blocks[0].attn.proj.weight.std().item() < 0.012  # scaled by 1/sqrt(2 n_layer)
+
+
+def test_causality():
+    model = materialize(build_model(small()), "cpu", seed=0).eval()
+    idx = torch.randint(0, 101, (1, 20))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 101
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_tied_and_untied():
+    tied = build_model(small())
+    untied = build_model(small(tied_embeddings=False))
+    assert untied.num_params() - tied.num_params() == 101 * 64
+    assert tied.lm_head is None
+
+
+def test_gpt2_small_parameter_count():
+    # GPT-2 124M: 12 x 768, vocab 50257, 1024 positions, tied: 124,439,808 parameters.
+    cfg = ModelConfig(n_layer=12, n_head=12, d_model=768, vocab_size=50257, max_seq_len=1024)
+    assert build_model(cfg).num_params() == 124_439_808
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 64, 101, 32), (3, 6, 96, 500, 64)])
+def test_flops_per_token_matches_flop_counter(shape):
+    """6N + 12LdT against torch's own FLOP counter over a real forward+backward."""
+    n_layer, n_head, d, vocab, T = shape
+    cfg = small(n_layer=n_layer, n_head=n_head, d_model=d, vocab_size=vocab, max_seq_len=T)
+    model = materialize(build_model(cfg), "cpu", seed=0)
+    B = 2
+    idx = torch.randint(0, vocab, (B, T))
+    # The math backend runs attention as explicit matmuls, which the counter sees.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(idx, idx).backward()
+    counted = counter.get_total_flops() / (B * T)
+    # The counter sees matmuls only (no biases, norms, GELU, softmax): those are the
+    # 6 x (bias + norm parameters) that 6N counts and it does not.
+    small_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 1)
+    predicted = model.flops_per_token(T) - 6 * small_params
+    assert counted == pytest.approx(predicted, rel=1e-6)
+
+
+def test_sequence_longer_than_positions_fails():
+    model = materialize(build_model(small()), "cpu")
+    with pytest.raises(ValueError, match="max_seq_len=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
