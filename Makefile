@@ -2,9 +2,15 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The demo's knobs; the tests run `make demo-run` with a smaller variant.
 RUN_DIR ?= runs/demo
+DATA_DIR ?= runs/data/sample
+DEMO_SET ?=
+DEMO_VOCAB ?= 4096
+DEMO_SEQ ?= 128
+PROMPT ?= ROMEO.
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-run test lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,8 +21,22 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
-demo: install
-	$(BIN)/python -m lmfab.demo --out $(RUN_DIR)
+demo: install demo-run
+
+# tokenize -> train (+ in-loop eval) -> eval -> generate, on the shipped sample corpus.
+# Re-running skips finished work: the tokenized data is reused and the run resumes.
+demo-run:
+	@echo "== 1/4 tokenize: train a byte-level BPE and pack token shards"
+	$(BIN)/lmfab data tokenize --input data/sample/books.jsonl.zst --out $(DATA_DIR) \
+		--seq_len $(DEMO_SEQ) --vocab_size $(DEMO_VOCAB) --val_fraction 0.05
+	@echo "== 2/4 train a tiny GPT on the CPU (resumes if $(RUN_DIR) has a checkpoint)"
+	$(BIN)/lmfab run --params configs/train/tiny.yaml --mode train_and_eval \
+		--model_dir $(RUN_DIR) --set train_input.data_dir=$(DATA_DIR) $(DEMO_SET)
+	@echo "== 3/4 evaluate the newest checkpoint on the held-out split"
+	$(BIN)/lmfab run --params configs/train/tiny.yaml --mode eval \
+		--model_dir $(RUN_DIR) --set train_input.data_dir=$(DATA_DIR) $(DEMO_SET)
+	@echo "== 4/4 generate"
+	$(BIN)/lmfab generate --model_dir $(RUN_DIR) --prompt "$(PROMPT)" --max_new_tokens 80
 
 test: install
 	$(BIN)/python -m pytest -q

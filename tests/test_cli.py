@@ -1,0 +1,77 @@
+"""The command line: `make demo`'s commands end to end, --dry-run, errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmfab.cli import _strip_launch_flags, main
+
+from .conftest import CONFIGS, REPO, tiny_overrides
+
+TINY = str(CONFIGS / "train" / "tiny.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_demo_commands_run_end_to_end(tmp_path):
+    """`make demo-run` (the demo without its install step), shrunk to a few seconds."""
+    small = " ".join(f"--set {s}" for s in [
+        "model.n_layer=2", "model.d_model=64", "model.d_ff=256", "model.vocab_size=512",
+        "runconfig.max_steps=40", "runconfig.log_steps=10", "runconfig.checkpoint_steps=20",
+        "runconfig.eval_steps=20", "eval_input.max_batches=2"])
+    bin_dir = str(Path(sys.executable).parent)
+    proc = subprocess.run(
+        ["make", "-s", "demo-run", f"BIN={bin_dir}", f"RUN_DIR={tmp_path / 'run'}",
+         f"DATA_DIR={tmp_path / 'data'}", "DEMO_VOCAB=512", f"DEMO_SET={small}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for stage in ("1/4 tokenize", "2/4 train", "3/4 evaluate", "4/4 generate"):
+        assert stage in out
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in out.splitlines()
+              if line.startswith("step ")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert "eval step 40" in out
+    generated = out.split("4/4 generate")[1]
+    assert len(generated.strip()) > 20  # the prompt and sampled text
+
+
+def test_dry_run_prints_plan(capsys, tiny_data):
+    code = main(["run", "--params", TINY, "--dry-run", "--num_devices", "2",
+                 "--set", f"train_input.data_dir={tiny_data}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "n_layer: 4" in out  # the resolved config
+    assert "micro-batch 8 x 1 accumulation" in out  # 16 over 2 devices
+    assert "parameters" in out and "FLOPs/token" in out and "memory/device" in out
+
+
+def test_bad_params_exit_2_with_key_path(capsys):
+    code = main(["run", "--params", TINY, "--dry-run", "--set", "model.n_layers=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "model.n_layers: unknown key (did you mean 'n_layer'?)" in err
+
+
+def test_run_and_generate_via_cli(tiny_data, tmp_path, capsys):
+    args = ["run", "--params", TINY, "--mode", "train", "--model_dir", str(tmp_path / "r"),
+            "--num_steps", "3"]
+    for s in tiny_overrides(tiny_data):
+        args += ["--set", s]
+    assert main(args) == 0
+    assert main(["generate", "--model_dir", str(tmp_path / "r"), "--prompt", "The",
+                 "--max_new_tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "step      3/3" in out
+    assert "\nThe" in out  # the prompt, then the sample
+
+
+def test_strip_launch_flags():
+    argv = ["run", "--params", "p.yaml", "--num_devices", "2", "--num_nodes=1", "--set", "a=1"]
+    assert _strip_launch_flags(argv) == ["run", "--params", "p.yaml", "--set", "a=1"]

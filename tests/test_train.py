@@ -1,0 +1,135 @@
+"""The training loop end to end on CPU: resume, init_from, modes, 1-vs-2-process parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmfab.config import load_config
+from lmfab.train import checkpoint as ckpt
+from lmfab.train.loop import run_mode
+
+from .conftest import CONFIGS, REPO, tiny_overrides
+
+TINY = CONFIGS / "train" / "tiny.yaml"
+
+
+def _cfg(data: Path, **extra):
+    return load_config(TINY, tiny_overrides(data, **extra))
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.latest_checkpoint(model_dir) / "model.safetensors"))
+
+
+def _losses(model_dir: Path, split: str = "train") -> dict[int, float]:
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == split}
+
+
+def test_train_loss_falls_and_writes_run_dir(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 30, "runconfig.log_steps": 5})
+    result = run_mode(cfg, mode="train_and_eval", model_dir=tmp_path / "run")
+    losses = _losses(tmp_path / "run")
+    assert losses[30] < losses[5] - 0.5, losses
+    assert result["eval"]["loss"] < 6.0  # ln(512) = 6.24 at init
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
+    newest = ckpt.latest_checkpoint(run)
+    assert newest.name == "step_00000030"
+    assert {p.name for p in newest.iterdir()} >= {
+        "model.safetensors", "optimizer.pt", "state.json", "rng_rank0.pt", "config.yaml"}
+    assert load_config(newest / "config.yaml") == cfg
+
+
+def test_resume_is_bit_identical(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 8, "runconfig.checkpoint_steps": 3,
+                             "model.dropout": 0.1})  # dropout: the RNG state must resume too
+    run_mode(cfg, mode="train", model_dir=tmp_path / "straight")
+    # Interrupted: 5 steps (checkpoint at 3, final save at 5), then a second invocation.
+    run_mode(cfg, mode="train", model_dir=tmp_path / "resumed", num_steps=5)
+    # A crash during a later save leaves a temp dir: resume must ignore it.
+    (ckpt.checkpoint_root(tmp_path / "resumed") / ".step_00000006.tmp").mkdir()
+    run_mode(cfg, mode="train", model_dir=tmp_path / "resumed")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _losses(tmp_path / "straight")[8] == _losses(tmp_path / "resumed")[8]
+
+
+def test_keep_checkpoints_prunes_oldest(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 8, "runconfig.checkpoint_steps": 2,
+                             "runconfig.keep_checkpoints": 2})
+    run_mode(cfg, mode="train", model_dir=tmp_path / "run")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == [
+        "step_00000006", "step_00000008"]
+
+
+def test_init_from_loads_weights_only(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 4})
+    run_mode(cfg, mode="train", model_dir=tmp_path / "src")
+    zero = _cfg(tiny_data, **{"runconfig.max_steps": 0})
+    run_mode(zero, mode="train", model_dir=tmp_path / "dst", init_from=str(tmp_path / "src"))
+    src, dst = _weights(tmp_path / "src"), _weights(tmp_path / "dst")
+    assert all(torch.equal(src[k], dst[k]) for k in src)
+    state = json.loads((ckpt.latest_checkpoint(tmp_path / "dst") / "state.json").read_text())
+    assert state["step"] == 0  # a new run, not a resume
+
+
+def test_resume_refuses_a_different_model(tiny_data, tmp_path):
+    run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 2}), mode="train", model_dir=tmp_path / "r")
+    with pytest.raises(ValueError, match=r"model section differs.*d_model"):
+        run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 4, "model.d_model": 32}),
+                 mode="train", model_dir=tmp_path / "r")
+
+
+def test_eval_modes(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 4, "runconfig.checkpoint_steps": 2})
+    run_mode(cfg, mode="train", model_dir=tmp_path / "r")
+    (one,) = run_mode(cfg, mode="eval", model_dir=tmp_path / "r")
+    assert one["step"] == 4 and one["loss"] > 0
+    every = run_mode(cfg, mode="eval_all", model_dir=tmp_path / "r")
+    assert [e["step"] for e in every] == [2, 4]
+    assert every[1]["loss"] == pytest.approx(one["loss"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_mode(cfg, mode="eval", model_dir=tmp_path / "empty")
+
+
+def test_seq_len_mismatch_with_shards_is_a_clear_error(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, **{"train_input.seq_len": 16})
+    with pytest.raises(ValueError, match="seq_len"):
+        run_mode(cfg, mode="train", model_dir=tmp_path / "r")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_accumulation(tiny_data, tmp_path):
+    """2 gloo processes x micro 4 == 1 process x 2 accumulation steps x micro 4 (global 8)."""
+    steps = 6
+    sets = tiny_overrides(tiny_data, **{"runconfig.max_steps": steps})
+    cfg = load_config(TINY, sets)
+    run_mode(cfg, mode="train", model_dir=tmp_path / "one")
+
+    cmd = [sys.executable, "-m", "lmfab", "run", "--params", str(TINY), "--mode", "train",
+           "--model_dir", str(tmp_path / "two"), "--num_devices", "2"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on 2 x cpu" in proc.stdout
+
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, steps + 1))
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
