@@ -52,7 +52,7 @@ except ImportError:
     sys.path.insert(0, str(REPO / "src"))
     import lmfab
 
-from lmfab.config import Config, load_config  # noqa: E402
+from lmfab.config import Config, ConfigError, load_config  # noqa: E402
 from lmfab.dist import World, parallelize  # noqa: E402
 from lmfab.dist.world import select_device  # noqa: E402
 from lmfab.models.gpt import build_model, materialize  # noqa: E402
@@ -132,6 +132,9 @@ def build_hf(
     attn = getattr(model.config, "_attn_implementation", None)
     if attn != "sdpa":
         raise RuntimeError(f"transformers chose attn_implementation={attn!r}, not 'sdpa'")
+    # transformers 5 leaves loss_type unset on GPT2LMHeadModel and warns from inside forward,
+    # which costs torch.compile a graph break; name the loss it falls back to anyway.
+    model.loss_type = "ForCausalLM"
     model = model.to(device=device, dtype=torch.float32)
     model.train()
     wrapped = torch.compile(model) if compile else model
@@ -370,7 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train_input.seq_len={args.seq_len}")
     if args.device is not None:
         overrides.append(f"runconfig.device={args.device}")
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        log(f"error: {e}")
+        return 2
     args.seq_len = cfg.train_input.seq_len
     args.micro_batch = args.micro_batch or cfg.train_input.micro_batch_size or cfg.train_input.batch_size
 
