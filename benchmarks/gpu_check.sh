@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The issue-2 GPU check on one GPU: GPU tests, real-data training runs of the 124M and 1.3B
+# shapes (bf16, compiled, a few dozen steps), then the throughput benchmark beside HF GPT-2.
+# Usage: benchmarks/gpu_check.sh OUTDIR DATA1024 DATA2048 [part]
+#   part: all (default) | runs | bench124 | bench13b
+# DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
+set -uo pipefail
+out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
+part=${4:-all}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$out"
+py=${PYTHON:-python3}
+
+if [[ $part == all || $part == runs ]]; then
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $py -c "import torch, transformers, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, transformers.__version__)"
+  } | tee "$out/env.txt"
+  $py -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4 | tee "$out/pytest_gpu.txt"
+  common=(--mode train_and_eval --set runconfig.log_steps=5 --set eval_input.max_batches=1)
+  $py -m lmfab run --params configs/train/gpt2-124m.yaml "${common[@]}" --model_dir /tmp/lmfab-r124 \
+      --max_steps 30 --set train_input.data_dir="$d1024" --set train_input.batch_size=128 \
+      --set optimizer.learning_rate=6e-4 --set eval_input.batch_size=16 \
+      --set eval_input.micro_batch_size=16 2>&1 | tee "$out/run124.log" | grep -E "^step|^eval|parameters|memory"
+  $py -m lmfab run --params configs/train/cerebras-gpt-1.3b.yaml "${common[@]}" --model_dir /tmp/lmfab-r13 \
+      --max_steps 20 --set train_input.data_dir="$d2048" --set train_input.batch_size=48 \
+      --set optimizer.learning_rate=2e-4 --set eval_input.batch_size=8 \
+      --set eval_input.micro_batch_size=4 2>&1 | tee "$out/run13b.log" | grep -E "^step|^eval|parameters|memory"
+fi
+if [[ $part == all || $part == bench124 ]]; then
+  $py benchmarks/train_throughput.py --config configs/train/gpt2-124m.yaml \
+      --impl lmfab,lmfab-eager,hf-eager,hf-compile --steps 30 --warmup 10 \
+      --json "$out/bench124.json" 2>"$out/bench124.err" | tee "$out/bench124.md"
+fi
+if [[ $part == all || $part == bench13b ]]; then
+  $py benchmarks/train_throughput.py --config configs/train/cerebras-gpt-1.3b.yaml \
+      --impl lmfab,lmfab-eager,hf-eager,hf-compile --steps 20 --warmup 8 \
+      --json "$out/bench13b.json" 2>"$out/bench13b.err" | tee "$out/bench13b.md"
+fi
