@@ -57,7 +57,7 @@ from lmfab.dist import World, parallelize  # noqa: E402
 from lmfab.dist.world import select_device  # noqa: E402
 from lmfab.models.gpt import build_model, materialize  # noqa: E402
 from lmfab.train.metrics import peak_flops  # noqa: E402
-from lmfab.train.optim import build_optimizer  # noqa: E402
+from lmfab.train.optim import build_optimizer, set_lr  # noqa: E402
 
 IMPLS = ("lmfab", "lmfab-eager", "hf-eager", "hf-compile")
 GIB = 1024**3
@@ -92,9 +92,8 @@ def build_lmfab(cfg: Config, device: torch.device, *, compile: bool, lr: float) 
     world = World(rank=0, world_size=1, local_rank=0, device=device)
     wrapped = parallelize(model, world, dataclasses.replace(cfg.runconfig, compile=compile))
     wrapped.train()
-    optimizer = build_optimizer(model, cfg.optimizer, device)
-    for group in optimizer.param_groups:  # lmfab sets lr from its schedule every step
-        group["lr"] = lr
+    optimizer = build_optimizer(model, cfg.optimizer, device, cfg.model)
+    set_lr(optimizer, lr)  # lmfab sets lr from its schedule every step
 
     def loss(tokens: torch.Tensor) -> torch.Tensor:
         return wrapped(tokens[:, :-1], tokens[:, 1:])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -159,9 +160,58 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def config_from_dict(raw: dict, *, world_size: int = 1, source: str = "params") -> Config:
+def preset_dirs() -> list[Path]:
+    """Where model presets are looked up: $LMFAB_MODEL_PRESETS (os.pathsep-separated), then
+    the repository's configs/models."""
+    extra = [Path(p) for p in os.environ.get("LMFAB_MODEL_PRESETS", "").split(os.pathsep) if p]
+    return [*extra, Path(__file__).resolve().parents[3] / "configs" / "models"]
+
+
+def list_presets() -> list[str]:
+    return sorted({p.stem for d in preset_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def _find_preset(name: str, base_dir: Path | None) -> Path:
+    if name.endswith((".yaml", ".yml")):
+        for candidate in (base_dir / name if base_dir else None, Path(name)):
+            if candidate is not None and candidate.is_file():
+                return candidate
+        raise ConfigError(f"model.preset: file {name!r} not found")
+    for d in preset_dirs():
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    raise ConfigError(
+        f"model.preset: unknown preset {name!r}{_hint(name, list_presets())}; "
+        f"available: {', '.join(list_presets())}"
+    )
+
+
+def resolve_model_preset(model: Any, base_dir: Path | None = None, _seen: tuple = ()) -> Any:
+    """Expand ``model: {preset: NAME, ...overrides}``: the preset's fields, then the overrides.
+
+    A preset file holds model fields and may itself name a ``preset`` (e.g. a muP variant
+    on top of its standard-parametrization shape).
+    """
+    if not isinstance(model, dict) or "preset" not in model:
+        return model
+    name = model["preset"]
+    if not isinstance(name, str):
+        raise ConfigError(f"model.preset: expected a preset name, got {name!r}")
+    if name in _seen:
+        raise ConfigError(f"model.preset: cycle {' -> '.join((*_seen, name))}")
+    path = _find_preset(name, base_dir)
+    base = read_yaml(path)
+    base = resolve_model_preset(base, path.parent, (*_seen, name))
+    return {**base, **{k: v for k, v in model.items() if k != "preset"}}
+
+
+def config_from_dict(
+    raw: dict, *, world_size: int = 1, source: str = "params", base_dir: Path | None = None
+) -> Config:
     """Convert and check a raw mapping. Errors are prefixed with ``source`` (the file)."""
     try:
+        if "model" in raw:
+            raw = {**raw, "model": resolve_model_preset(raw["model"], base_dir)}
         cfg = _to_dataclass(raw, Config, "")
         check_config(cfg, world_size=world_size)
     except ConfigError as e:
@@ -174,7 +224,8 @@ def load_config(
 ) -> Config:
     """Read a params YAML, apply ``--set`` overrides, convert and check it."""
     raw = apply_overrides(read_yaml(path), overrides)
-    return config_from_dict(raw, world_size=world_size, source=str(path))
+    return config_from_dict(raw, world_size=world_size, source=str(path),
+                            base_dir=Path(path).parent)
 
 
 def micro_batching(batch_size: int, micro: int | None, world_size: int) -> tuple[int, int]:
@@ -203,13 +254,34 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}"
         )
+    if m.kv_heads <= 0 or m.n_head % m.kv_heads:
+        raise ConfigError(
+            f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head} (grouped-query)"
+        )
+    if m.pos == "rope":
+        rot = int(m.d_head * m.rope_fraction)
+        if not 0.0 < m.rope_fraction <= 1.0 or rot % 2:
+            raise ConfigError(
+                f"model.rope_fraction={m.rope_fraction}: the rotated dims (d_head x fraction "
+                f"= {m.d_head * m.rope_fraction:g}) must be a positive even number"
+            )
+    if m.mup_base_d_model is not None:
+        if m.mup_base_d_model <= 0:
+            raise ConfigError("model.mup_base_d_model: must be positive")
+        if m.attn_score_scale != "inv_d_head":
+            raise ConfigError(
+                "model.attn_score_scale: muP (mup_base_d_model set) needs inv_d_head: "
+                "attention logits scaled 1/d_head keep their size as the width grows"
+            )
+    elif m.mup_base_d_ff is not None:
+        raise ConfigError("model.mup_base_d_ff needs model.mup_base_d_model (muP) as well")
     if m.d_ff is not None and m.d_ff <= 0:
         raise ConfigError(f"model.d_ff: must be positive, got {m.d_ff}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if t.seq_len <= 0:
         raise ConfigError(f"train_input.seq_len: must be positive, got {t.seq_len}")
-    if t.seq_len > m.max_seq_len:
+    if t.seq_len > m.max_seq_len and m.pos == "learned":
         raise ConfigError(
             f"train_input.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
             "(learned positions end there); raise model.max_seq_len or lower seq_len"

@@ -18,26 +18,46 @@ from typing import Literal
 
 @dataclass
 class ModelConfig:
-    """One GPT, options from closed sets (learned positions, LayerNorm, GELU for now)."""
+    """One GPT; every architectural choice is a field with a closed set of values.
+
+    Width multipliers of muP (Yang et al. 2022; Cerebras-GPT, arXiv 2304.03208, App. G) are
+    enabled by ``mup_base_d_model``: with m = d_model / mup_base_d_model the output logits are
+    multiplied by ``output_mult / m``, hidden matrices are initialised with std / sqrt(m) and
+    trained with Adam LR / m. They are derived where they are used (init, forward, optimizer
+    groups; see :mod:`lmfab.mup`), never stored on tensors.
+    """
 
     n_layer: int
     n_head: int
     d_model: int
     vocab_size: int
-    max_seq_len: int
-    d_ff: int | None = None  # default 4 * d_model
-    pos: Literal["learned"] = "learned"
-    mlp: Literal["gelu"] = "gelu"
-    norm: Literal["layernorm"] = "layernorm"
+    max_seq_len: int  # learned positions: the table size; alibi/rope: the trained context
+    d_ff: int | None = None  # default 4 * d_model (gelu) / the LLaMA 8/3 rule is not implied
+    n_kv_head: int | None = None  # grouped-query attention; default n_head (multi-head)
+    pos: Literal["learned", "alibi", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    rope_fraction: float = 1.0  # share of each head's dims that rotate (GPT-NeoX: 0.25)
+    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    parallel_residual: bool = False  # GPT-J/NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     tied_embeddings: bool = True
     bias: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    attn_score_scale: Literal["rsqrt_d_head", "inv_d_head"] = "rsqrt_d_head"
+    embedding_mult: float = 1.0  # embeddings output x this (Cerebras muP: 10, BTLM: 14.6)
+    output_mult: float = 1.0  # logits x this (muP: x this / m; BTLM alpha 2.22)
+    mup_base_d_model: int | None = None  # enables muP width scaling
+    mup_base_d_ff: int | None = None  # default: d_ff scales like d_model
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
 
     @property
     def ffn_dim(self) -> int:

@@ -1,15 +1,17 @@
 """The one GPT module of lmfab.
 
 Behaviour follows from :class:`lmfab.config.ModelConfig` fields, never from a preset's name.
-This version implements the Cerebras-GPT / GPT-2 architecture (Radford et al. 2019;
-Dey et al. 2023, arXiv 2304.03208): learned absolute positions, pre-LayerNorm blocks, GELU
-MLP, tied input/output embeddings, causal attention through PyTorch's
-``scaled_dot_product_attention`` (flash / memory-efficient kernels where available).
+The fields cover the families lmfab ships presets for: GPT-2 / Cerebras-GPT (learned
+positions, LayerNorm, GELU, tied embeddings), GPT-NeoX (rotary on a fraction of each head,
+parallel residual, untied), BTLM and Jais (ALiBi, SwiGLU, muP multipliers) and LLaMA-style
+models (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases). Attention lives in
+:mod:`lmfab.models.attention`.
 
 Construction is cheap and allocation-free on the meta device; :meth:`GPT.init_weights`
-fills the parameters explicitly (normal(0, init_std); residual output projections scaled by
-1/sqrt(2 * n_layer) as in GPT-2). Model code is written for one device: parallelism is
-applied from outside (:mod:`lmfab.dist`). No torch.distributed here.
+fills the parameters explicitly: normal(0, init_std), residual output projections scaled by
+1/sqrt(2 * n_layer) as in GPT-2, and muP's 1/sqrt(fan-in multiplier) on hidden matrices
+(:mod:`lmfab.mup`). Model code is written for one device: parallelism is applied from
+outside (:mod:`lmfab.dist`). No torch.distributed here.
 """
 
 from __future__ import annotations
@@ -21,48 +23,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfab.config.schema import ModelConfig
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_head, self.d_head = cfg.n_head, cfg.d_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.dropout = cfg.dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        # (B, T, 3C) -> 3 x (B, H, T, Dh)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, Dh)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+from lmfab.models.attention import Attention
+from lmfab.mup import fan_in_multiplier, multipliers
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.kind = cfg.mlp
+        d_in = 2 * cfg.ffn_dim if cfg.mlp == "swiglu" else cfg.ffn_dim  # swiglu: [gate | up]
+        self.fc = nn.Linear(cfg.d_model, d_in, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's gelu_new
+        h = self.fc(x)  # (B, T, d_in)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's gelu_new
+        else:
+            h = F.relu(h)
+        return self.proj(h)
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.parallel = cfg.parallel_residual
         self.ln_1, self.attn = _norm(cfg), Attention(cfg)
         self.ln_2, self.mlp = _norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            return x + self.drop(self.attn(self.ln_1(x))) + self.drop(self.mlp(self.ln_2(x)))
         x = x + self.drop(self.attn(self.ln_1(x)))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
@@ -72,7 +75,8 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        # Only learned positions have a table; alibi and rope act inside attention.
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = _norm(cfg)
@@ -81,39 +85,50 @@ class GPT(nn.Module):
         self.lm_head = (
             None if cfg.tied_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
+        self.logit_scale = cfg.output_mult * multipliers(cfg).logits
 
     # ---- initialisation -------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Fill every parameter. Call after ``to_empty(device=...)`` on a meta-built model."""
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
             if p.ndim == 1:  # norm weights and biases
                 if name.endswith("weight"):
                     p.fill_(1.0)
                 else:
                     p.zero_()
-            elif name.endswith("proj.weight"):  # residual-branch outputs
-                p.normal_(0.0, out_std, generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+                continue
+            s = std / math.sqrt(fan_in_multiplier(name, self.cfg))
+            if name.endswith("proj.weight"):  # residual-branch outputs
+                s /= math.sqrt(2 * self.cfg.n_layer)
+            p.normal_(0.0, s, generator=generator)
+        for block in self.blocks:
+            block.attn.reset_buffers()
 
     # ---- forward ----------------------------------------------------------------------
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d_model) final-normed hidden states."""
         T = idx.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} > model.max_seq_len={self.cfg.max_seq_len}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence length {T} > model.max_seq_len={self.cfg.max_seq_len} "
+                    "(learned positions end there)"
+                )
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        if self.cfg.embedding_mult != 1.0:
+            x = x * self.cfg.embedding_mult
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)  # (B, T, V)
+        out = F.linear(h, w)  # (B, T, V)
+        return out * self.logit_scale if self.logit_scale != 1.0 else out
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or the mean next-token cross-entropy when ``targets`` is given."""
@@ -125,17 +140,23 @@ class GPT(nn.Module):
     # ---- accounting -------------------------------------------------------------------
     def num_params(self, *, exclude_positions: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if exclude_positions else n
+        if exclude_positions and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * d_model * T.
 
-        N excludes position embeddings (they are a lookup, not a matmul); tied embeddings
-        count once, as the output projection. The attention term counts QK^T and AV over the
-        full (not causal-halved) T x T, as in Kaplan et al. 2020 and PaLM's MFU.
+        N counts the parameters that take part in matmuls: position embeddings and an untied
+        input embedding are lookups and are left out; tied embeddings count once, as the
+        output projection. The attention term counts QK^T and AV over the full (not
+        causal-halved) T x T, as in Kaplan et al. 2020 and PaLM's MFU.
         """
         c = self.cfg
-        return 6.0 * self.num_params(exclude_positions=True) + 12.0 * c.n_layer * c.d_model * seq_len
+        n = self.num_params(exclude_positions=True)
+        if self.lm_head is not None:
+            n -= self.wte.weight.numel()
+        return 6.0 * n + 12.0 * c.n_layer * c.d_model * seq_len
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> GPT:

@@ -29,7 +29,7 @@ from lmfab.eval.loss import evaluate_loss
 from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train import checkpoint as ckpt
 from lmfab.train.metrics import MetricsLogger, console, format_duration, peak_flops
-from lmfab.train.optim import build_optimizer
+from lmfab.train.optim import build_optimizer, set_lr
 from lmfab.train.plan import format_plan, plan_run
 from lmfab.train.schedule import LRSchedule
 
@@ -146,7 +146,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     cfg, world = run.cfg, run.world
     t, r = cfg.train_input, cfg.runconfig
     plan = plan_run(cfg, world.world_size)
-    optimizer = build_optimizer(run.model, cfg.optimizer, world.device)
+    optimizer = build_optimizer(run.model, cfg.optimizer, world.device, cfg.model)
     schedule = LRSchedule(cfg.optimizer.learning_rate)
     train_set = open_split(cfg, "train")
     loader = BatchLoader(train_set, global_batch=t.batch_size, rank=world.rank,
@@ -190,8 +190,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     result: dict = {}
     while step < end:
         lr = schedule(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         rows = torch.from_numpy(loader.next_batch()).to(world.device, non_blocking=True)
         loss, grad_norm = _train_step(run, optimizer, rows, plan.micro_batch, plan.grad_accum)
         step += 1

@@ -1,0 +1,153 @@
+"""Causal self-attention with the position schemes of the model families lmfab trains.
+
+- learned / rope: PyTorch's ``scaled_dot_product_attention`` (flash or cuDNN kernels on
+  GPUs). RoPE (Su et al. 2021) rotates the first ``rope_fraction`` of each head's dims
+  (GPT-NeoX rotates a quarter), in the "rotate half" layout that GPT-NeoX and LLaMA use.
+- alibi (Press et al. 2022, arXiv 2108.12409): a per-head linear bias slope x (j - i) added
+  to the scores. It never materialises a T x T bias: the bias is a FlexAttention
+  ``score_mod`` fused into the attention kernel, with a causal block mask so that fully
+  masked tiles are skipped. CPUs (tests, small evals) take a reference path instead:
+  SDPA with an explicit bias, computed for blocks of 512 queries at a time so memory stays
+  O(512 x T) per head (FlexAttention has no CPU backward).
+- grouped-query attention: ``n_kv_head`` key/value heads shared by groups of query heads.
+
+Shapes: x (B, T, C); q (B, H, T, Dh); k, v (B, Hkv, T, Dh).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmfab.config.schema import ModelConfig
+
+# FlexAttention kernel options for ALiBi on CUDA; tuned on an H200 (docs/benchmarks.md,
+# benchmarks/alibi_attention.py). None: FlexAttention's defaults.
+ALIBI_KERNEL_OPTIONS: dict | None = None
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head ALiBi slopes: the geometric sequence 2^(-8/n * i), i = 1..n; for a head count
+    that is not a power of two, the closest power's slopes plus every other slope of the
+    next power (the reference implementation's rule)."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        slopes = power_of_two(n_head)
+    else:
+        closest = 2 ** math.floor(math.log2(n_head))
+        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def rope_tables(T: int, rot_dims: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, rot_dims) for positions 0..T-1."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rot_dims, 2, device=device, dtype=torch.float32) / rot_dims)
+    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, r/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, r)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of x (B, H, T, Dh); the rest pass through."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_block_mask(T: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def alibi_attention(q, k, v, slopes: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention with ALiBi through FlexAttention. q (B,H,T,D), k/v (B,Hkv,T,D)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    T = q.shape[-2]
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type == "cuda":
+        mask = _causal_block_mask(T, str(q.device))
+        fn = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+        return fn(q, k, v, score_mod=alibi, block_mask=mask, scale=scale, enable_gqa=gqa,
+                  kernel_options=ALIBI_KERNEL_OPTIONS)
+    return _alibi_reference(q, k, v, slopes, scale)
+
+
+def _alibi_reference(q, k, v, slopes: torch.Tensor, scale: float, block: int = 512):
+    """ALiBi by explicit bias, ``block`` queries at a time (CPU path and test reference)."""
+    T = q.shape[-2]
+    kv_pos = torch.arange(T, device=q.device)
+    out = []
+    for start in range(0, T, block):
+        q_pos = torch.arange(start, min(start + block, T), device=q.device)
+        rel = (kv_pos[None, :] - q_pos[:, None]).to(q.dtype)  # (Tq, T): j - i
+        bias = slopes.to(q.dtype)[:, None, None] * rel  # (H, Tq, T)
+        bias = bias.masked_fill(rel > 0, float("-inf"))  # causal
+        out.append(F.scaled_dot_product_attention(
+            q[..., start:start + block, :], k, v, attn_mask=bias, scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1]))
+    return torch.cat(out, dim=-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv, self.d_head = cfg.n_head, cfg.kv_heads, cfg.d_head
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.d_head, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.scale = 1.0 / self.d_head if cfg.attn_score_scale == "inv_d_head" else self.d_head**-0.5
+        self.rot_dims = int(self.d_head * cfg.rope_fraction) if cfg.pos == "rope" else 0
+        if cfg.pos == "alibi":
+            # A buffer (not a parameter): derived from n_head, rebuilt by init_weights().
+            self.register_buffer("slopes", alibi_slopes(cfg.n_head), persistent=False)
+
+    def reset_buffers(self) -> None:
+        if self.cfg.pos == "alibi":
+            self.slopes.copy_(alibi_slopes(self.cfg.n_head))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        H, Hkv, Dh = self.n_head, self.n_kv, self.d_head
+        q, k, v = self.qkv(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        q = q.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.view(B, T, Hkv, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = v.view(B, T, Hkv, Dh).transpose(1, 2)
+        if self.rot_dims:
+            cos, sin = rope_tables(T, self.rot_dims, self.cfg.rope_theta, x.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cfg.pos == "alibi":
+            y = alibi_attention(q, k, v, self.slopes, self.scale)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, enable_gqa=H != Hkv,
+                dropout_p=self.cfg.dropout if self.training else 0.0,
+            )  # (B, H, T, Dh)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
