@@ -4,7 +4,10 @@
               [--num_steps S] [--num_devices N] [--num_nodes M] [--set a.b=c ...]
               [--init_from CKPT] [--dry-run]
     lmfab data tokenize --input PATH... --out DIR --seq_len T [--vocab_size V | --tokenizer J]
+    lmfab data curate RECIPE [--set a.b=c ...] [--workers N] [--executor local|ray --address A]
     lmfab generate --model_dir D --prompt TEXT
+    lmfab mup coord-check --params P [--widths 128,256,512,1024] / mup transfer --proxy --target
+    lmfab import modelzoo FILE -o OUT
 
 The flags of ``run`` mirror the Cerebras Model Zoo's ``run.py`` (``--params --mode
 --num_steps --model_dir``), with ``--num_devices`` / ``--num_nodes`` in place of ``--num_csx``.
@@ -63,6 +66,33 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", help="an existing tokenizer.json (skips training)")
     t.add_argument("--val_fraction", type=float, default=0.02)
     t.add_argument("--seed", type=int, default=0)
+    c = d.add_parser("curate", help="clean, dedup, mix, split a corpus (the SlimPajama recipe)")
+    c.add_argument("recipe", help="recipe YAML, e.g. configs/data/slimpajama.yaml")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. write.output=runs/curated")
+    c.add_argument("--workers", type=int, help="local processes / Ray CPUs (default: all cores)")
+    c.add_argument("--executor", default="local", choices=["local", "ray"])
+    c.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+
+    mp = verbs.add_parser("mup", help="muP tools").add_subparsers(dest="mup_verb", required=True)
+    cc = mp.add_parser("coord-check", help="activation-update scale per layer type vs width")
+    cc.add_argument("--params", required=True, help="params YAML or model preset YAML")
+    cc.add_argument("--widths", default="128,256,512,1024")
+    cc.add_argument("--steps", type=int, default=5)
+    cc.add_argument("--lr", type=float, default=6e-3, help="Adam LR at every width")
+    cc.add_argument("--n_layer", type=int, help="override the depth (default: the config's)")
+    cc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cc.add_argument("--out", default="runs/coord-check", help="folder for the PNG and JSON")
+    tr = mp.add_parser("transfer", help="write a target config with a proxy's tuned muP HPs")
+    tr.add_argument("--proxy", required=True)
+    tr.add_argument("--target", required=True)
+    tr.add_argument("-o", "--out", required=True)
+
+    im = verbs.add_parser("import", help="convert other tools' configs")
+    im_sub = im.add_subparsers(dest="import_verb", required=True)
+    mz = im_sub.add_parser("modelzoo", help="a Cerebras Model Zoo GPT-2/3/BTLM params YAML")
+    mz.add_argument("file")
+    mz.add_argument("-o", "--out", required=True)
 
     g = verbs.add_parser("generate", help="sample text from a trained run")
     g.add_argument("--model_dir", required=True, help="run directory or checkpoint directory")
@@ -115,7 +145,17 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from lmfab.data.curate import curate, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    curate(recipe, executor=args.executor, workers=args.workers, address=args.address)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_verb == "curate":
+        return cmd_curate(args)
     from lmfab.data.tokenize import tokenize_corpus
 
     tokenize_corpus(
@@ -136,6 +176,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mup(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lmfab.config.load import load_config, load_model_config, write_config
+
+    if args.mup_verb == "transfer":
+        from lmfab.mup.transfer import transfer
+
+        target, changes = transfer(load_config(args.proxy), load_config(args.target))
+        write_config(target, args.out)
+        print("\n".join(f"  {c}" for c in changes))
+        print(f"wrote {args.out}")
+        return 0
+
+    from lmfab.mup.coord_check import coord_check, format_table, plot, spread
+
+    overrides = list(args.overrides) + ([f"n_layer={args.n_layer}"] if args.n_layer else [])
+    cfg = load_model_config(args.params, overrides)
+    if cfg.mup_base_d_model is None:
+        raise SystemExit(f"lmfab mup coord-check: {args.params} has no model.mup_base_d_model")
+    widths = [int(w) for w in args.widths.split(",")]
+    results = {}
+    for label, mup in (("muP", True), ("SP", False)):
+        print(f"coord check, {label}: widths {widths}, {args.steps} steps", flush=True)
+        results[label] = coord_check(cfg, widths, steps=args.steps, lr=args.lr, mup=mup)
+        print(format_table(results[label], label))
+    out = Path(args.out)
+    png = plot(results, out / "coord_check.png")
+    (out / "coord_check.json").write_text(json.dumps(
+        {k: {str(w): c for w, c in r.items()} for k, r in results.items()}, indent=1))
+    worst = max(spread(results["muP"], k) for k in results["muP"][widths[0]])
+    print(f"muP worst spread over widths: {worst:.2f}x; SP logits spread: "
+          f"{spread(results['SP'], 'logits'):.2f}x; plot: {png}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from lmfab.config.load import load_config, write_config
+
+    cfg = load_config(args.file)  # converts, prints notices, validates
+    write_config(cfg, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -147,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, argv)
         if args.verb == "data":
             return cmd_data(args)
+        if args.verb == "mup":
+            return cmd_mup(args)
+        if args.verb == "import":
+            return cmd_import(args)
         return cmd_generate(args)
     except (ConfigError, ShardError, FileNotFoundError) as e:
         print(f"lmfab: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lmfab.config.schema import Config
+from lmfab.config.schema import Config, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -223,9 +224,40 @@ def load_config(
     path: str | Path, overrides: typing.Sequence[str] = (), *, world_size: int = 1
 ) -> Config:
     """Read a params YAML, apply ``--set`` overrides, convert and check it."""
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw = read_yaml(path)
+    from lmfab.config.modelzoo import convert_modelzoo, looks_like_modelzoo
+
+    if looks_like_modelzoo(raw):
+        try:
+            raw, notices = convert_modelzoo(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        for note in notices:
+            print(f"lmfab: {path}: Model Zoo import: {note}", file=sys.stderr)
+    raw = apply_overrides(raw, overrides)
     return config_from_dict(raw, world_size=world_size, source=str(path),
                             base_dir=Path(path).parent)
+
+
+def load_model_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ModelConfig:
+    """The model section of a params file, or a model preset file (model fields only).
+
+    Overrides name model fields directly (``n_layer=2``) or with the section (``model.n_layer=2``).
+    """
+    raw = read_yaml(path)
+    if "model" in raw:
+        from lmfab.config.modelzoo import convert_modelzoo, looks_like_modelzoo
+
+        raw = convert_modelzoo(raw)[0]["model"] if looks_like_modelzoo(raw) else raw["model"]
+    raw = apply_overrides({"model": dict(raw)},
+                          [o if o.startswith("model.") else f"model.{o}" for o in overrides])
+    try:
+        model = resolve_model_preset(raw["model"], Path(path).parent)
+        cfg = _to_dataclass(model, ModelConfig, "model")
+        check_model_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
 
 
 def micro_batching(batch_size: int, micro: int | None, world_size: int) -> tuple[int, int]:
@@ -244,9 +276,8 @@ def micro_batching(batch_size: int, micro: int | None, world_size: int) -> tuple
     return micro, per_device // micro
 
 
-def check_config(cfg: Config, *, world_size: int = 1) -> None:
-    """Cross-field checks: combinations that cannot run fail here, not at step 1000."""
-    m, o, t, e, r = cfg.model, cfg.optimizer, cfg.train_input, cfg.eval_input, cfg.runconfig
+def check_model_config(m: ModelConfig) -> None:
+    """Rules within the model section."""
     for name in ("n_layer", "n_head", "d_model", "vocab_size", "max_seq_len"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name}: must be positive, got {getattr(m, name)}")
@@ -279,6 +310,12 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError(f"model.d_ff: must be positive, got {m.d_ff}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+
+
+def check_config(cfg: Config, *, world_size: int = 1) -> None:
+    """Cross-field checks: combinations that cannot run fail here, not at step 1000."""
+    m, o, t, e, r = cfg.model, cfg.optimizer, cfg.train_input, cfg.eval_input, cfg.runconfig
+    check_model_config(m)
     if t.seq_len <= 0:
         raise ConfigError(f"train_input.seq_len: must be positive, got {t.seq_len}")
     if t.seq_len > m.max_seq_len and m.pos == "learned":

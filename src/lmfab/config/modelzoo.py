@@ -1,0 +1,255 @@
+"""Import a Cerebras Model Zoo (2023, "legacy") GPT-2 / GPT-3 / BTLM params YAML.
+
+``lmfab run --params modelzoo.yaml`` accepts such a file unchanged (it is recognised by
+``model.hidden_size``), and ``lmfab import modelzoo FILE -o OUT`` writes the lmfab params
+file it maps to. Every key is accounted for, in one of three ways:
+
+- mapped to an lmfab field (``hidden_size`` -> ``model.d_model``, ...);
+- accepted with a printed notice, for keys that only steer Cerebras hardware or its
+  runtime (``num_workers``, ``precision_opt_level``, ...) or whose value is lmfab's fixed
+  behaviour (``loss_scaling: num_tokens``, ``correct_bias: true``, ...);
+- refused: every key lmfab cannot honour is listed in one error. Nothing is dropped
+  silently.
+
+muP: the legacy files spell muP out as explicit numbers (``output_logits_scale``, per-layer
+initializer stds, ``adjust_learning_rate.decoder_kernel``); lmfab derives those from a base
+width. The importer recovers the width multiplier m = 1 / decoder_kernel, sets
+``mup_base_d_model = hidden_size / m``, ``output_mult = output_logits_scale * m`` and
+``init_std = initializer std * sqrt(m)``; newer files' ``mup_base_hidden_size`` is used as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lmfab.config.load import ConfigError
+
+# legacy model key -> lmfab model key
+_MODEL_KEYS = {
+    "hidden_size": "d_model", "num_hidden_layers": "n_layer", "num_heads": "n_head",
+    "filter_size": "d_ff", "vocab_size": "vocab_size", "max_position_embeddings": "max_seq_len",
+    "share_embedding_weights": "tied_embeddings", "layer_norm_epsilon": "norm_eps",
+    "dropout_rate": "dropout", "embeddings_scale": "embedding_mult",
+    "num_kv_groups": "n_kv_head", "mup_base_hidden_size": "mup_base_d_model",
+    "mup_base_filter_size": "mup_base_d_ff", "rotary_dim": None, "rope_theta": "rope_theta",
+}
+_POSITIONS = {"learned": "learned", "alibi": "alibi", "rotary": "rope", "rope": "rope"}
+_NONLINEARITY = {"gelu": "gelu", "relu": "relu", "swiglu": "swiglu", "gelu_new": "gelu_tanh"}
+_NORMS = {"layernorm": "layernorm", "rmsnorm": "rmsnorm"}
+# Keys read below by their own rules (positions, activation, norm, biases, muP, init).
+_MODEL_USED = {"position_embedding_type", "nonlinearity", "norm_type", "rotary_dim",
+               "use_projection_bias_in_attention", "use_ffn_bias_in_attention", "use_ffn_bias",
+               "attention_dropout_rate", "scale_qk_dot_by_d", "initializer",
+               "embedding_initializer", "output_layer_initializer", "output_logits_scale",
+               "output_logits_alpha"}
+# Keys whose value is lmfab's fixed behaviour: accepted when they hold that value.
+_MODEL_FIXED = {"loss_weight": 1.0, "loss_scaling": "num_tokens",
+                "attention_type": "scaled_dot_product", "use_bias_in_output": False,
+                "use_position_embedding": True}
+# Keys that steer only Cerebras hardware or its runtime: accepted, listed in a notice.
+_MODEL_NO_EFFECT = {"mixed_precision", "precision_opt_level", "fp16_type", "boundary_casting",
+                    "tf_summary"}
+_INPUT_KEYS = {"data_dir": "data_dir", "batch_size": "batch_size",
+               "max_sequence_length": "seq_len", "shuffle": "shuffle", "shuffle_seed": "seed"}
+_INPUT_NO_EFFECT = {"data_processor", "num_workers", "prefetch_factor", "persistent_workers",
+                    "vocab_size", "shuffle_buffer", "use_worker_cache", "drop_last"}
+_OPT_KEYS = {"weight_decay_rate": "weight_decay", "weight_decay": "weight_decay",
+             "max_gradient_norm": "max_grad_norm", "eps": "eps", "epsilon": "eps"}
+_OPT_USED = {"optimizer_type", "beta1", "beta2", "learning_rate", "adjust_learning_rate"}
+_OPT_FIXED = {"correct_bias": True}
+_OPT_NO_EFFECT = {"log_summaries", "loss_scaling_factor", "initial_loss_scale",
+                  "steps_per_increase", "min_loss_scale", "max_loss_scale"}
+_RUN_KEYS = {"max_steps": "max_steps", "checkpoint_steps": "checkpoint_steps",
+             "log_steps": "log_steps", "seed": "seed", "model_dir": "model_dir"}
+_RUN_NO_EFFECT = {"save_initial_checkpoint", "save_losses", "num_wgt_servers", "num_csx",
+                  "num_workers_per_csx", "use_cs_grad_accum", "mode", "eval_frequency",
+                  "checkpoint_path", "eval_steps", "precision_opt_level", "compile_only",
+                  "validate_only", "execute_crd_memory_gi", "enable_distributed"}
+
+
+def looks_like_modelzoo(raw: dict) -> bool:
+    model = raw.get("model")
+    return isinstance(model, dict) and "hidden_size" in model
+
+
+def _scheduler(seg: dict, where: str, refused: list[str]) -> dict | None:
+    kind = str(seg.get("scheduler", "")).lower()
+    kinds = {"linear": "linear", "linearlr": "linear", "cosinedecay": "cosine",
+             "cosineannealing": "cosine", "cosine": "cosine", "constant": "constant",
+             "constantlr": "constant"}
+    if kind not in kinds:
+        refused.append(f"{where}.scheduler={seg.get('scheduler')!r}")
+        return None
+    steps = seg.get("total_iters", seg.get("steps", seg.get("decay_steps")))
+    start = seg.get("initial_learning_rate", seg.get("learning_rate"))
+    known = {"scheduler", "total_iters", "steps", "decay_steps", "initial_learning_rate",
+             "learning_rate", "end_learning_rate"}
+    refused += [f"{where}.{k}" for k in seg if k not in known]
+    if steps is None or start is None:
+        refused.append(f"{where} (needs total_iters and initial_learning_rate)")
+        return None
+    out = {"schedule": kinds[kind], "steps": int(steps), "start": float(start)}
+    if kinds[kind] != "constant":
+        out["end"] = float(seg.get("end_learning_rate", start))
+    return out
+
+
+def _init_std(spec: Any, where: str, notices: list[str], refused: list[str]) -> float | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or "std" not in spec:
+        refused.append(f"{where}={spec!r} (need {{name: normal|truncated_normal, std: ...}})")
+        return None
+    if spec.get("name") == "truncated_normal":
+        note = "model.*initializer: truncated_normal is initialised as normal with the same std"
+        if note not in notices:
+            notices.append(note)
+    elif spec.get("name") not in ("normal", None):
+        refused.append(f"{where}.name={spec.get('name')!r}")
+    return float(spec["std"])
+
+
+def convert_modelzoo(raw: dict) -> tuple[dict, list[str]]:
+    """(lmfab params mapping, notices). Raises ConfigError listing every refused key."""
+    notices: list[str] = []
+    refused: list[str] = []
+    out: dict[str, dict] = {"model": {}, "optimizer": {}, "train_input": {}, "eval_input": {},
+                            "runconfig": {}}
+    for section in raw:
+        if section not in out:
+            refused.append(section)
+
+    no_effect: list[str] = []
+
+    def fixed(where: str, value: Any, required: Any) -> None:
+        if value != required:
+            refused.append(f"{where}={value!r} (lmfab supports {required!r})")
+
+    m_in, m = raw.get("model", {}), out["model"]
+    for key, value in m_in.items():
+        if key in _MODEL_KEYS and _MODEL_KEYS[key]:
+            m[_MODEL_KEYS[key]] = value
+        elif key in _MODEL_FIXED:
+            fixed(f"model.{key}", value, _MODEL_FIXED[key])
+        elif key in _MODEL_NO_EFFECT:
+            no_effect.append(f"model.{key}")
+        elif key not in _MODEL_USED and key not in _MODEL_KEYS:
+            refused.append(f"model.{key}")
+    pos = str(m_in.get("position_embedding_type", "learned")).lower()
+    if pos not in _POSITIONS:
+        refused.append(f"model.position_embedding_type={pos!r}")
+    m["pos"] = _POSITIONS.get(pos, "learned")
+    if m["pos"] == "rope" and "rotary_dim" in m_in:
+        m["rope_fraction"] = m_in["rotary_dim"] / (m_in["hidden_size"] / m_in["num_heads"])
+    act = str(m_in.get("nonlinearity", "gelu")).lower()
+    if act not in _NONLINEARITY:
+        refused.append(f"model.nonlinearity={act!r}")
+    m["mlp"] = _NONLINEARITY.get(act, "gelu")
+    norm = str(m_in.get("norm_type", "layernorm")).lower()
+    if norm not in _NORMS:
+        refused.append(f"model.norm_type={norm!r}")
+    m["norm"] = _NORMS.get(norm, "layernorm")
+    biases = {m_in.get(k, True) for k in ("use_projection_bias_in_attention",
+                                          "use_ffn_bias_in_attention", "use_ffn_bias")}
+    if len(biases) > 1:
+        refused.append("model.use_*_bias (lmfab has one `bias` switch; these disagree)")
+    m["bias"] = biases.pop()
+    if m_in.get("attention_dropout_rate", m_in.get("dropout_rate", 0.0)) != m_in.get("dropout_rate", 0.0):
+        refused.append("model.attention_dropout_rate (lmfab uses dropout_rate for both)")
+    if m_in.get("scale_qk_dot_by_d"):
+        m["attn_score_scale"] = "inv_d_head"
+
+    std = _init_std(m_in.get("initializer"), "model.initializer", notices, refused)
+    emb_std = _init_std(m_in.get("embedding_initializer"), "model.embedding_initializer",
+                        notices, refused)
+    opt_in = raw.get("optimizer", {})
+    decoder_lr = (opt_in.get("adjust_learning_rate") or {}).get("decoder_kernel")
+    if isinstance(opt_in.get("adjust_learning_rate"), dict):
+        extra = set(opt_in["adjust_learning_rate"]) - {"decoder_kernel"}
+        refused += [f"optimizer.adjust_learning_rate.{k}" for k in sorted(extra)]
+    width_mult = 1.0 / decoder_lr if decoder_lr else None
+    if "mup_base_hidden_size" in m_in:
+        width_mult = m_in["hidden_size"] / m_in["mup_base_hidden_size"]
+    elif width_mult is not None:
+        m["mup_base_d_model"] = round(m_in["hidden_size"] / width_mult)
+    if emb_std is not None:
+        m["init_std"] = emb_std
+    elif std is not None:
+        m["init_std"] = std * math.sqrt(width_mult or 1.0)
+    if std is not None and "init_std" in m:
+        derived = m["init_std"] / math.sqrt(width_mult or 1.0)
+        if not math.isclose(std, derived, rel_tol=0.02):
+            notices.append(f"model.initializer std {std:g}: lmfab derives hidden-matrix init "
+                           f"{derived:g} (init_std {m['init_std']:g} / sqrt(m))")
+    logits_scale = m_in.get("output_logits_scale")
+    if "output_logits_alpha" in m_in:
+        m["output_mult"] = float(m_in["output_logits_alpha"])
+    elif logits_scale is not None:
+        m["output_mult"] = float(logits_scale) * (width_mult or 1.0)
+    if width_mult is not None and not m_in.get("scale_qk_dot_by_d"):
+        refused.append("model.scale_qk_dot_by_d=false with muP (lmfab's muP scales by 1/d_head)")
+
+    o = out["optimizer"]
+    kind = str(opt_in.get("optimizer_type", "adamw")).lower()
+    if kind != "adamw":
+        refused.append(f"optimizer.optimizer_type={opt_in.get('optimizer_type')!r} (AdamW only)")
+    o["betas"] = [float(opt_in.get("beta1", 0.9)), float(opt_in.get("beta2", 0.999))]
+    for key, value in opt_in.items():
+        if key in _OPT_KEYS:
+            o[_OPT_KEYS[key]] = value
+        elif key in _OPT_FIXED:
+            fixed(f"optimizer.{key}", value, _OPT_FIXED[key])
+        elif key in _OPT_NO_EFFECT:
+            no_effect.append(f"optimizer.{key}")
+        elif key not in _OPT_USED:
+            refused.append(f"optimizer.{key}")
+    lr = opt_in.get("learning_rate")
+    if isinstance(lr, list):
+        segs = [_scheduler(s, f"optimizer.learning_rate[{i}]", refused) for i, s in enumerate(lr)]
+        o["learning_rate"] = [s for s in segs if s is not None]
+    elif lr is not None:
+        o["learning_rate"] = lr
+
+    train_in = raw.get("train_input", {})
+    for section in ("train_input", "eval_input"):
+        src, dst = raw.get(section, {}), out[section]
+        for key, value in src.items():
+            where = f"{section}.{key}"
+            if key in _INPUT_NO_EFFECT:
+                no_effect.append(where)
+            elif section == "train_input" and key in _INPUT_KEYS:
+                dst[_INPUT_KEYS[key]] = value
+            elif section == "eval_input" and key in ("data_dir", "batch_size"):
+                dst[key] = value
+            elif section == "eval_input" and key == "max_sequence_length":
+                fixed(where, value, train_in.get("max_sequence_length"))
+            elif section == "eval_input" and key in ("shuffle", "shuffle_seed"):
+                notices.append(f"{where}: lmfab evaluates in order, unshuffled")
+            else:
+                refused.append(where)
+    for key, value in raw.get("runconfig", {}).items():
+        if key in _RUN_KEYS:
+            out["runconfig"][_RUN_KEYS[key]] = value
+        elif key in _RUN_NO_EFFECT:
+            no_effect.append(f"runconfig.{key}")
+        else:
+            refused.append(f"runconfig.{key}")
+    if "data_processor" in train_in:
+        notices.append(f"train_input.data_processor={train_in['data_processor']}: lmfab reads "
+                       "its own token shards from data_dir (make them with lmfab data tokenize)")
+    if no_effect:
+        notices.append("accepted, no effect in lmfab (Cerebras hardware/runtime settings): "
+                       + ", ".join(no_effect))
+    out_std = _init_std(m_in.get("output_layer_initializer"), "model.output_layer_initializer",
+                        notices, refused)
+    if out_std is not None and "init_std" in m:
+        derived = m["init_std"] / math.sqrt(width_mult or 1.0) / math.sqrt(2 * m_in["num_hidden_layers"])
+        if not math.isclose(out_std, derived, rel_tol=0.02):
+            notices.append(f"model.output_layer_initializer std {out_std:g}: lmfab derives "
+                           f"{derived:g} (init_std / sqrt(2 n_layer m))")
+    if refused:
+        raise ConfigError("Model Zoo params lmfab cannot honour: " + ", ".join(refused))
+    if not out["eval_input"]:
+        del out["eval_input"]
+    return out, notices
