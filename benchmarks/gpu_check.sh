@@ -36,3 +36,20 @@ if [[ $part == all || $part == bench13b ]]; then
       --impl lmfab,lmfab-eager,hf-eager,hf-compile --steps 20 --warmup 8 \
       --json "$out/bench13b.json" 2>"$out/bench13b.err" | tee "$out/bench13b.md"
 fi
+if [[ $part == alibi ]]; then
+  # ALiBi: kernel speed against causal SDPA, then a 12 x 768 ALiBi/SwiGLU/muP model trained at
+  # T=2048 and evaluated at T=2048 and T=8192 (extrapolation). DATA2048 / $4-th arg's 8192 dir.
+  d8192=${5:?data dir seq_len 8192}
+  $py benchmarks/alibi_attention.py --json "$out/alibi.json" 2>"$out/alibi.err" | tee "$out/alibi.md"
+  sets=(--set model.pos=alibi --set model.mlp=swiglu --set model.d_ff=2048 --set model.max_seq_len=2048
+        --set model.attn_score_scale=inv_d_head --set model.mup_base_d_model=256 --set model.init_std=0.08
+        --set model.embedding_mult=10.0 --set train_input.seq_len=2048 --set train_input.data_dir="$d2048"
+        --set train_input.batch_size=32 --set train_input.micro_batch_size=16
+        --set optimizer.learning_rate=6e-3 --set eval_input.batch_size=8 --set eval_input.micro_batch_size=4
+        --set eval_input.max_batches=1 --set runconfig.log_steps=25)
+  $py -m lmfab run --params configs/train/gpt2-124m.yaml "${sets[@]}" --mode train_and_eval \
+      --model_dir /tmp/lmfab-alibi --max_steps 200 2>&1 | tee "$out/alibi_train.log" | grep -E "^step|^eval"
+  $py -m lmfab run --params configs/train/gpt2-124m.yaml "${sets[@]}" --mode eval --model_dir /tmp/lmfab-alibi \
+      --set eval_input.seq_len=8192 --set eval_input.data_dir="$d8192" --set eval_input.batch_size=2 \
+      --set eval_input.micro_batch_size=1 2>&1 | tee "$out/alibi_eval8k.log" | grep -E "^eval"
+fi

@@ -133,3 +133,25 @@ def test_two_process_ddp_matches_one_process_accumulation(tiny_data, tmp_path):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_alibi_run_evaluates_at_4x_its_training_length(tiny_data, tmp_path):
+    """eval_input.seq_len longer than training, through the loop: ALiBi extrapolates."""
+    from lmfab.data.tokenize import tokenize_corpus
+
+    from .conftest import SAMPLE
+
+    long_data = tmp_path / "long"
+    tokenize_corpus([str(SAMPLE / "books.jsonl.zst")], str(long_data), seq_len=128,
+                    tokenizer=str(tiny_data / "tokenizer.json"), val_fraction=0.05, progress=False)
+    sets = {"model.pos": "alibi", "runconfig.max_steps": 40, "runconfig.log_steps": 10}
+    cfg = _cfg(tiny_data, **sets)
+    run_mode(cfg, mode="train", model_dir=tmp_path / "r")
+    (short,) = run_mode(cfg, mode="eval", model_dir=tmp_path / "r")
+    long_cfg = _cfg(tiny_data, **sets, **{"eval_input.seq_len": 128,
+                                           "eval_input.data_dir": str(long_data)})
+    (long,) = run_mode(long_cfg, mode="eval", model_dir=tmp_path / "r")
+    assert long["tokens"] == 2 * 8 * 128
+    assert long["loss"] < short["loss"] + 0.3, (short, long)
+    with pytest.raises(ValueError, match="eval_input.seq_len=128.*learned positions"):
+        _cfg(tiny_data, **{"eval_input.seq_len": 128})  # learned positions end at 32

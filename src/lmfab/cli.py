@@ -5,6 +5,10 @@
               [--init_from CKPT] [--dry-run]
     lmfab data tokenize --input PATH... --out DIR --seq_len T [--vocab_size V | --tokenizer J]
     lmfab data curate RECIPE [--set a.b=c ...] [--workers N] [--executor local|ray --address A]
+    lmfab data tokenizer train --input PATH... --out tokenizer.json --vocab_size V
+              [--by source|lang --weights NAME=W,...] [--sample_bytes N]
+    lmfab data tokenizer report --tokenizer J [J ...] --input PATH... [--out DIR]
+    lmfab data pack --input PATH... --tokenizer J --out DIR --seq_len 2048,8192 [--processes N]
     lmfab generate --model_dir D --prompt TEXT
     lmfab mup coord-check --params P [--widths 128,256,512,1024] / mup transfer --proxy --target
     lmfab import modelzoo FILE -o OUT
@@ -73,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, help="local processes / Ray CPUs (default: all cores)")
     c.add_argument("--executor", default="local", choices=["local", "ray"])
     c.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    _data_token_parsers(d)
 
     mp = verbs.add_parser("mup", help="muP tools").add_subparsers(dest="mup_verb", required=True)
     cc = mp.add_parser("coord-check", help="activation-update scale per layer type vs width")
@@ -153,9 +158,108 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_token_parsers(d) -> None:
+    """``data tokenizer train|report`` and ``data pack`` (issue 5)."""
+    tk = d.add_parser("tokenizer", help="train or compare BPE tokenizers").add_subparsers(
+        dest="tokenizer_verb", required=True)
+    tt = tk.add_parser("train", help="byte-level BPE from a streamed, weighted sample")
+    tt.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.zst / txt files or folders")
+    tt.add_argument("--out", required=True, help="tokenizer.json to write (a summary goes beside it)")
+    tt.add_argument("--vocab_size", type=int, required=True)
+    tt.add_argument("--min_frequency", type=int, default=2)
+    tt.add_argument("--eos_token", default="<|endoftext|>")
+    tt.add_argument("--pad_token", default="<|pad|>", help="'' for none")
+    tt.add_argument("--special_tokens", nargs="*", default=[], help="more special tokens")
+    tt.add_argument("--by", default="source", choices=["source", "lang"], help="groups for --weights")
+    tt.add_argument("--weights", help="sample shares per group, e.g. ar=1,en=1 or Arabic=2,*=1")
+    tt.add_argument("--sample_bytes", type=float, help="sample size in bytes (default: see docs)")
+    tt.add_argument("--val_fraction", type=float, default=0.0, help="hold out pack's val docs")
+    tt.add_argument("--pre_tokenizer", default="gpt2", choices=["gpt2", "gpt2-marks"],
+                    help="gpt2-marks keeps combining marks (Arabic diacritics) inside words")
+    tt.add_argument("--seed", type=int, default=0)
+    tr = tk.add_parser("report", help="fertility per source and language, side by side")
+    tr.add_argument("--tokenizer", nargs="+", required=True, help="tokenizer.json files (LABEL=PATH)")
+    tr.add_argument("--input", nargs="+", required=True)
+    tr.add_argument("--out", help="folder for report.md, report.json and fertility.png")
+    tr.add_argument("--max_bytes", type=float, default=2e6, help="sample cap per group")
+    tr.add_argument("--split", default="all", choices=["all", "train", "val"])
+    tr.add_argument("--val_fraction", type=float, default=0.02)
+    tr.add_argument("--seed", type=int, default=0)
+    pk = d.add_parser("pack", help="tokenize on all cores and pack shards at one or more MSLs")
+    pk.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.zst / txt files or folders")
+    pk.add_argument("--val_input", nargs="*", default=[], help="files or folders that are the val split")
+    pk.add_argument("--tokenizer", required=True, help="tokenizer.json (must have the EOS token)")
+    pk.add_argument("--out", required=True, help="output folder: seq<T>/ per MSL, pack.json")
+    pk.add_argument("--seq_len", required=True, help="one or more, e.g. 2048,8192")
+    pk.add_argument("--val_fraction", type=float, help="hash-held-out share (default 0.02)")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--processes", type=int, help="encoding processes (default: all cores)")
+    pk.add_argument("--shard_tokens", type=int, default=50_000_000)
+    pk.add_argument("--doc_index", action="store_true", help="write .docs.npy document starts")
+    pk.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+    pk.add_argument("--eos_token", default="<|endoftext|>")
+    pk.add_argument("--keep_work", action="store_true", help="keep the per-file encoded ids")
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    if args.tokenizer_verb == "report":
+        from lmfab.data.fertility import fertility_report, format_table
+
+        report = fertility_report(
+            args.tokenizer, args.input, max_bytes=int(args.max_bytes), split=args.split,
+            val_fraction=args.val_fraction, seed=args.seed, out_dir=args.out,
+        )
+        print(format_table(report["rows"]))
+        if args.out:
+            print(f"wrote {args.out}/report.md, report.json, fertility.png")
+        return 0
+    from lmfab.data.tokenizer import train_tokenizer
+
+    specials = [args.eos_token, *([args.pad_token] if args.pad_token else []), *args.special_tokens]
+    summary = train_tokenizer(
+        args.input, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+        special_tokens=specials, by=args.by, weights=args.weights,
+        sample_bytes=int(args.sample_bytes) if args.sample_bytes else None,
+        val_fraction=args.val_fraction, seed=args.seed, pre_tokenizer=args.pre_tokenizer,
+    )
+    side = Path(args.out).with_suffix(".train.json")
+    side.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    for g, v in summary["groups"].items():
+        print(f"{g:>16}: {v['bytes'] / 1e6:9.2f} MB available, rate {v['rate']:.3f}, "
+              f"{v['sampled_bytes'] / 1e6:9.2f} MB sampled")
+    print(f"wrote {args.out} (vocab {summary['vocab_size']}) and {side}")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from lmfab.data.pack import pack_corpus
+
+    try:
+        seq_lens = [int(x) for x in args.seq_len.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"lmfab data pack: --seq_len must be integers like 2048,8192, "
+                         f"got {args.seq_len!r}") from None
+    pack_corpus(
+        args.input, args.out, tokenizer=args.tokenizer, seq_lens=seq_lens,
+        val_fraction=args.val_fraction, val_inputs=args.val_input, seed=args.seed,
+        processes=args.processes, shard_tokens=args.shard_tokens, doc_index=args.doc_index,
+        dtype=args.dtype, eos_token=args.eos_token, keep_work=args.keep_work,
+    )
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_verb == "curate":
         return cmd_curate(args)
+    if args.data_verb in ("tokenizer", "pack"):
+        try:
+            return cmd_tokenizer(args) if args.data_verb == "tokenizer" else cmd_pack(args)
+        except ValueError as e:  # bad input or parameters: a clear message, no traceback
+            print(f"lmfab: error: {e}", file=sys.stderr)
+            return 2
     from lmfab.data.tokenize import tokenize_corpus
 
     tokenize_corpus(

@@ -323,6 +323,11 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
             f"train_input.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
             "(learned positions end there); raise model.max_seq_len or lower seq_len"
         )
+    if e.seq_len is not None and (e.seq_len <= 0 or (e.seq_len > m.max_seq_len and m.pos == "learned")):
+        raise ConfigError(
+            f"eval_input.seq_len={e.seq_len}: must be positive and, with learned positions, "
+            f"at most model.max_seq_len={m.max_seq_len}"
+        )
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optimizer.betas: expected two numbers in [0, 1), got {o.betas}")
     if o.max_grad_norm is not None and o.max_grad_norm <= 0:

@@ -114,6 +114,7 @@ class EvalInputConfig:
     micro_batch_size: int | None = None
     split: str = "val"
     max_batches: int | None = 20  # None: the whole split
+    seq_len: int | None = None  # default train_input.seq_len; longer tests extrapolation
 
 
 @dataclass

@@ -20,6 +20,11 @@ Bad input (a line that is not a JSON object, a missing or non-string text field,
 are not UTF-8) raises ``ValueError`` naming ``file:line``. With ``on_error="skip"`` such
 records are skipped and counted in ``ReadStats`` instead, with the first few messages kept.
 
+``select(line) -> bool`` (optional) skips records before they are decoded, so N workers can
+split one file by line blocks (the curation pipeline does, :mod:`lmfab.data.curate`). A
+document's ``meta`` is the record's ``meta`` mapping (or None); it does not take part in
+equality.
+
 No torch here: this is the offline pipeline.
 """
 
@@ -28,7 +33,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +52,7 @@ class Document:
     source: str
     path: str
     line: int
+    meta: dict | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -112,6 +118,7 @@ def iter_documents(
     *,
     on_error: str = "raise",
     stats: ReadStats | None = None,
+    select: Callable[[int], bool] | None = None,
 ) -> Iterator[Document]:
     """Yield every document of ``paths`` (files or folders) in a reproducible order.
 
@@ -125,9 +132,9 @@ def iter_documents(
         stats.files += 1
         suffix = _suffix(path)
         if suffix in (".txt", ".md"):
-            docs = _read_text_file(path, on_error, stats)
+            docs = _read_text_file(path, on_error, stats) if select is None or select(1) else ()
         else:
-            docs = _read_jsonl(path, text_key, on_error, stats)
+            docs = _read_jsonl(path, text_key, on_error, stats, select)
         for doc in docs:
             stats.documents += 1
             stats.text_bytes += len(doc.text.encode("utf-8"))
@@ -157,18 +164,47 @@ def _open_lines(path: Path) -> Iterator[bytes]:
     """Iterate a (possibly zstd-compressed) file's lines as bytes, streaming."""
     with open(path, "rb") as raw:
         if _suffix(path) == ".jsonl.zst":
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            try:
-                yield from io.BufferedReader(reader, buffer_size=1 << 20)
-            except zstandard.ZstdError as err:
-                raise ValueError(f"{path}: corrupt zstd data: {err}") from err
+            yield from _zstd_lines(raw, path)
         else:
             yield from raw
 
 
-def _read_jsonl(path: Path, text_key: str, on_error: str, stats: ReadStats) -> Iterator[Document]:
+def _zstd_lines(raw: io.BufferedIOBase, path: Path) -> Iterator[bytes]:
+    """Lines of a zstd stream of one or more frames; corrupt or truncated data is an error.
+
+    (A stream reader would end a truncated file quietly at the last whole block, losing
+    documents without a word; here an unfinished last frame raises.)
+    """
+    dobj, fed, tail = zstandard.ZstdDecompressor().decompressobj(), False, b""
+    while chunk := raw.read(1 << 20):
+        while chunk:
+            try:
+                data = dobj.decompress(chunk)
+            except zstandard.ZstdError as err:
+                raise ValueError(f"{path}: corrupt zstd data: {err}") from err
+            fed = True
+            chunk = b""
+            if dobj.eof:  # the frame ended; more bytes are the next frame
+                chunk = dobj.unused_data
+                dobj, fed = zstandard.ZstdDecompressor().decompressobj(), False
+            if data:
+                lines = (tail + data).split(b"\n")
+                tail = lines.pop()
+                for line in lines:
+                    yield line + b"\n"
+    if fed and not dobj.eof:
+        raise ValueError(f"{path}: truncated zstd data (the last frame is incomplete)")
+    if tail:
+        yield tail
+
+
+def _read_jsonl(
+    path: Path, text_key: str, on_error: str, stats: ReadStats, select: Callable | None = None
+) -> Iterator[Document]:
     stem = _stem(path)
     for lineno, raw in enumerate(_open_lines(path), start=1):
+        if select is not None and not select(lineno):
+            continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -209,4 +245,5 @@ def _read_jsonl(path: Path, text_key: str, on_error: str, stats: ReadStats) -> I
             source=str(source) if source else stem,
             path=str(path),
             line=lineno,
+            meta=meta if isinstance(meta, dict) else None,
         )

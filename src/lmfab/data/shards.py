@@ -25,7 +25,16 @@ Writes go to ``<path>.tmp`` and are moved into place with ``os.replace``, so a s
 exists is complete: a crash leaves at worst a ``.tmp`` file, never a short ``.tok``.
 
 ``ShardWriter`` turns a stream of token ids (documents, each followed by EOS) into shards of
-whole windows, as ``lmfab data tokenize`` packs them.
+whole windows, as ``lmfab data pack`` / ``lmfab data tokenize`` pack them.
+
+Optional document index (``ShardWriter(..., doc_index=True)``): beside ``shard_00000.tok`` a
+sidecar ``shard_00000.docs.npy`` (a 1-D little-endian int64 ``.npy`` array) lists the offsets,
+in the shard's flat token array, where a document starts; offset 0 is absent when the shard
+begins inside a document carried over from the previous shard. Window ``w`` covers flat
+offsets ``[w*window, (w+1)*window)``, so the starts inside a window give its document
+boundaries for attention masking without scanning for EOS (EOS ids mark the same
+boundaries, since a literal EOS string in a text is encoded as ordinary text). The sidecar
+is written before its ``.tok``; ``read_doc_starts`` reads it.
 
 This module is used by the offline pipeline and by the runtime loader; it imports numpy
 only (no torch).
@@ -127,11 +136,13 @@ def write_shard(
     tokenizer_hash: str,
     *,
     vocab_size: int | None = None,
+    dtype: np.dtype | None = None,
 ) -> ShardHeader:
     """Write ``tokens`` (1-D, or 2-D of shape (n_windows, window)) as a shard, atomically.
 
     The dtype is uint16 when every id fits (``max < 65536``, or ``vocab_size <= 65536`` when
-    ``vocab_size`` is given), else uint32. Returns the header that was written.
+    ``vocab_size`` is given), else uint32; an explicit ``dtype`` (uint16/uint32) overrides
+    that choice. Returns the header that was written.
     """
     path = Path(path)
     if not isinstance(window, int | np.integer) or window < 2 or window >= 2**32:
@@ -150,7 +161,15 @@ def write_shard(
             f"{path}: {tokens.size} tokens is not a multiple of window={window} "
             f"(remainder {tokens.size % window}); cut the stream into whole windows first"
         )
-    dtype = _choose_dtype(tokens, vocab_size, path)
+    chosen = _choose_dtype(tokens, vocab_size, path)
+    if dtype is not None:
+        dtype = np.dtype(dtype).newbyteorder("<")
+        if dtype not in (_DTYPES[2], _DTYPES[4]):
+            raise ValueError(f"{path}: dtype must be uint16 or uint32, got {dtype}")
+        if tokens.size and int(tokens.max()) >= 2 ** (8 * dtype.itemsize):
+            raise ValueError(f"{path}: token id {int(tokens.max())} does not fit in {dtype.name}")
+    else:
+        dtype = chosen
     data = np.ascontiguousarray(tokens, dtype=dtype)
     header = ShardHeader(dtype.itemsize, window, int(data.size), tokenizer_hash.lower())
     raw = _HEADER.pack(MAGIC, FORMAT_VERSION, dtype.itemsize, window, 0, data.size, hash_raw)
@@ -233,23 +252,43 @@ class ShardWriter:
         vocab_size: int,
         shard_tokens: int,
         prefix: str = "shard_",
+        dtype: str | np.dtype | None = None,
+        doc_index: bool = False,
     ) -> None:
         if shard_tokens < window:
             raise ValueError(f"shard_tokens={shard_tokens} is smaller than one window ({window})")
         self.out_dir, self.window, self.tokenizer_hash = Path(out_dir), window, tokenizer_hash
         self.vocab_size, self.prefix = vocab_size, prefix
-        self.dtype = _DTYPES[2] if vocab_size <= 2**16 else _DTYPES[4]
+        self.dtype = shard_dtype(vocab_size, dtype)
         self.per_shard = (shard_tokens // window) * window
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.tokens = self.windows = self.n_shards = 0
+        self.doc_index = doc_index
+        self._starts: list[np.ndarray] = []  # global stream offsets of document starts
+        self._written = 0  # stream tokens already in shards
 
     def add(self, ids: Sequence[int] | np.ndarray, append: int | None = None) -> None:
-        """Append ``ids`` (a sequence of ints), then ``append`` (e.g. EOS) when given."""
+        """Append one document: ``ids`` (a sequence of ints), then ``append`` (e.g. EOS)."""
         arr = np.empty(len(ids) + (append is not None), dtype=self.dtype)
         arr[: len(ids)] = ids
         if append is not None:
             arr[-1] = append
+        self.add_stream(arr, np.zeros(1, dtype=np.int64))
+
+    def add_stream(self, tokens: np.ndarray, doc_starts: np.ndarray | None = None) -> None:
+        """Append a ready stream of ids (documents already EOS-terminated).
+
+        ``doc_starts``: offsets within ``tokens`` where documents start (for the doc index).
+        Ids must already be below ``vocab_size`` (callers check; this casts to the dtype).
+        """
+        if self.doc_index and doc_starts is not None and len(doc_starts):
+            self._starts.append(np.asarray(doc_starts, dtype=np.int64) + self.tokens)
+        arr = np.asarray(tokens)
+        if arr.dtype != self.dtype:
+            arr = arr.astype(self.dtype)
+        if not arr.size:
+            return
         self.buffer.append(arr)
         self.buffered += arr.size
         self.tokens += arr.size
@@ -259,10 +298,19 @@ class ShardWriter:
     def _flush(self, n: int) -> None:
         stream = np.concatenate(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
         path = self.out_dir / f"{self.prefix}{self.n_shards:05d}.tok"
-        write_shard(path, stream[:n], self.window, self.tokenizer_hash, vocab_size=self.vocab_size)
+        if self.doc_index:
+            starts = np.concatenate(self._starts) if self._starts else np.zeros(0, np.int64)
+            inside = (starts >= self._written) & (starts < self._written + n)
+            _write_npy(path.with_suffix(".docs.npy"), starts[inside] - self._written)
+            self._starts = [starts[starts >= self._written + n]]
+        write_shard(
+            path, stream[:n], self.window, self.tokenizer_hash,
+            vocab_size=self.vocab_size, dtype=self.dtype,
+        )
         rest = stream[n:]
         self.buffer = [rest] if rest.size else []
         self.buffered = rest.size
+        self._written += n
         self.n_shards += 1
         self.windows += n // self.window
 
@@ -271,3 +319,49 @@ class ShardWriter:
         if n:
             self._flush(n)
         self.buffer, self.buffered = [], 0  # the tail shorter than a window is dropped
+        self._starts = []
+
+
+def shard_dtype(vocab_size: int, dtype: str | np.dtype | None = None) -> np.dtype:
+    """The token dtype for ``vocab_size``: ``None``/"auto" picks uint16 when it fits, else uint32.
+
+    An explicit dtype too small for the vocabulary is an error (ids would wrap around).
+    """
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return _DTYPES[2] if vocab_size <= 2**16 else _DTYPES[4]
+    try:
+        dt = np.dtype(dtype).newbyteorder("<")
+    except TypeError as err:
+        raise ValueError(f"unknown token dtype {dtype!r}; use auto, uint16 or uint32") from err
+    if dt not in (_DTYPES[2], _DTYPES[4]):
+        raise ValueError(f"token dtype must be uint16 or uint32, got {dtype!r}")
+    limit = 2 ** (8 * dt.itemsize)
+    if vocab_size > limit:
+        raise ValueError(
+            f"vocabulary of {vocab_size} tokens does not fit in {dt.name} shards (ids must be "
+            f"< {limit}); use dtype uint32 (or auto)"
+        )
+    return dt
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array, dtype="<i8"))
+    os.replace(tmp, path)
+
+
+def read_doc_starts(shard_path: PathLike) -> np.ndarray:
+    """Document start offsets (int64, within the shard's flat tokens) from the sidecar."""
+    path = Path(shard_path).with_suffix(".docs.npy")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no document index beside {shard_path} (pack with --doc_index)"
+        )
+    try:
+        starts = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ShardError(f"{path}: unreadable document index: {err}") from err
+    if starts.ndim != 1 or starts.dtype.kind != "i":
+        raise ShardError(f"{path}: document index must be a 1-D integer array")
+    return starts

@@ -81,11 +81,21 @@ def open_split(cfg: Config, section: str) -> TokenDataset:
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary ({vocab}, {meta_file}); raise model.vocab_size"
             )
-    return TokenDataset(
-        data_dir / split,
-        window=cfg.train_input.seq_len + 1,
-        tokenizer_hash=tokenizer_hash(tok) if tok.is_file() else None,
-    )
+    expected = tokenizer_hash(tok) if tok.is_file() else None
+    train_tok = _data_dir(cfg, "train") / "tokenizer.json"
+    if section == "eval" and expected and train_tok.is_file() and tokenizer_hash(train_tok) != expected:
+        raise ConfigError(
+            f"eval_input.data_dir={data_dir}: its tokenizer.json differs from train_input's "
+            f"({train_tok}); evaluate with data packed by the same tokenizer"
+        )
+    return TokenDataset(data_dir / split, window=seq_len_of(cfg, section) + 1,
+                        tokenizer_hash=expected)
+
+
+def seq_len_of(cfg: Config, section: str) -> int:
+    if section == "eval" and cfg.eval_input.seq_len is not None:
+        return cfg.eval_input.seq_len
+    return cfg.train_input.seq_len
 
 
 def setup(cfg: Config, model_dir: str | Path) -> Run:

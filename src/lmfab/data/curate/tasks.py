@@ -1,0 +1,278 @@
+"""The per-task work of the pipeline: functions an executor runs anywhere (picklable args).
+
+* ``map_task`` -- one slice of one input file: read -> clean -> filter, and the keys the
+  global stages need (normalized SHA-256 prefix, MinHash band keys and, with verification,
+  signatures). Writes ``map/tNNNNN.docs.jsonl.zst`` (the surviving documents),
+  ``tNNNNN.npz`` (their keys) and ``tNNNNN.json`` (per-stage, per-source counters), then
+  the ``tNNNNN.done`` marker. The text is read and normalized once for all stages.
+* ``scatter_task`` -- one map task's documents into per-output-shard bucket files, each line
+  prefixed by its global rank in the final (shuffled) order.
+* ``gather_task`` -- one output shard: its buckets from every task, sorted by rank, written
+  as ``jsonl.zst``.
+
+Every file is written under a temporary name and renamed; the marker is written last, so
+a killed run leaves either a complete task or none (resume = skip the marked ones).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from lmfab.data.curate import text as T
+from lmfab.data.curate.recipe import Recipe
+from lmfab.data.readers import Document, ReadStats, iter_documents
+
+MAX_BATCH_CHARS = 4_000_000
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def mark_done(path: Path, info: dict | None = None) -> None:
+    atomic_write_bytes(path, json.dumps(info or {}).encode())
+
+
+class _Rejects(ReadStats):
+    """ReadStats that also keeps every bad record's ``file:line: reason`` message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all_errors: list[str] = []
+
+    def record_error(self, message: str) -> None:
+        super().record_error(message)
+        self.all_errors.append(message)
+
+
+def _iter_parquet(path: str, text_key: str, stats: _Rejects, select) -> object:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if text_key not in names:
+        raise ValueError(f"{path}: no column {text_key!r}; columns: {', '.join(names)}")
+    cols = [text_key] + (["meta"] if "meta" in names else [])
+    row = 0
+    for g in range(pf.num_row_groups):
+        table = pf.read_row_group(g, columns=cols).to_pydict()
+        metas = table.get("meta") or [None] * len(table[text_key])
+        for text, meta in zip(table[text_key], metas, strict=True):
+            row += 1
+            if not select(row):
+                continue
+            if not isinstance(text, str):
+                stats.record_error(f"{path}:{row}: text column {text_key!r} is null")
+                continue
+            meta = meta if isinstance(meta, dict) else None
+            src = (meta or {}).get("redpajama_set_name") or Path(path).name.split(".")[0]
+            yield Document(text, str(src), path, row, meta)
+
+
+def _counter() -> dict:
+    return defaultdict(lambda: [0, 0, 0, 0])  # source -> [docs_in, bytes_in, docs_out, bytes_out]
+
+
+def map_task(recipe: Recipe, task: dict, work: str) -> dict:
+    """Read, clean, filter one slice of one file; hash what later stages need."""
+    work_dir = Path(work) / "map"
+    tid = f"t{task['index']:05d}"
+    done = work_dir / f"{tid}.done"
+    if done.exists():
+        return json.loads((work_dir / f"{tid}.json").read_text())
+    r = recipe
+    k, n_slices, block = task["slice"], task["slices"], r.read.block_lines
+    select = (lambda line: ((line - 1) // block) % n_slices == k) if n_slices > 1 else (
+        lambda line: True)
+    rejects = _Rejects()
+    if task["path"].endswith(".parquet"):
+        docs = _iter_parquet(task["path"], r.read.text_key, rejects, select)
+    else:
+        docs = iter_documents([task["path"]], r.read.text_key, on_error="skip", stats=rejects,
+                              select=select)
+    counts = {s: _counter() for s in ("read", "clean", "filter")}
+    secs = defaultdict(float)
+    need_norm = any(getattr(r, s) is not None for s in ("filter", "exact_dedup", "near_dedup",
+                                                        "split"))
+    kept: list[tuple] = []  # (ordinal, source, text, norm, id, meta)
+    t_prev = time.perf_counter()
+    for doc in docs:
+        t0 = time.perf_counter()
+        secs["read"] += t0 - t_prev
+        text = doc.text
+        nbytes = len(text.encode("utf-8"))
+        c = counts["read"][doc.source]
+        c[0] += 1
+        c[1] += nbytes
+        c[2] += 1
+        c[3] += nbytes
+        if r.clean is not None:
+            text = T.clean(text, r.clean.normalization, r.clean.ftfy)
+            out_bytes = len(text.encode("utf-8")) if text is not doc.text else nbytes
+            c = counts["clean"][doc.source]
+            c[0] += 1
+            c[1] += nbytes
+            c[2] += 1
+            c[3] += out_bytes
+            nbytes = out_bytes
+        t1 = time.perf_counter()
+        secs["clean"] += t1 - t0
+        norm = T.normalize(text) if need_norm else ""
+        if r.filter is not None:
+            f = r.filter
+            ok = len(norm) >= f.min_chars and (f.max_chars is None or len(norm) <= f.max_chars)
+            ok = ok and all(T.FILTERS[name](text, norm) for name in f.filters)
+            c = counts["filter"][doc.source]
+            c[0] += 1
+            c[1] += nbytes
+            if ok:
+                c[2] += 1
+                c[3] += nbytes
+        else:
+            ok = True
+        t_prev = time.perf_counter()
+        secs["filter"] += t_prev - t1
+        if ok:
+            meta = doc.meta
+            doc_id = (meta or {}).get("id") or f"{doc.path}:{doc.line}"
+            kept.append(((task["file"] << 40) | doc.line, doc.source, text, norm, str(doc_id),
+                         meta, nbytes))
+    arrays = _hash_kept(r, kept, secs)
+    sources = sorted({row[1] for row in kept} | set(counts["read"]))
+    src_index = {s: i for i, s in enumerate(sources)}
+    arrays["source"] = np.array([src_index[row[1]] for row in kept], dtype=np.int32)
+    arrays["ordinal"] = np.array([row[0] for row in kept], dtype=np.int64)
+    arrays["nbytes"] = np.array([row[6] for row in kept], dtype=np.int64)
+    t0 = time.perf_counter()
+    _write_docs(work_dir / f"{tid}.docs.jsonl.zst", kept)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(work_dir / f"{tid}.npz", buf.getvalue())
+    secs["write_intermediate"] += time.perf_counter() - t0
+    summary = {
+        "index": task["index"], "n": len(kept), "sources": sources,
+        "counts": {st: {s: v for s, v in cs.items()} for st, cs in counts.items()},
+        "rejects": rejects.all_errors, "seconds": dict(secs),
+    }
+    atomic_write_bytes(work_dir / f"{tid}.json", json.dumps(summary).encode())
+    mark_done(done)
+    return summary
+
+
+def _hash_kept(r: Recipe, kept: list[tuple], secs: dict) -> dict:
+    arrays: dict[str, np.ndarray] = {}
+    if r.exact_dedup is not None or r.split is not None:
+        t0 = time.perf_counter()
+        key_text = (lambda row: row[3]) if (r.exact_dedup is None or r.exact_dedup.normalized) \
+            else (lambda row: row[2])
+        raw = b"".join(T.sha256_128(key_text(row)) for row in kept)
+        arrays["exact"] = np.frombuffer(raw, dtype=np.uint64).reshape(len(kept), 2).copy()
+        secs["exact_dedup"] += time.perf_counter() - t0
+    nd = r.near_dedup
+    if nd is not None:
+        from lmfab.data.curate.minhash import MinHasher
+
+        t0 = time.perf_counter()
+        mh = MinHasher(nd.ngram, nd.num_perm, nd.bands, nd.rows, nd.seed, nd.hashing)
+        bands, sigs = [], []
+        i = 0
+        while i < len(kept):  # batches bounded by documents and by characters
+            j, chars = i, 0
+            while j < len(kept) and j - i < nd.batch_docs and (chars < MAX_BATCH_CHARS or j == i):
+                chars += len(kept[j][3])
+                j += 1
+            sig = mh.signatures([row[3] for row in kept[i:j]])
+            bands.append(mh.band_keys(sig))
+            if nd.verify:
+                sigs.append(sig)
+            i = j
+        arrays["bands"] = (np.concatenate(bands) if bands
+                           else np.zeros((0, nd.bands), dtype=np.uint64))
+        if nd.verify:
+            arrays["sig"] = (np.concatenate(sigs) if sigs
+                             else np.zeros((0, nd.num_perm), dtype=np.uint32))
+        secs["near_dedup"] += time.perf_counter() - t0
+    return arrays
+
+
+def _write_docs(path: Path, kept: list[tuple]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=1).stream_writer(raw) as out:
+        for _, source, text, _, doc_id, meta, _ in kept:
+            rec = {"text": text, "source": source, "id": doc_id, "meta": meta}
+            out.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+    os.replace(tmp, path)
+
+
+def read_docs(path: Path) -> list[dict]:
+    with open(path, "rb") as raw:
+        data = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True).read()
+    # split on "\n" only: str.splitlines() would also cut at U+2028 / U+0085 inside text
+    return [json.loads(line) for line in data.decode("utf-8").split("\n") if line]
+
+
+def _output_record(doc: dict, keep_meta: bool) -> str:
+    meta = dict(doc["meta"] or {}) if keep_meta else {}
+    meta.setdefault("redpajama_set_name", doc["source"])
+    return json.dumps({"text": doc["text"], "meta": meta}, ensure_ascii=False)
+
+
+def scatter_task(work: str, index: int, keep_meta: bool) -> int:
+    """Write task ``index``'s planned copies into bucket files, one per (split, shard)."""
+    base = Path(work)
+    done = base / "scatter" / f"t{index:05d}.done"
+    if done.exists():
+        return 0
+    plan = np.load(base / "plan.npz")
+    sel = plan["task"] == index
+    local, split, shard, rank = (plan[k][sel] for k in ("local", "split", "shard", "rank"))
+    docs = read_docs(base / "map" / f"t{index:05d}.docs.jsonl.zst")
+    out_dir = base / "scatter" / f"t{index:05d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buckets: dict[tuple[int, int], list[str]] = defaultdict(list)
+    lines = {}
+    for li, sp, sh, rk in zip(local.tolist(), split.tolist(), shard.tolist(), rank.tolist(),
+                              strict=True):
+        if li not in lines:
+            lines[li] = _output_record(docs[li], keep_meta)
+        buckets[(sp, sh)].append(f"{rk}\t{lines[li]}\n")
+    for (sp, sh), rows in buckets.items():
+        atomic_write_bytes(out_dir / f"{sp}-{sh:05d}.txt", "".join(rows).encode("utf-8"))
+    mark_done(done)
+    return len(local)
+
+
+def gather_task(work: str, split_name: str, split_id: int, shard: int, n_tasks: int,
+                output: str, level: int) -> int:
+    """Concatenate one output shard's buckets in rank order into a jsonl.zst file."""
+    base = Path(work)
+    done = base / "gather" / f"{split_name}-{shard:05d}.done"
+    if done.exists():
+        return 0
+    rows: list[tuple[int, str]] = []
+    for t in range(n_tasks):
+        path = base / "scatter" / f"t{t:05d}" / f"{split_id}-{shard:05d}.txt"
+        if path.exists():
+            for line in path.read_bytes().decode("utf-8").split("\n"):
+                if not line:
+                    continue
+                rk, rec = line.split("\t", 1)
+                rows.append((int(rk), rec))
+    rows.sort(key=lambda x: x[0])
+    out = Path(output) / split_name / f"part-{shard:05d}.jsonl.zst"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(rec + "\n" for _, rec in rows).encode("utf-8")
+    atomic_write_bytes(out, zstandard.ZstdCompressor(level=level).compress(data))
+    (base / "gather").mkdir(exist_ok=True)
+    mark_done(done)
+    return len(rows)

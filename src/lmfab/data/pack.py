@@ -1,0 +1,650 @@
+"""``lmfab data pack``: documents -> token ids on all cores -> shards at one or more MSLs.
+
+Two stages, so that the expensive one runs in parallel and resumes per file:
+
+1. **Encode** (parallel, resumable). The main process reads each input file in order
+   (``readers.iter_documents``), cuts it into chunks of about ``CHUNK_BYTES`` of text and
+   hands them to a pool of worker processes (``spawn``; each loads ``tokenizer.json`` once,
+   with Hugging Face's own thread pool off so a process is a core). A worker returns the
+   chunk's ids, every document followed by EOS, plus per-document length, byte count and
+   split hash. At most a few chunks per worker are in flight, so memory stays bounded,
+   and results are consumed in submission order, so the output does not depend on the
+   number of processes. Each file's results go to ``work/f<i>.bin`` (ids) and
+   ``work/f<i>.npz`` (per-document arrays); ``work/f<i>.json`` is written last and marks
+   the file done. A killed run resumes: files whose marker matches (path, size, mtime,
+   tokenizer hash, seed, dtype, text key) are not encoded again; a file's half-written
+   ``.tmp`` is discarded.
+2. **Pack** (sequential, cheap). Per split, the files' documents are concatenated in input
+   order -- one stream, EOS between documents, as GPT-2 / Cerebras-GPT pack pre-training
+   data -- and cut, once per requested ``seq_len``, into windows of ``seq_len + 1`` tokens
+   (``ShardWriter``); the tail shorter than a window is dropped. Every MSL directory
+   (``out/seq2048/``, ``out/seq8192/``) is a complete dataset: ``tokenizer.json``,
+   ``train/`` and ``val/`` shards and ``meta.json``, which ``train_input.data_dir`` can
+   name directly. With ``doc_index`` each shard gets a ``.docs.npy`` sidecar of document
+   start offsets (see ``shards.py``). ``pack.json`` at the top is written last and marks
+   the whole run done; the work files are then removed (``keep_work`` keeps them).
+
+Splits: ``val_inputs`` files go to ``val`` whole (the curation pipeline's holdout);
+otherwise a document is ``val`` when its seeded blake2b hash in [0, 1) is below
+``val_fraction`` (order-independent; exact copies land on the same side). When no document
+falls below it, the lowest-hash document(s) are held out, so small corpora still get a val
+split.
+
+Checked before any work: the tokenizer has the EOS token, its vocabulary fits the shard
+dtype, the inputs exist. Corrupt or truncated input is a ``ValueError`` naming
+``file:line``; an input that yields no documents is an error naming it. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from lmfab import __version__
+from lmfab.data.readers import iter_documents, list_files
+from lmfab.data.shards import ShardWriter, shard_dtype
+from lmfab.data.shards import tokenizer_hash as file_sha256
+
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_NAME = "tokenizer.json"
+META_NAME = "meta.json"
+META_FORMAT = "lmfab-tokens"
+META_VERSION = 1
+PACK_NAME = "pack.json"
+WORK_NAME = "work"
+CHUNK_BYTES = 1 << 20  # text per encode task
+CHUNK_DOCS = 2048
+INLINE_BELOW = 8 << 20  # auto: inputs smaller than this (on disk) are encoded in-process
+WORK_VERSION = 1
+
+
+def split_hash(text: str, seed: int) -> float:
+    """The document's position in [0, 1) used for the train/val split."""
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, salt=seed.to_bytes(16, "little"))
+    return int.from_bytes(h.digest(), "little") / 2.0**64
+
+
+def load_checked_tokenizer(path: str | os.PathLike, eos_token: str = EOS_TOKEN) -> Tokenizer:
+    """Load ``tokenizer.json``; it must contain ``eos_token`` (lmfab ends documents with it)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({err})") from err
+    if tok.token_to_id(eos_token) is None:
+        raise ValueError(
+            f"{path}: the tokenizer has no {eos_token!r} token; lmfab ends every document "
+            "with it. Add it as a special token, or train one with `lmfab data tokenizer train`"
+        )
+    return tok
+
+
+# -- the public entry point ------------------------------------------------------------------
+
+
+def pack_corpus(
+    inputs: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike,
+    seq_lens: Sequence[int],
+    val_fraction: float | None = None,
+    val_inputs: Sequence[str] = (),
+    seed: int = 0,
+    processes: int | None = None,
+    shard_tokens: int = 50_000_000,
+    doc_index: bool = False,
+    dtype: str = "auto",
+    eos_token: str = EOS_TOKEN,
+    text_key: str = "text",
+    keep_work: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pack ``inputs`` into ``out_dir/seq<T>/`` for every T in ``seq_lens``; return pack.json.
+
+    ``val_fraction`` defaults to 0.02, or to 0 when ``val_inputs`` are given.
+    """
+    seq_lens = sorted({int(t) for t in seq_lens})
+    if not seq_lens or min(seq_lens) < 1:
+        raise ValueError(f"seq_len must be one or more positive integers, got {seq_lens}")
+    if val_fraction is None:
+        val_fraction = 0.0 if val_inputs else 0.02
+    if val_inputs and val_fraction:
+        raise ValueError("give either val_inputs or val_fraction > 0, not both")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    tok = load_checked_tokenizer(tokenizer, eos_token)
+    shard_dtype(tok.get_vocab_size(with_added_tokens=True), dtype)  # fail early if too small
+    files, forced_val = _input_files(inputs, val_inputs)
+    params = {
+        "inputs": [str(p) for p in inputs],
+        "val_inputs": [str(p) for p in val_inputs],
+        "input_files": [[str(f), f.stat().st_size] for f in files],
+        "tokenizer": file_sha256(tokenizer),
+        "seq_lens": seq_lens,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "shard_tokens": shard_tokens,
+        "dtype": dtype,
+        "doc_index": doc_index,
+        "eos_token": eos_token,
+        "text_key": text_key,
+    }
+    marker = out / PACK_NAME
+    if marker.exists():
+        done = json.loads(marker.read_text(encoding="utf-8"))
+        changed = diff_params(done.get("params", {}), params)
+        if changed:
+            raise ValueError(
+                f"{out} already holds a finished pack made with different inputs or parameters "
+                f"({'; '.join(changed)}); choose a new out_dir, or delete {out} to redo it"
+            )
+        if not keep_work:
+            shutil.rmtree(out / WORK_NAME, ignore_errors=True)  # left by a kill after pack.json
+        print(f"already packed: {out} (pack.json matches; nothing to do)", file=sys.stderr)
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    _copy(tokenizer, out / TOKENIZER_NAME)
+    msl_dirs = {t: out / f"seq{t}" for t in seq_lens}
+    for d in msl_dirs.values():
+        d.mkdir(exist_ok=True)
+        _copy(out / TOKENIZER_NAME, d / TOKENIZER_NAME)
+    metas = pack_files(
+        files, msl_dirs, out / TOKENIZER_NAME, forced_val=forced_val, given=(inputs, val_inputs),
+        val_fraction=val_fraction, seed=seed, processes=processes, shard_tokens=shard_tokens,
+        doc_index=doc_index, dtype=dtype, eos_token=eos_token, text_key=text_key,
+        work_dir=out / WORK_NAME, params=params, progress=progress,
+    )
+    done = {
+        "format": "lmfab-pack",
+        "format_version": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "params": params,
+        "datasets": {f"seq{t}": {"seq_len": t, "splits": m["splits"]} for t, m in metas.items()},
+    }
+    _write_json(marker, done)
+    if not keep_work:
+        shutil.rmtree(out / WORK_NAME, ignore_errors=True)
+    return done
+
+
+def pack_files(
+    files: list[Path],
+    msl_dirs: dict[int, Path],
+    tokenizer_path: Path,
+    *,
+    forced_val: list[bool] | None = None,
+    given: tuple[Sequence[str], Sequence[str]] | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    processes: int | None = None,
+    shard_tokens: int = 50_000_000,
+    doc_index: bool = False,
+    dtype: str = "auto",
+    eos_token: str = EOS_TOKEN,
+    text_key: str = "text",
+    work_dir: Path,
+    params: dict[str, Any],
+    meta_extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[int, dict[str, Any]]:
+    """Encode ``files`` (resumable) and pack them into each ``msl_dirs[seq_len]``.
+
+    Writes ``tokenizer.json``-tied shards and ``meta.json`` (last) into every MSL directory
+    and returns the metas by seq_len. ``tokenizer_path`` must already be in its final place.
+    """
+    tok = load_checked_tokenizer(tokenizer_path, eos_token)
+    eos_id = tok.token_to_id(eos_token)
+    n_vocab = tok.get_vocab_size(with_added_tokens=True)
+    dt = shard_dtype(n_vocab, dtype)
+    tok_hash = file_sha256(tokenizer_path)
+    forced_val = forced_val or [False] * len(files)
+    log = Progress("pack", progress)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    keys = [_file_key(f, tok_hash, seed, dt, text_key) for f in files]
+    encode_files(
+        files, keys, work_dir, tokenizer_path, eos_id=eos_id, n_vocab=n_vocab, seed=seed,
+        dtype=dt, text_key=text_key, processes=processes, log=log,
+    )
+    results = [_load_result(work_dir, i) for i in range(len(files))]
+    _check_sources(files, results, given)
+    flags = _val_flags(results, forced_val, val_fraction)
+    splits = ("train", "val") if (val_fraction > 0 or any(forced_val)) else ("train",)
+
+    writers: dict[tuple[int, str], ShardWriter] = {}
+    for t, d in msl_dirs.items():
+        for split in splits:
+            sd = d / split
+            sd.mkdir(parents=True, exist_ok=True)
+            for pattern in ("*.tok", "*.tok.tmp", "*.docs.npy", "*.docs.npy.tmp"):
+                for stale in sd.glob(pattern):
+                    stale.unlink()  # leftovers of an interrupted run must not mix with this one
+            writers[t, split] = ShardWriter(
+                sd, t + 1, tok_hash, vocab_size=n_vocab, shard_tokens=shard_tokens,
+                dtype=dt, doc_index=doc_index,
+            )
+    docs: Counter[str] = Counter()
+    nbytes: Counter[str] = Counter()
+    sources: dict[str, Counter] = {}
+    log.start("pack", total=len(files))
+    for i, res in enumerate(results):
+        tokens = np.fromfile(work_dir / f"f{i:05d}.bin", dtype=dt)
+        if tokens.size != int(res["lengths"].sum()):
+            raise ValueError(f"{work_dir}/f{i:05d}.bin: size does not match its index; "
+                             f"delete {work_dir} and re-run")
+        for split in splits:
+            sel = flags[i] if split == "val" else ~flags[i]
+            if not sel.any():
+                continue
+            lens = res["lengths"][sel]
+            stream = tokens if sel.all() else tokens[np.repeat(sel, res["lengths"])]
+            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+            for t in msl_dirs:
+                writers[t, split].add_stream(stream, starts)
+            docs[split] += int(sel.sum())
+            nbytes[split] += int(res["nbytes"][sel].sum())
+            for s, c in zip(*np.unique(res["src"][sel], return_counts=True), strict=True):
+                sources.setdefault(res["sources"][s], Counter())[split] += int(c)
+        log.tick(int(res["nbytes"].sum()), len(res["lengths"]), files=1)
+    log.done()
+
+    metas = {}
+    for t, d in msl_dirs.items():
+        split_stats = {}
+        for split in splits:
+            w = writers[t, split]
+            w.close()
+            split_stats[split] = {
+                "documents": docs[split],
+                "text_bytes": nbytes[split],
+                "tokens": w.tokens,
+                "windows": w.windows,
+                "tokens_in_windows": w.windows * (t + 1),
+                "dropped_tokens": w.tokens - w.windows * (t + 1),
+                "shards": w.n_shards,
+                "sources": {s: c[split] for s, c in sorted(sources.items()) if c[split]},
+            }
+        _check_windows(split_stats, t)
+        meta = {
+            "format": META_FORMAT,
+            "format_version": META_VERSION,
+            "lmfab_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seq_len": t,
+            "window": t + 1,
+            "vocab_size": n_vocab,
+            "eos_token": eos_token,
+            "eos_id": eos_id,
+            "dtype": dt.name,
+            "tokenizer_file": TOKENIZER_NAME,
+            "tokenizer_hash": tok_hash,
+            "doc_index": doc_index,
+            **(meta_extra or {}),
+            "inputs": params.get("inputs"),
+            "params": params,
+            "splits": split_stats,
+            "sources": {
+                s: {"documents": c["train"] + c["val"], "train": c["train"], "val": c["val"]}
+                for s, c in sorted(sources.items())
+            },
+        }
+        _write_json(d / META_NAME, meta)
+        metas[t] = meta
+        if progress:
+            tr = split_stats["train"]
+            va = f", val {split_stats['val']['windows']:,} windows" if "val" in split_stats else ""
+            print(f"[pack] wrote {d}: seq_len {t}, train {tr['windows']:,} windows in "
+                  f"{tr['shards']} shards{va}; vocab {n_vocab}, eos_id {eos_id}", file=sys.stderr)
+    return metas
+
+
+# -- stage 1: encode -------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_path: str, eos_id: int, n_vocab: int, seed: int, one_thread: bool):
+    if one_thread:  # one process = one core; HF's rayon pool would oversubscribe
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = Tokenizer.from_file(tokenizer_path)
+    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is just text
+    _WORKER.update(tok=tok, eos=eos_id, n_vocab=n_vocab, seed=seed, path=tokenizer_path)
+
+
+def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Worker: (uint32 ids with EOS after each text, lengths incl. EOS, split hash, bytes)."""
+    tok, eos = _WORKER["tok"], _WORKER["eos"]
+    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encs]
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    out = np.empty(int(lengths.sum()), dtype=np.uint32)
+    pos = 0
+    for x in ids:
+        out[pos : pos + len(x)] = x
+        pos += len(x)
+        out[pos] = eos
+        pos += 1
+    if out.size and int(out.max()) >= _WORKER["n_vocab"]:
+        raise ValueError(f"{_WORKER['path']}: token id {int(out.max())} is not below the "
+                         f"vocabulary size {_WORKER['n_vocab']}")
+    seed = _WORKER["seed"]
+    u = np.fromiter((split_hash(t, seed) for t in texts), dtype=np.float64, count=len(texts))
+    nb = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    return out, lengths, u, nb
+
+
+def resolve_processes(processes: int | None, files: Sequence[Path]) -> int:
+    """``None``: every core, or 1 (in-process) when the inputs are small."""
+    if processes is not None:
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        return processes
+    if sum(f.stat().st_size for f in files) < INLINE_BELOW:
+        return 1
+    return os.cpu_count() or 1
+
+
+def encode_files(
+    files: list[Path], keys: list[dict], work_dir: Path, tokenizer_path: Path, *,
+    eos_id: int, n_vocab: int, seed: int, dtype: np.dtype, text_key: str,
+    processes: int | None, log: Progress,
+) -> None:
+    """Stage 1: encode every file without a matching done marker into ``work_dir``."""
+    for stale in work_dir.glob("*.tmp"):
+        stale.unlink()
+    pending = [i for i in range(len(files)) if _read_marker(work_dir, i) != keys[i]]
+    n = resolve_processes(processes, [files[i] for i in pending]) if pending else 1
+    log.start(f"encode ({n} process{'es' if n > 1 else ''})", total=len(files),
+              done=len(files) - len(pending))
+    if not pending:
+        log.done()
+        return
+    init = (str(tokenizer_path), eos_id, n_vocab, seed)
+    pool = None
+    if n > 1:
+        pool = multiprocessing.get_context("spawn").Pool(n, _init_worker, (*init, True))
+    else:
+        _init_worker(*init, processes == 1)
+    inflight: deque = deque()
+    try:
+        for i in pending:
+            fw = _FileWork(work_dir, i, keys[i], dtype)
+            for texts, src in _chunks(files[i], text_key, fw):
+                job = pool.apply_async(encode_chunk, (texts,)) if pool else encode_chunk(texts)
+                inflight.append((fw, job, src))
+                while len(inflight) > 3 * n:
+                    _drain(inflight.popleft(), log)
+            inflight.append((fw, None, None))  # end of file
+        while inflight:
+            _drain(inflight.popleft(), log)
+        if pool:
+            pool.close()
+    except Exception:
+        _salvage(inflight, log)  # files read whole before the error still get their markers
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+        for fw, _, _ in inflight:
+            fw.abort()
+        _WORKER.clear()
+    log.done()
+
+
+def _drain(item: tuple, log: Progress) -> None:
+    fw, job, src = item
+    if job is None:
+        fw.finish()
+        log.tick(0, 0, files=1)
+        return
+    ids, lengths, u, nb = job.get() if hasattr(job, "get") else job
+    fw.append(ids, lengths, u, nb, src)
+    log.tick(int(nb.sum()), len(lengths))
+
+
+def _salvage(inflight: deque, log: Progress) -> None:
+    ended = {id(item[0]) for item in inflight if item[1] is None}
+    try:
+        while inflight and id(inflight[0][0]) in ended:
+            _drain(inflight.popleft(), log)
+    except Exception:  # noqa: BLE001 -- the original error is the one to report
+        pass
+
+
+def _chunks(path: Path, text_key: str, fw: _FileWork) -> Iterator[tuple[list[str], list[int]]]:
+    texts: list[str] = []
+    src: list[int] = []
+    size = 0
+    for doc in iter_documents([path], text_key):
+        if not doc.text:
+            fw.empty += 1  # an empty text would be a lone EOS: skipped, counted
+            continue
+        texts.append(doc.text)
+        src.append(fw.source_index(doc.source))
+        size += len(doc.text)
+        if size >= CHUNK_BYTES or len(texts) >= CHUNK_DOCS:
+            yield texts, src
+            texts, src, size = [], [], 0
+    if texts:
+        yield texts, src
+
+
+class _FileWork:
+    """One input file's encoded output, written to ``.tmp`` files and renamed at the end."""
+
+    def __init__(self, work_dir: Path, index: int, key: dict, dtype: np.dtype) -> None:
+        self.base = work_dir / f"f{index:05d}"
+        self.key, self.dtype = key, dtype
+        self.tmp = Path(f"{self.base}.bin.tmp")
+        self.f = open(self.tmp, "wb")  # noqa: SIM115 -- closed in finish() / abort()
+        self.lengths: list[np.ndarray] = []
+        self.u: list[np.ndarray] = []
+        self.nb: list[np.ndarray] = []
+        self.src: list[np.ndarray] = []
+        self.sources: dict[str, int] = {}
+        self.empty = 0
+
+    def source_index(self, name: str) -> int:
+        return self.sources.setdefault(name, len(self.sources))
+
+    def append(self, ids, lengths, u, nb, src) -> None:
+        self.f.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype)).cast("B"))
+        self.lengths.append(lengths)
+        self.u.append(u)
+        self.nb.append(nb)
+        self.src.append(np.asarray(src, dtype=np.int32))
+
+    def finish(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+        arrays = {
+            "lengths": cat(self.lengths, np.int64), "u": cat(self.u, np.float64),
+            "nbytes": cat(self.nb, np.int64), "src": cat(self.src, np.int32),
+        }
+        with open(f"{self.base}.npz.tmp", "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(self.tmp, f"{self.base}.bin")
+        os.replace(f"{self.base}.npz.tmp", f"{self.base}.npz")
+        marker = {
+            "key": self.key,
+            "documents": int(arrays["lengths"].size),
+            "empty_documents": self.empty,
+            "tokens": int(arrays["lengths"].sum()),
+            "text_bytes": int(arrays["nbytes"].sum()),
+            "sources": list(self.sources),
+        }
+        _write_json(Path(f"{self.base}.json"), marker)
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _file_key(path: Path, tok_hash: str, seed: int, dtype: np.dtype, text_key: str) -> dict:
+    st = path.stat()
+    return {"version": WORK_VERSION, "path": str(path), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "tokenizer": tok_hash, "seed": seed,
+            "dtype": dtype.name, "text_key": text_key}
+
+
+def _read_marker(work_dir: Path, i: int) -> dict | None:
+    path = work_dir / f"f{i:05d}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _load_result(work_dir: Path, i: int) -> dict[str, Any]:
+    marker = json.loads((work_dir / f"f{i:05d}.json").read_text(encoding="utf-8"))
+    with np.load(work_dir / f"f{i:05d}.npz") as z:
+        arrays = {k: z[k] for k in ("lengths", "u", "nbytes", "src")}
+    return {**marker, **arrays}
+
+
+# -- stage 2 helpers -------------------------------------------------------------------------
+
+
+def _input_files(inputs, val_inputs) -> tuple[list[Path], list[bool]]:
+    if isinstance(inputs, str | os.PathLike):
+        raise TypeError("inputs must be a list of paths, not a single path")
+    if not inputs:
+        raise ValueError("no inputs given: pass at least one file or folder of documents")
+    train = list_files(inputs)
+    val = list_files(val_inputs) if val_inputs else []
+    both = {str(f) for f in train} & {str(f) for f in val}
+    if both:
+        raise ValueError(f"files given both as input and as val input: {sorted(both)[:5]}")
+    return train + val, [False] * len(train) + [True] * len(val)
+
+
+def _check_sources(files, results, given) -> None:
+    total = sum(r["documents"] for r in results)
+    if total == 0:
+        raise ValueError(f"no input documents found in {[str(f) for f in files] or 'the inputs'}")
+    if given is None:
+        return
+    per_file = {str(f): r["documents"] for f, r in zip(files, results, strict=True)}
+    for path in [*given[0], *given[1]]:
+        p = Path(path)
+        n = sum(c for f, c in per_file.items() if f == str(p) or Path(f).is_relative_to(p))
+        if n == 0:
+            raise ValueError(f"{path}: empty source (no documents); fix it or leave it out")
+
+
+def _val_flags(results, forced_val, val_fraction) -> list[np.ndarray]:
+    flags = []
+    for r, forced in zip(results, forced_val, strict=True):
+        n = len(r["u"])
+        flags.append(np.ones(n, bool) if forced else r["u"] < val_fraction)
+    if val_fraction > 0 and not any(forced_val):
+        us = [r["u"] for r in results]
+        n_docs = sum(len(u) for u in us)
+        if n_docs < 2:
+            raise ValueError("val split empty: only one input document; need at least two")
+        if not any(f.any() for f in flags):  # hold out every copy of the lowest-hash document
+            low = min(float(u.min()) for u in us if u.size)
+            flags = [u == low for u in us]
+        if all(f.all() for f in flags):
+            raise ValueError(
+                f"train split empty: all {n_docs} documents fell in val; lower val_fraction"
+            )
+    return flags
+
+
+def _check_windows(stats: dict[str, dict], seq_len: int) -> None:
+    window = seq_len + 1
+    if stats["train"]["windows"] == 0:
+        raise ValueError(
+            f"corpus too small for seq_len={seq_len}: the train split has "
+            f"{stats['train']['tokens']} tokens, fewer than one window of {window}; "
+            "add documents or lower seq_len"
+        )
+    if "val" in stats and stats["val"]["windows"] == 0:
+        raise ValueError(
+            f"val split empty: its {stats['val']['documents']} document(s) give "
+            f"{stats['val']['tokens']} tokens, fewer than one window of {window}; "
+            "raise val_fraction or lower seq_len"
+        )
+
+
+def diff_params(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable list of what differs between two parameter dicts."""
+    changed = []
+    for key in new:
+        if old.get(key) != new[key]:
+            a, b = json.dumps(old.get(key)), json.dumps(new[key])
+            changed.append(f"{key}: {a[:120]} -> {b[:120]}")
+    return changed
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _copy(src: str | os.PathLike, dst: Path) -> None:
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    shutil.copyfile(src, str(dst) + ".tmp")
+    os.replace(str(dst) + ".tmp", dst)
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn on a terminal, a line per 10 s otherwise)."""
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name, self.enabled = name, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.start("", 0)
+
+    def start(self, phase: str, total: int = 0, done: int = 0) -> None:
+        self.phase, self.total, self.files = phase, total, done
+        self.docs = self.nbytes = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def tick(self, nbytes: int, docs: int, files: int = 0) -> None:
+        self.nbytes += nbytes
+        self.docs += docs
+        self.files += files
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= (0.5 if self.tty else 10.0):
+            self.last = now
+            self._line()
+
+    def done(self) -> None:
+        if self.enabled:
+            self._line(final=True)
+
+    def _line(self, final: bool = False) -> None:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        mb = self.nbytes / 1e6
+        bar = ""
+        if self.total:
+            k = int(20 * min(self.files / self.total, 1.0))
+            bar = f"[{'#' * k}{'.' * (20 - k)}] {self.files}/{self.total} files, "
+        text = (f"[{self.name}] {self.phase}{' done' if final else ''} {bar}"
+                f"{self.docs:,} docs, {mb:,.1f} MB in {dt:.1f}s "
+                f"({self.docs / dt:,.0f} docs/s, {mb / dt:,.2f} MB/s)")
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + text, end=end, file=sys.stderr, flush=True)
