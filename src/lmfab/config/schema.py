@@ -128,6 +128,11 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    # Data parallelism: ddp replicates the model; fsdp shards parameters, gradients and
+    # optimizer state (FSDP2); auto picks fsdp when the 16 bytes/parameter of weights,
+    # gradients and AdamW state would take over half of one GPU's memory.
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    activation_checkpointing: bool = False  # recompute each block in backward: long context
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     peak_flops_per_device: float | None = None  # for MFU; known GPUs are detected
     tensorboard: bool = True

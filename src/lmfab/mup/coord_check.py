@@ -143,6 +143,7 @@ def plot(all_results: dict[str, dict[int, dict[str, list[float]]]], path: str | 
         ax.set(xscale="log", yscale="log", xlabel="width (d_model)",
                title=f"{label}: mean |x_t - x_0| at the last step")
         ax.set_xticks(widths, [str(w) for w in widths])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean |x_t - x_0|")
     axes[-1].legend()

@@ -1,16 +1,23 @@
-"""Checkpoints: atomic, complete, resumable.
+"""Checkpoints: atomic, complete, resumable, on any number of devices.
 
 Layout of one checkpoint, ``<model_dir>/checkpoints/step_00000200/``::
 
-    model.safetensors   weights of the unwrapped model (no DDP/compile prefixes)
-    optimizer.pt        optimizer state (AdamW moments, step counts)
+    model.safetensors   full weights, names of the unwrapped model (no DDP/compile/FSDP
+                        prefixes): what eval, generate and export read
+    optimizer.pt        DDP / one device: the full optimizer state, keyed by parameter name
+    dcp/                FSDP2: model and optimizer state as torch.distributed.checkpoint
+                        shards, written by every rank; resharded on load, so a run resumes
+                        on a different number of GPUs
     state.json          step, tokens seen, data-loader state, wall time
     rng_rank<R>.pt      torch CPU (and CUDA) RNG state of each rank
-    config.yaml         the resolved config the run used (eval/export read only this)
+    config.yaml         the resolved config the run used
 
 It is written into ``.step_00000200.tmp`` and renamed into place when every file is on
 disk, so a directory named ``step_*`` is always complete: a run killed mid-write leaves only
-a temp directory, which the next save or resume removes. Resume picks the newest complete one.
+a temp directory, which the next save removes. Resume picks the newest complete one.
+State dicts go through ``torch.distributed.checkpoint.state_dict``, which names parameters
+by their fully qualified names whatever the wrapping, so DDP and FSDP checkpoints load into
+either.
 """
 
 from __future__ import annotations
@@ -22,12 +29,23 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from lmfab.config.load import write_config
 from lmfab.config.schema import Config
+from lmfab.dist.parallel import is_fsdp
 from lmfab.dist.world import World, barrier
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -86,10 +104,17 @@ def save_checkpoint(
     if world.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(world.device)
     torch.save(rng, tmp / f"rng_rank{world.rank}.pt")
+    weights = get_model_state_dict(model, options=_FULL)  # collective under FSDP
+    if is_fsdp(model):
+        dcp.save({"model": get_model_state_dict(model),
+                  "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "dcp")
+    else:
+        optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
+        if world.is_main:
+            torch.save(optim_state, tmp / "optimizer.pt")
     if world.is_main:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().contiguous() for k, v in weights.items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         meta = {"step": step, "world_size": world.world_size, "time": time.time(), **state}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         write_config(cfg, tmp / "config.yaml")
@@ -109,18 +134,16 @@ def load_weights(model: nn.Module, path: str | Path) -> Path:
     """Load weights only (``--init_from``, eval): strict key and shape match."""
     ckpt = resolve_checkpoint(path)
     weights = load_file(str(ckpt / "model.safetensors"))
-    own = model.state_dict()
+    own = get_model_state_dict(model)  # parameter names; global shapes under FSDP
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
-    shapes = [k for k in own if k in weights and own[k].shape != weights[k].shape]
+    shapes = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
     if missing or unexpected or shapes:
         raise ValueError(
             f"{ckpt}: weights do not fit this model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}"
         )
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(weights[k])
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     return ckpt
 
 
@@ -129,10 +152,17 @@ def load_checkpoint(
 ) -> dict:
     """Restore model, optimizer and this rank's RNG; return state.json's contents."""
     ckpt = resolve_checkpoint(path)
-    load_weights(model, ckpt)
-    optimizer.load_state_dict(
-        torch.load(ckpt / "optimizer.pt", map_location=world.device, weights_only=True)
-    )
+    if (ckpt / "dcp").is_dir():  # sharded (FSDP) checkpoint: resharded to this world
+        state = {"model": get_model_state_dict(model),
+                 "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=ckpt / "dcp")
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    else:
+        load_weights(model, ckpt)
+        optim_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, optim_state,
+                                 options=StateDictOptions(full_state_dict=True))
     rng_file = ckpt / f"rng_rank{world.rank}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved
         rng = torch.load(rng_file, weights_only=True)

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmfab.config.load import ConfigError, config_to_dict, micro_batching, write_config
 from lmfab.config.schema import Config
 from lmfab.data.loader import BatchLoader, TokenDataset
 from lmfab.data.shards import tokenizer_hash
 from lmfab.dist import World, all_reduce_mean, barrier, init_world, parallelize, shutdown
+from lmfab.dist.parallel import no_sync
 from lmfab.eval.loss import evaluate_loss
 from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train import checkpoint as ckpt
@@ -52,11 +54,15 @@ class Run:
         console(msg, self.world.is_main)
 
 
-def _autocast(cfg: Config, device: torch.device):
+def _precision(cfg: Config, device: torch.device) -> str:
     precision = cfg.runconfig.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+    return precision
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if _precision(cfg, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -103,7 +109,8 @@ def setup(cfg: Config, model_dir: str | Path) -> Run:
     torch.manual_seed(cfg.runconfig.seed + world.rank)
     model_dir = Path(model_dir)
     model = materialize(build_model(cfg.model), world.device, seed=cfg.runconfig.seed)
-    wrapped = parallelize(model, world, cfg.runconfig)
+    bf16 = _precision(cfg, world.device) == "bf16"
+    wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16)
     log = MetricsLogger(model_dir, enabled=world.is_main, tensorboard=cfg.runconfig.tensorboard)
     return Run(cfg, world, model_dir, model, wrapped, _autocast(cfg, world.device), log)
 
@@ -136,9 +143,7 @@ def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int)
     loss_sum = torch.zeros((), device=rows.device)
     for k, mb in enumerate(rows.split(micro)):
         x, y = mb[:, :-1], mb[:, 1:]
-        last = k == accum - 1
-        sync = contextlib.nullcontext() if last or not run.world.distributed else run.wrapped.no_sync()
-        with sync:
+        with no_sync(run.wrapped, skip=k < accum - 1):
             with run.autocast:
                 loss = run.wrapped(x, y)
             (loss / accum).backward()
@@ -147,6 +152,8 @@ def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         run.model.parameters(), max_norm if max_norm is not None else float("inf")
     )
+    if isinstance(grad_norm, DTensor):  # FSDP2: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / accum, grad_norm

@@ -2,7 +2,8 @@
 
 Used by ``lmfab run --dry-run`` and printed at the start of every run. The memory figure is
 an estimate, not a measurement: fp32 weights, gradients and AdamW moments (16 bytes per
-parameter) plus activations of one micro-batch without recomputation, using the per-layer
+parameter, divided over the devices under FSDP) plus activations of one micro-batch (with
+activation checkpointing: each block's input plus one block's activations), using the per-layer
 count of Korthikanti et al. 2022 (arXiv 2205.05198, "34·s·b·h" bytes in 16-bit precision
 with fused attention, which never stores the T×T scores) and the logits.
 """
@@ -30,6 +31,8 @@ class RunPlan:
     flops_per_step: float
     state_bytes: int
     activation_bytes: int
+    strategy: str
+    activation_checkpointing: bool
 
     @property
     def memory_bytes(self) -> int:
@@ -49,6 +52,12 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2)
     tokens = t.batch_size * t.seq_len
     act_per_layer = 34 * t.seq_len * micro * m.d_model * bytes_per_activation // 2
     logits = micro * t.seq_len * m.vocab_size * (bytes_per_activation + 8)
+    r = cfg.runconfig
+    if r.activation_checkpointing:  # each block keeps its input; one block is live at a time
+        acts = m.n_layer * micro * t.seq_len * m.d_model * bytes_per_activation + act_per_layer
+    else:
+        acts = act_per_layer * m.n_layer
+    sharded = r.strategy == "fsdp" and world_size > 1
     return RunPlan(
         world_size=world_size,
         global_batch=t.batch_size,
@@ -60,8 +69,10 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2)
         n_params_no_pos=n_no_pos,
         flops_per_token=fpt,
         flops_per_step=fpt * tokens,
-        state_bytes=16 * n,
-        activation_bytes=act_per_layer * m.n_layer + logits,
+        state_bytes=16 * n // (world_size if sharded else 1),
+        activation_bytes=acts + logits,
+        strategy=r.strategy,
+        activation_checkpointing=r.activation_checkpointing,
     )
 
 
@@ -87,6 +98,9 @@ def format_plan(plan: RunPlan) -> str:
         ("global batch", f"{plan.global_batch} sequences x {plan.seq_len} tokens = "
                          f"{plan.tokens_per_step:,} tokens/step"),
         ("per device", f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation step(s)"),
+        ("strategy", f"{plan.strategy}" + (" (fsdp if AdamW state > half a GPU)"
+                                           if plan.strategy == "auto" else "")
+         + (", activation checkpointing" if plan.activation_checkpointing else "")),
         ("parameters", f"{plan.n_params:,} ({human(plan.n_params)}; "
                        f"{plan.n_params_no_pos:,} without position embeddings)"),
         ("FLOPs/token", f"{human(plan.flops_per_token)} (6N + 12·L·d·T, forward+backward)"),
