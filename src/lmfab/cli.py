@@ -20,6 +20,7 @@ The flags of ``run`` mirror the Cerebras Model Zoo's ``run.py`` (``--params --mo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # Flags consumed by the launcher and not passed on to the relaunched processes.
@@ -342,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "import":
             return cmd_import(args)
         return cmd_generate(args)
-    except (ConfigError, ShardError, FileNotFoundError) as e:
+    except (ConfigError, ShardError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("LMFAB_DEBUG"):  # the full traceback, for bug reports
+            raise
         print(f"lmfab: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ import os
 import sys
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -312,6 +313,64 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
 
 
+@dataclass(frozen=True)
+class TrainStage:
+    """One stretch of training at one sequence length, derived from train_input."""
+
+    index: int
+    at_step: int
+    seq_len: int
+    sources: tuple[tuple[str, float], ...]  # (data_dir, weight)
+    mixture: bool  # sources came from a mixture list (weighted loader)
+    batch_size: int  # global sequences per step
+    micro_batch: int  # per device
+    grad_accum: int
+
+
+def _sources(data_dir: str | None, mixture: list | None, where: str) -> tuple:
+    if (data_dir is None) == (mixture is None):
+        raise ConfigError(f"{where}: give exactly one of data_dir and mixture")
+    if mixture is not None:
+        if not mixture:
+            raise ConfigError(f"{where}.mixture: an empty list")
+        for i, src in enumerate(mixture):
+            if not src.weight > 0:
+                raise ConfigError(f"{where}.mixture[{i}].weight: must be positive")
+        return tuple((src.data_dir, src.weight) for src in mixture)
+    return ((data_dir, 1.0),)
+
+
+def train_stages(cfg: Config, world_size: int = 1) -> list[TrainStage]:
+    """The sequence-length stages of a run (one unless train_input.seq_len_schedule is set)."""
+    t, m = cfg.train_input, cfg.model
+    micro, accum = micro_batching(t.batch_size, t.micro_batch_size, world_size)
+    stages = [TrainStage(0, 0, t.seq_len, _sources(t.data_dir, t.mixture, "train_input"),
+                         t.mixture is not None, t.batch_size, micro, accum)]
+    last_step = 0
+    for i, st in enumerate(t.seq_len_schedule or []):
+        where = f"train_input.seq_len_schedule[{i}]"
+        if st.at_step <= last_step:
+            raise ConfigError(f"{where}.at_step={st.at_step}: must be after the previous stage's")
+        if st.seq_len <= 0 or (m.pos == "learned" and st.seq_len > m.max_seq_len):
+            raise ConfigError(f"{where}.seq_len={st.seq_len}: must be positive and, with learned "
+                              f"positions, at most model.max_seq_len={m.max_seq_len}")
+        tokens, micro_tokens = t.batch_size * t.seq_len, micro * t.seq_len
+        if tokens % st.seq_len or micro_tokens % st.seq_len:
+            raise ConfigError(
+                f"{where}.seq_len={st.seq_len}: the {tokens} tokens per step (and {micro_tokens} "
+                "per micro-batch) must divide into whole sequences of this length")
+        batch, st_micro = tokens // st.seq_len, micro_tokens // st.seq_len
+        try:
+            st_micro, st_accum = micro_batching(batch, st_micro, world_size)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        stages.append(TrainStage(i + 1, st.at_step, st.seq_len,
+                                 _sources(st.data_dir, st.mixture, where), st.mixture is not None,
+                                 batch, st_micro, st_accum))
+        last_step = st.at_step
+    return stages
+
+
 def check_config(cfg: Config, *, world_size: int = 1) -> None:
     """Cross-field checks: combinations that cannot run fail here, not at step 1000."""
     m, o, t, e, r = cfg.model, cfg.optimizer, cfg.train_input, cfg.eval_input, cfg.runconfig
@@ -355,6 +414,7 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
             micro_batching(batch, micro, world_size)
         except ConfigError as err:
             raise ConfigError(f"{section}: {err}") from None
+    train_stages(cfg, world_size)
     if r.max_steps < 0 or r.log_steps <= 0:
         raise ConfigError("runconfig.max_steps must be >= 0 and runconfig.log_steps > 0")
     if r.checkpoint_steps < 0 or r.eval_steps < 0 or r.keep_checkpoints < 0:

@@ -90,17 +90,42 @@ class OptimizerConfig:
 
 
 @dataclass
+class DataSource:
+    """One packed dataset of a mixture (``lmfab data tokenize`` / ``lmfab data pack`` output)."""
+
+    data_dir: str
+    weight: float = 1.0
+
+
+@dataclass
+class SeqLenStage:
+    """From ``at_step`` on, train at ``seq_len`` on data packed at that length (BTLM's 2K -> 8K).
+
+    Tokens per step stay constant: the global batch (and the micro-batch) scale by
+    train_input.seq_len / seq_len.
+    """
+
+    seq_len: int
+    at_step: int
+    data_dir: str | None = None
+    mixture: list[DataSource] | None = None
+
+
+@dataclass
 class TrainInputConfig:
-    """Packed token shards written by ``lmfab data tokenize``.
+    """Packed token shards: one ``data_dir``, or a weighted ``mixture`` of them.
 
     ``batch_size`` is global (sequences per optimizer step, over all devices);
     ``micro_batch_size`` is per device per forward/backward. Gradient accumulation is
-    derived: batch_size / (devices * micro_batch_size).
+    derived: batch_size / (devices * micro_batch_size). ``seq_len_schedule`` switches to
+    longer sequences (and their data) at given steps, keeping tokens per step.
     """
 
-    data_dir: str
     batch_size: int
     seq_len: int
+    data_dir: str | None = None
+    mixture: list[DataSource] | None = None
+    seq_len_schedule: list[SeqLenStage] | None = None
     micro_batch_size: int | None = None  # default: batch_size / devices (no accumulation)
     split: str = "train"
     shuffle: bool = True

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from lmfab.config.load import config_from_dict, read_yaml
 from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train.checkpoint import load_weights, resolve_checkpoint
+from lmfab.train.data import run_tokenizer
 
 
 def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, Path]:
@@ -24,8 +25,8 @@ def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, Token
     model = materialize(build_model(cfg.model), device)
     load_weights(model, ckpt)
     candidates = [ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json",
-                  Path(cfg.train_input.data_dir) / "tokenizer.json"]
-    tok_file = next((p for p in candidates if p.is_file()), None)
+                  run_tokenizer(cfg)]
+    tok_file = next((p for p in candidates if p is not None and p.is_file()), None)
     if tok_file is None:
         raise FileNotFoundError(f"no tokenizer.json beside {ckpt} or in its data_dir")
     return model.eval(), Tokenizer.from_file(str(tok_file)), ckpt

@@ -21,15 +21,21 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lmfab.config.load import ConfigError, config_to_dict, micro_batching, write_config
+from lmfab.config.load import (
+    ConfigError,
+    config_to_dict,
+    micro_batching,
+    train_stages,
+    write_config,
+)
 from lmfab.config.schema import Config
-from lmfab.data.loader import BatchLoader, TokenDataset
-from lmfab.data.shards import tokenizer_hash
+from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, barrier, init_world, parallelize, shutdown
 from lmfab.dist.parallel import no_sync
 from lmfab.eval.loss import evaluate_loss
 from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train import checkpoint as ckpt
+from lmfab.train.data import make_loader, open_dataset, run_tokenizer, stage_at
 from lmfab.train.metrics import MetricsLogger, console, format_duration, peak_flops
 from lmfab.train.optim import build_optimizer, set_lr
 from lmfab.train.plan import format_plan, plan_run
@@ -67,41 +73,11 @@ def _autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _data_dir(cfg: Config, section: str) -> Path:
-    d = cfg.train_input.data_dir if section == "train" else (
-        cfg.eval_input.data_dir or cfg.train_input.data_dir
-    )
-    return Path(d)
-
-
-def open_split(cfg: Config, section: str) -> TokenDataset:
-    """Open the token shards of train_input or eval_input and check them against the config."""
-    data_dir = _data_dir(cfg, section)
-    split = cfg.train_input.split if section == "train" else cfg.eval_input.split
-    tok = data_dir / "tokenizer.json"
-    meta_file = data_dir / "meta.json"
-    if meta_file.is_file():
-        vocab = json.loads(meta_file.read_text()).get("vocab_size")
-        if vocab is not None and vocab > cfg.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                f"vocabulary ({vocab}, {meta_file}); raise model.vocab_size"
-            )
-    expected = tokenizer_hash(tok) if tok.is_file() else None
-    train_tok = _data_dir(cfg, "train") / "tokenizer.json"
-    if section == "eval" and expected and train_tok.is_file() and tokenizer_hash(train_tok) != expected:
-        raise ConfigError(
-            f"eval_input.data_dir={data_dir}: its tokenizer.json differs from train_input's "
-            f"({train_tok}); evaluate with data packed by the same tokenizer"
-        )
-    return TokenDataset(data_dir / split, window=seq_len_of(cfg, section) + 1,
-                        tokenizer_hash=expected)
-
-
-def seq_len_of(cfg: Config, section: str) -> int:
-    if section == "eval" and cfg.eval_input.seq_len is not None:
-        return cfg.eval_input.seq_len
-    return cfg.train_input.seq_len
+def open_eval_split(cfg: Config) -> TokenDataset:
+    """eval_input's shards (default: the first training source), at eval_input.seq_len."""
+    e, t = cfg.eval_input, cfg.train_input
+    data_dir = e.data_dir or t.data_dir or t.mixture[0].data_dir
+    return open_dataset(cfg, data_dir, e.split, e.seq_len or t.seq_len)
 
 
 def setup(cfg: Config, model_dir: str | Path) -> Run:
@@ -161,21 +137,18 @@ def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int)
 
 def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end: bool) -> dict:
     cfg, world = run.cfg, run.world
-    t, r = cfg.train_input, cfg.runconfig
+    r = cfg.runconfig
     plan = plan_run(cfg, world.world_size)
     optimizer = build_optimizer(run.model, cfg.optimizer, world.device, cfg.model)
     schedule = LRSchedule(cfg.optimizer.learning_rate)
-    train_set = open_split(cfg, "train")
-    loader = BatchLoader(train_set, global_batch=t.batch_size, rank=world.rank,
-                         world_size=world.world_size, seed=t.seed, shuffle=t.shuffle)
-    eval_set = open_split(cfg, "eval") if (r.eval_steps or eval_at_end) else None
+    stages = train_stages(cfg, world.world_size)
+    eval_set = open_eval_split(cfg) if (r.eval_steps or eval_at_end) else None
 
     step, tokens_seen = 0, 0
     newest = ckpt.latest_checkpoint(run.model_dir)
     if newest is not None:
         _check_resumable(newest, cfg)
         state = ckpt.load_checkpoint(newest, model=run.model, optimizer=optimizer, world=world)
-        loader.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state.get("tokens", 0)
         run.say(f"resumed from {newest} (step {step})")
         if init_from:
@@ -184,11 +157,15 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
         src = ckpt.load_weights(run.model, init_from)
         run.say(f"initialised weights from {src} (weights only; optimizer and step start fresh)")
 
+    stage = stage_at(stages, step)
+    loader = make_loader(cfg, stage, world)
+    if newest is not None and state["loader"]["stage"] == stage.index:
+        loader.load_state_dict(state["loader"]["state"])
     if world.is_main:
         run.model_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, run.model_dir / "config.yaml")
-        tok = _data_dir(cfg, "train") / "tokenizer.json"
-        if tok.is_file():
+        tok = run_tokenizer(cfg)
+        if tok is not None:
             shutil.copyfile(tok, run.model_dir / "tokenizer.json")
     run.say(format_plan(plan))
 
@@ -197,19 +174,27 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     run.say(f"training steps {step} -> {end} on {world.world_size} x {world.device.type}")
 
     def save(at: int) -> None:
-        state = {"loader": loader.state_dict(), "tokens": tokens_seen}
+        state = {"loader": {"stage": stage.index, "state": loader.state_dict()},
+                 "tokens": tokens_seen}
         path = ckpt.save_checkpoint(run.model_dir, step=at, model=run.model, optimizer=optimizer,
                                     state=state, cfg=cfg, world=world, keep=r.keep_checkpoints)
         run.say(f"checkpoint {path}")
 
+    fpt = run.model.flops_per_token(stage.seq_len)
     run.wrapped.train()
     last_time, last_step, t_start = time.perf_counter(), step, time.perf_counter()
     result: dict = {}
     while step < end:
+        if stage_at(stages, step) is not stage:
+            stage = stage_at(stages, step)
+            loader = make_loader(cfg, stage, world)
+            fpt = run.model.flops_per_token(stage.seq_len)
+            run.say(f"step {step}: seq_len {stage.seq_len}, global batch {stage.batch_size} "
+                    f"(micro {stage.micro_batch} x {stage.grad_accum}), same tokens per step")
         lr = schedule(step)
         set_lr(optimizer, lr)
         rows = torch.from_numpy(loader.next_batch()).to(world.device, non_blocking=True)
-        loss, grad_norm = _train_step(run, optimizer, rows, plan.micro_batch, plan.grad_accum)
+        loss, grad_norm = _train_step(run, optimizer, rows, stage.micro_batch, stage.grad_accum)
         step += 1
         tokens_seen += plan.tokens_per_step
 
@@ -218,7 +203,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
             now = time.perf_counter()
             dt = (now - last_time) / max(step - last_step, 1)
             tok_s = plan.tokens_per_step / dt
-            mfu = tok_s * plan.flops_per_token / (peak * world.world_size) if peak else None
+            mfu = tok_s * fpt / (peak * world.world_size) if peak else None
             eta = format_duration(dt * (end - step))
             run.say(
                 f"step {step:>6}/{end} | loss {loss_v:.4f} | lr {lr:.3e} | grad-norm {gn:.3f} | "
@@ -253,7 +238,7 @@ def _eval_and_log(run: Run, dataset: TokenDataset, step: int) -> dict:
 
 
 def eval_checkpoints(run: Run, *, all_checkpoints: bool, init_from: str | None) -> list[dict]:
-    dataset = open_split(run.cfg, "eval")
+    dataset = open_eval_split(run.cfg)
     if all_checkpoints:
         paths = ckpt.list_checkpoints(run.model_dir)
     else:

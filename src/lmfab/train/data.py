@@ -1,0 +1,62 @@
+"""Training data for the loop: datasets, mixtures and sequence-length stages from the config.
+
+Each stage of ``train_input`` (one, unless ``seq_len_schedule`` adds longer ones) reads one
+packed dataset or a weighted mixture of them; this module opens them, checks them against
+the model and against each other (window, vocabulary, one tokenizer for the whole run) and
+builds the rank-aware, resumable loader for a stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmfab.config.load import ConfigError, TrainStage
+from lmfab.config.schema import Config
+from lmfab.data.loader import BatchLoader, TokenDataset
+from lmfab.data.mixture import MixtureLoader
+from lmfab.data.shards import tokenizer_hash
+from lmfab.dist.world import World
+
+
+def run_tokenizer(cfg: Config) -> Path | None:
+    """The tokenizer.json of the run: the first training source's."""
+    first = cfg.train_input.data_dir or cfg.train_input.mixture[0].data_dir
+    tok = Path(first) / "tokenizer.json"
+    return tok if tok.is_file() else None
+
+
+def open_dataset(cfg: Config, data_dir: str | Path, split: str, seq_len: int) -> TokenDataset:
+    """One split of a packed dataset, checked against the model and the run's tokenizer."""
+    data_dir = Path(data_dir)
+    meta_file = data_dir / "meta.json"
+    if meta_file.is_file():
+        vocab = json.loads(meta_file.read_text()).get("vocab_size")
+        if vocab is not None and vocab > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({vocab}, {meta_file}); raise model.vocab_size"
+            )
+    tok = data_dir / "tokenizer.json"
+    expected = tokenizer_hash(tok) if tok.is_file() else None
+    reference = run_tokenizer(cfg)
+    if expected and reference is not None and tokenizer_hash(reference) != expected:
+        raise ConfigError(
+            f"{data_dir}: its tokenizer.json differs from the run's ({reference}); every "
+            "dataset of a run (mixtures, later stages, eval) must be packed by one tokenizer"
+        )
+    return TokenDataset(data_dir / split, window=seq_len + 1, tokenizer_hash=expected)
+
+
+def stage_at(stages: list[TrainStage], step: int) -> TrainStage:
+    return [s for s in stages if s.at_step <= step][-1]
+
+
+def make_loader(cfg: Config, stage: TrainStage, world: World) -> BatchLoader | MixtureLoader:
+    t = cfg.train_input
+    datasets = [open_dataset(cfg, d, t.split, stage.seq_len) for d, _ in stage.sources]
+    kwargs = dict(global_batch=stage.batch_size, rank=world.rank, world_size=world.world_size,
+                  seed=t.seed, shuffle=t.shuffle)
+    if stage.mixture:
+        return MixtureLoader(datasets, [w for _, w in stage.sources], **kwargs)
+    return BatchLoader(datasets[0], **kwargs)
