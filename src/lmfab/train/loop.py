@@ -213,6 +213,8 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
                 raise FloatingPointError(f"loss is {loss_v} at step {step}; stopping")
             result = {"loss": loss_v, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s,
                       "mfu": mfu, "tokens": tokens_seen, "step_time_s": dt}
+            if world.device.type == "cuda":
+                result["max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
             run.log.log(step, result)
             last_time, last_step = time.perf_counter(), step
         if r.eval_steps and step % r.eval_steps == 0 and step != end:
