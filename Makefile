@@ -19,7 +19,7 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Pin torch in the install step (a CPU build); the package itself keeps a range.
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,curate]"
 
 demo: install demo-run
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +14,10 @@ import zstandard
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lmfab.cli import main
-from lmfab.data import pack as pack_mod
+from lmfab.data import encode as encode_mod
+from lmfab.data.encode import split_hash
 from lmfab.data.loader import TokenDataset
-from lmfab.data.pack import EOS_TOKEN, pack_corpus, split_hash
+from lmfab.data.pack import EOS_TOKEN, pack_corpus
 from lmfab.data.readers import iter_documents
 from lmfab.data.shards import open_shard, read_doc_starts, read_header
 from lmfab.data.tokenizer import train_tokenizer
@@ -96,42 +100,49 @@ def test_processes_give_identical_shards(corpus, tmp_path):
             assert other.read_bytes() == shard.read_bytes()
 
 
+KILL_AFTER_TWO_FILES = """
+import os, signal, sys
+from lmfab.data import encode
+from lmfab.data.pack import pack_corpus
+real, done = encode._FileWork.finish, []
+def finish(self):
+    real(self)
+    done.append(self.base.name)
+    if len(done) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # a hard kill: no cleanup code runs
+encode._FileWork.finish = finish
+pack_corpus([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], seq_lens=[32], val_fraction=0.1,
+            processes=1, progress=False)
+"""
+
+
 def test_killed_run_resumes_per_file(corpus, tmp_path, monkeypatch):
     root, files, tok, _ = corpus
     kw = dict(tokenizer=tok, seq_lens=[32], val_fraction=0.1, processes=1, progress=False)
     pack_corpus([str(root / "in")], tmp_path / "clean", **kw)
-    finished = []
-    real_finish = pack_mod._FileWork.finish
-
-    def finish_then_die(self):
-        real_finish(self)
-        finished.append(self.base.name)
-        if len(finished) == 2:
-            raise KeyboardInterrupt  # killed after the second file's marker
-    monkeypatch.setattr(pack_mod._FileWork, "finish", finish_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        pack_corpus([str(root / "in")], tmp_path / "out", **kw)
-    work = tmp_path / "out" / "work"
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_FILES, str(root / "in"), str(out),
+                        str(tok)], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    work = out / "work"
     assert sorted(p.name for p in work.glob("*.json")) == ["f00000.json", "f00001.json"]
-    assert not (tmp_path / "out" / "pack.json").exists()
-    assert not (tmp_path / "out" / "seq32" / "meta.json").exists()
-    (work / "f00002.bin.tmp").write_bytes(b"half written by a SIGKILL")  # as a hard kill leaves
+    assert not (out / "pack.json").exists() and not (out / "seq32" / "meta.json").exists()
+    (work / "f00002.bin.tmp").write_bytes(b"half written")  # whatever the kill left
     mtime = (work / "f00000.bin").stat().st_mtime_ns
-    monkeypatch.undo()
     encoded = []
-    real_chunks = pack_mod._chunks
-    monkeypatch.setattr(pack_mod, "_chunks", lambda p, *a: encoded.append(p.name) or
+    real_chunks = encode_mod._chunks
+    monkeypatch.setattr(encode_mod, "_chunks", lambda p, *a: encoded.append(p.name) or
                         real_chunks(p, *a))
-    pack_corpus([str(root / "in")], tmp_path / "out", keep_work=True, **kw)
+    pack_corpus([str(root / "in")], out, keep_work=True, **kw)
     assert encoded == ["c.jsonl"] and (work / "f00000.bin").stat().st_mtime_ns == mtime
     assert not list(work.glob("*.tmp"))
     for split in ("train", "val"):
-        np.testing.assert_array_equal(stream(tmp_path / "out" / "seq32" / split),
+        np.testing.assert_array_equal(stream(out / "seq32" / split),
                                       stream(tmp_path / "clean" / "seq32" / split))
-    again = pack_corpus([str(root / "in")], tmp_path / "out", keep_work=True, **kw)
-    assert again == json.loads((tmp_path / "out" / "pack.json").read_text())
+    again = pack_corpus([str(root / "in")], out, keep_work=True, **kw)
+    assert again == json.loads((out / "pack.json").read_text())
     with pytest.raises(ValueError, match=r"seq_lens: \[32\] -> \[48\].*choose a new out_dir"):
-        pack_corpus([str(root / "in")], tmp_path / "out", **{**kw, "seq_lens": [48]})
+        pack_corpus([str(root / "in")], out, **{**kw, "seq_lens": [48]})
 
 
 def test_val_inputs_are_the_val_split(corpus, tmp_path):
@@ -207,3 +218,9 @@ def test_cli_pack(corpus, tmp_path, capsys):
                "--out", str(tmp_path / "o2"), "--seq_len", "16", "--dtype", "uint16",
                "--val_fraction", "1.5"])
     assert rc == 2 and "val_fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_offline_pipeline_does_not_import_torch():
+    code = ("import sys; import lmfab.data.pack, lmfab.data.tokenizer, lmfab.data.fertility, "
+            "lmfab.data.mixture, lmfab.data.tokenize; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,8 +9,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmfab.cli import main
+from lmfab.data.encode import split_hash
 from lmfab.data.fertility import fertility_report, format_table
-from lmfab.data.pack import split_hash
 from lmfab.data.readers import iter_documents
 from lmfab.data.tokenizer import (
     PAD_TOKEN,

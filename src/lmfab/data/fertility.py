@@ -30,7 +30,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from lmfab.data.pack import Progress, split_hash
+from lmfab.data.encode import split_hash
+from lmfab.data.progress import Progress
 from lmfab.data.readers import iter_documents, list_files
 from lmfab.data.tokenizer import detect_lang, sample_hash
 

@@ -37,15 +37,12 @@ dtype, the inputs exist. Corrupt or truncated input is a ``ValueError`` naming
 
 from __future__ import annotations
 
-import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
-import time
-from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,7 +51,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmfab import __version__
-from lmfab.data.readers import iter_documents, list_files
+from lmfab.data.encode import (
+    encode_files,
+    file_key,
+    load_result,
+    write_json,
+)
+from lmfab.data.progress import Progress
+from lmfab.data.readers import list_files
 from lmfab.data.shards import ShardWriter, shard_dtype
 from lmfab.data.shards import tokenizer_hash as file_sha256
 
@@ -65,16 +69,6 @@ META_FORMAT = "lmfab-tokens"
 META_VERSION = 1
 PACK_NAME = "pack.json"
 WORK_NAME = "work"
-CHUNK_BYTES = 1 << 20  # text per encode task
-CHUNK_DOCS = 2048
-INLINE_BELOW = 8 << 20  # auto: inputs smaller than this (on disk) are encoded in-process
-WORK_VERSION = 1
-
-
-def split_hash(text: str, seed: int) -> float:
-    """The document's position in [0, 1) used for the train/val split."""
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, salt=seed.to_bytes(16, "little"))
-    return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
 def load_checked_tokenizer(path: str | os.PathLike, eos_token: str = EOS_TOKEN) -> Tokenizer:
@@ -177,7 +171,7 @@ def pack_corpus(
         "params": params,
         "datasets": {f"seq{t}": {"seq_len": t, "splits": m["splits"]} for t, m in metas.items()},
     }
-    _write_json(marker, done)
+    write_json(marker, done)
     if not keep_work:
         shutil.rmtree(out / WORK_NAME, ignore_errors=True)
     return done
@@ -216,12 +210,12 @@ def pack_files(
     forced_val = forced_val or [False] * len(files)
     log = Progress("pack", progress)
     work_dir.mkdir(parents=True, exist_ok=True)
-    keys = [_file_key(f, tok_hash, seed, dt, text_key) for f in files]
+    keys = [file_key(f, tok_hash, seed, dt, text_key) for f in files]
     encode_files(
         files, keys, work_dir, tokenizer_path, eos_id=eos_id, n_vocab=n_vocab, seed=seed,
         dtype=dt, text_key=text_key, processes=processes, log=log,
     )
-    results = [_load_result(work_dir, i) for i in range(len(files))]
+    results = [load_result(work_dir, i) for i in range(len(files))]
     _check_sources(files, results, given)
     flags = _val_flags(results, forced_val, val_fraction)
     splits = ("train", "val") if (val_fraction > 0 or any(forced_val)) else ("train",)
@@ -303,7 +297,7 @@ def pack_files(
                 for s, c in sorted(sources.items())
             },
         }
-        _write_json(d / META_NAME, meta)
+        write_json(d / META_NAME, meta)
         metas[t] = meta
         if progress:
             tr = split_stats["train"]
@@ -311,214 +305,6 @@ def pack_files(
             print(f"[pack] wrote {d}: seq_len {t}, train {tr['windows']:,} windows in "
                   f"{tr['shards']} shards{va}; vocab {n_vocab}, eos_id {eos_id}", file=sys.stderr)
     return metas
-
-
-# -- stage 1: encode -------------------------------------------------------------------------
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer_path: str, eos_id: int, n_vocab: int, seed: int, one_thread: bool):
-    if one_thread:  # one process = one core; HF's rayon pool would oversubscribe
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tok = Tokenizer.from_file(tokenizer_path)
-    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is just text
-    _WORKER.update(tok=tok, eos=eos_id, n_vocab=n_vocab, seed=seed, path=tokenizer_path)
-
-
-def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Worker: (uint32 ids with EOS after each text, lengths incl. EOS, split hash, bytes)."""
-    tok, eos = _WORKER["tok"], _WORKER["eos"]
-    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
-    ids = [e.ids for e in encs]
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    out = np.empty(int(lengths.sum()), dtype=np.uint32)
-    pos = 0
-    for x in ids:
-        out[pos : pos + len(x)] = x
-        pos += len(x)
-        out[pos] = eos
-        pos += 1
-    if out.size and int(out.max()) >= _WORKER["n_vocab"]:
-        raise ValueError(f"{_WORKER['path']}: token id {int(out.max())} is not below the "
-                         f"vocabulary size {_WORKER['n_vocab']}")
-    seed = _WORKER["seed"]
-    u = np.fromiter((split_hash(t, seed) for t in texts), dtype=np.float64, count=len(texts))
-    nb = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
-    return out, lengths, u, nb
-
-
-def resolve_processes(processes: int | None, files: Sequence[Path]) -> int:
-    """``None``: every core, or 1 (in-process) when the inputs are small."""
-    if processes is not None:
-        if processes < 1:
-            raise ValueError(f"processes must be >= 1, got {processes}")
-        return processes
-    if sum(f.stat().st_size for f in files) < INLINE_BELOW:
-        return 1
-    return os.cpu_count() or 1
-
-
-def encode_files(
-    files: list[Path], keys: list[dict], work_dir: Path, tokenizer_path: Path, *,
-    eos_id: int, n_vocab: int, seed: int, dtype: np.dtype, text_key: str,
-    processes: int | None, log: Progress,
-) -> None:
-    """Stage 1: encode every file without a matching done marker into ``work_dir``."""
-    for stale in work_dir.glob("*.tmp"):
-        stale.unlink()
-    pending = [i for i in range(len(files)) if _read_marker(work_dir, i) != keys[i]]
-    n = resolve_processes(processes, [files[i] for i in pending]) if pending else 1
-    log.start(f"encode ({n} process{'es' if n > 1 else ''})", total=len(files),
-              done=len(files) - len(pending))
-    if not pending:
-        log.done()
-        return
-    init = (str(tokenizer_path), eos_id, n_vocab, seed)
-    pool = None
-    if n > 1:
-        pool = multiprocessing.get_context("spawn").Pool(n, _init_worker, (*init, True))
-    else:
-        _init_worker(*init, processes == 1)
-    inflight: deque = deque()
-    try:
-        for i in pending:
-            fw = _FileWork(work_dir, i, keys[i], dtype)
-            for texts, src in _chunks(files[i], text_key, fw):
-                job = pool.apply_async(encode_chunk, (texts,)) if pool else encode_chunk(texts)
-                inflight.append((fw, job, src))
-                while len(inflight) > 3 * n:
-                    _drain(inflight.popleft(), log)
-            inflight.append((fw, None, None))  # end of file
-        while inflight:
-            _drain(inflight.popleft(), log)
-        if pool:
-            pool.close()
-    except Exception:
-        _salvage(inflight, log)  # files read whole before the error still get their markers
-        raise
-    finally:
-        if pool:
-            pool.terminate()
-            pool.join()
-        for fw, _, _ in inflight:
-            fw.abort()
-        _WORKER.clear()
-    log.done()
-
-
-def _drain(item: tuple, log: Progress) -> None:
-    fw, job, src = item
-    if job is None:
-        fw.finish()
-        log.tick(0, 0, files=1)
-        return
-    ids, lengths, u, nb = job.get() if hasattr(job, "get") else job
-    fw.append(ids, lengths, u, nb, src)
-    log.tick(int(nb.sum()), len(lengths))
-
-
-def _salvage(inflight: deque, log: Progress) -> None:
-    ended = {id(item[0]) for item in inflight if item[1] is None}
-    try:
-        while inflight and id(inflight[0][0]) in ended:
-            _drain(inflight.popleft(), log)
-    except Exception:  # noqa: BLE001 -- the original error is the one to report
-        pass
-
-
-def _chunks(path: Path, text_key: str, fw: _FileWork) -> Iterator[tuple[list[str], list[int]]]:
-    texts: list[str] = []
-    src: list[int] = []
-    size = 0
-    for doc in iter_documents([path], text_key):
-        if not doc.text:
-            fw.empty += 1  # an empty text would be a lone EOS: skipped, counted
-            continue
-        texts.append(doc.text)
-        src.append(fw.source_index(doc.source))
-        size += len(doc.text)
-        if size >= CHUNK_BYTES or len(texts) >= CHUNK_DOCS:
-            yield texts, src
-            texts, src, size = [], [], 0
-    if texts:
-        yield texts, src
-
-
-class _FileWork:
-    """One input file's encoded output, written to ``.tmp`` files and renamed at the end."""
-
-    def __init__(self, work_dir: Path, index: int, key: dict, dtype: np.dtype) -> None:
-        self.base = work_dir / f"f{index:05d}"
-        self.key, self.dtype = key, dtype
-        self.tmp = Path(f"{self.base}.bin.tmp")
-        self.f = open(self.tmp, "wb")  # noqa: SIM115 -- closed in finish() / abort()
-        self.lengths: list[np.ndarray] = []
-        self.u: list[np.ndarray] = []
-        self.nb: list[np.ndarray] = []
-        self.src: list[np.ndarray] = []
-        self.sources: dict[str, int] = {}
-        self.empty = 0
-
-    def source_index(self, name: str) -> int:
-        return self.sources.setdefault(name, len(self.sources))
-
-    def append(self, ids, lengths, u, nb, src) -> None:
-        self.f.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype)).cast("B"))
-        self.lengths.append(lengths)
-        self.u.append(u)
-        self.nb.append(nb)
-        self.src.append(np.asarray(src, dtype=np.int32))
-
-    def finish(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-        arrays = {
-            "lengths": cat(self.lengths, np.int64), "u": cat(self.u, np.float64),
-            "nbytes": cat(self.nb, np.int64), "src": cat(self.src, np.int32),
-        }
-        with open(f"{self.base}.npz.tmp", "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(self.tmp, f"{self.base}.bin")
-        os.replace(f"{self.base}.npz.tmp", f"{self.base}.npz")
-        marker = {
-            "key": self.key,
-            "documents": int(arrays["lengths"].size),
-            "empty_documents": self.empty,
-            "tokens": int(arrays["lengths"].sum()),
-            "text_bytes": int(arrays["nbytes"].sum()),
-            "sources": list(self.sources),
-        }
-        _write_json(Path(f"{self.base}.json"), marker)
-
-    def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _file_key(path: Path, tok_hash: str, seed: int, dtype: np.dtype, text_key: str) -> dict:
-    st = path.stat()
-    return {"version": WORK_VERSION, "path": str(path), "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "tokenizer": tok_hash, "seed": seed,
-            "dtype": dtype.name, "text_key": text_key}
-
-
-def _read_marker(work_dir: Path, i: int) -> dict | None:
-    path = work_dir / f"f{i:05d}.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["key"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _load_result(work_dir: Path, i: int) -> dict[str, Any]:
-    marker = json.loads((work_dir / f"f{i:05d}.json").read_text(encoding="utf-8"))
-    with np.load(work_dir / f"f{i:05d}.npz") as z:
-        arrays = {k: z[k] for k in ("lengths", "u", "nbytes", "src")}
-    return {**marker, **arrays}
 
 
 # -- stage 2 helpers -------------------------------------------------------------------------
@@ -597,54 +383,8 @@ def diff_params(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changed
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _copy(src: str | os.PathLike, dst: Path) -> None:
     if dst.exists() and os.path.samefile(src, dst):
         return
     shutil.copyfile(src, str(dst) + ".tmp")
     os.replace(str(dst) + ".tmp", dst)
-
-
-class Progress:
-    """A one-line progress bar on stderr (redrawn on a terminal, a line per 10 s otherwise)."""
-
-    def __init__(self, name: str, enabled: bool) -> None:
-        self.name, self.enabled = name, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.start("", 0)
-
-    def start(self, phase: str, total: int = 0, done: int = 0) -> None:
-        self.phase, self.total, self.files = phase, total, done
-        self.docs = self.nbytes = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def tick(self, nbytes: int, docs: int, files: int = 0) -> None:
-        self.nbytes += nbytes
-        self.docs += docs
-        self.files += files
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= (0.5 if self.tty else 10.0):
-            self.last = now
-            self._line()
-
-    def done(self) -> None:
-        if self.enabled:
-            self._line(final=True)
-
-    def _line(self, final: bool = False) -> None:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        mb = self.nbytes / 1e6
-        bar = ""
-        if self.total:
-            k = int(20 * min(self.files / self.total, 1.0))
-            bar = f"[{'#' * k}{'.' * (20 - k)}] {self.files}/{self.total} files, "
-        text = (f"[{self.name}] {self.phase}{' done' if final else ''} {bar}"
-                f"{self.docs:,} docs, {mb:,.1f} MB in {dt:.1f}s "
-                f"({self.docs / dt:,.0f} docs/s, {mb / dt:,.2f} MB/s)")
-        end = "\n" if final or not self.tty else ""
-        print(("\r" if self.tty else "") + text, end=end, file=sys.stderr, flush=True)

@@ -36,6 +36,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from lmfab.data.encode import split_hash
 from lmfab.data.pack import (
     EOS_TOKEN,
     META_FORMAT,
@@ -46,7 +47,6 @@ from lmfab.data.pack import (
     diff_params,
     load_checked_tokenizer,
     pack_files,
-    split_hash,
 )
 from lmfab.data.readers import list_files
 from lmfab.data.shards import tokenizer_hash as file_sha256

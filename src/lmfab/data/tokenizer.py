@@ -39,7 +39,9 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmfab.data.pack import EOS_TOKEN, Progress, split_hash
+from lmfab.data.encode import split_hash
+from lmfab.data.pack import EOS_TOKEN
+from lmfab.data.progress import Progress
 from lmfab.data.readers import Document, iter_documents, list_files
 
 PAD_TOKEN = "<|pad|>"
