@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The demo's knobs; the tests run `make demo-run` with a smaller variant.
 RUN_DIR ?= runs/demo
 DATA_DIR ?= runs/data/sample
+CURATED_DIR ?= runs/curated/sample
 DEMO_SET ?=
 DEMO_VOCAB ?= 4096
 DEMO_SEQ ?= 128
@@ -23,19 +24,22 @@ install: $(BIN)/python
 
 demo: install demo-run
 
-# tokenize -> train (+ in-loop eval) -> eval -> generate, on the shipped sample corpus.
+# curate -> tokenize -> train (+ in-loop eval) -> eval -> generate, on the shipped sample.
 # Re-running skips finished work: the tokenized data is reused and the run resumes.
 demo-run:
-	@echo "== 1/4 tokenize: train a byte-level BPE and pack token shards"
-	$(BIN)/lmfab data tokenize --input data/sample/books.jsonl.zst --out $(DATA_DIR) \
+	@echo "== 1/5 curate: the SlimPajama recipe (clean, filter, exact + MinHash dedup, mix, split)"
+	$(BIN)/lmfab data curate configs/data/slimpajama.yaml \
+		--set 'read.inputs=[data/sample/books.jsonl.zst]' --set write.output=$(CURATED_DIR)
+	@echo "== 2/5 tokenize: train a byte-level BPE and pack token shards"
+	$(BIN)/lmfab data tokenize --input $(CURATED_DIR)/train --out $(DATA_DIR) \
 		--seq_len $(DEMO_SEQ) --vocab_size $(DEMO_VOCAB) --val_fraction 0.05
-	@echo "== 2/4 train a tiny GPT on the CPU (resumes if $(RUN_DIR) has a checkpoint)"
+	@echo "== 3/5 train a tiny GPT on the CPU (resumes if $(RUN_DIR) has a checkpoint)"
 	$(BIN)/lmfab run --params configs/train/tiny.yaml --mode train_and_eval \
 		--model_dir $(RUN_DIR) --set train_input.data_dir=$(DATA_DIR) $(DEMO_SET)
-	@echo "== 3/4 evaluate the newest checkpoint on the held-out split"
+	@echo "== 4/5 evaluate the newest checkpoint on the held-out split"
 	$(BIN)/lmfab run --params configs/train/tiny.yaml --mode eval \
 		--model_dir $(RUN_DIR) --set train_input.data_dir=$(DATA_DIR) $(DEMO_SET)
-	@echo "== 4/4 generate"
+	@echo "== 5/5 generate"
 	$(BIN)/lmfab generate --model_dir $(RUN_DIR) --prompt "$(PROMPT)" --max_new_tokens 80
 
 test: install

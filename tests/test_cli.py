@@ -27,18 +27,20 @@ def test_make_demo_commands_run_end_to_end(tmp_path):
     bin_dir = str(Path(sys.executable).parent)
     proc = subprocess.run(
         ["make", "-s", "demo-run", f"BIN={bin_dir}", f"RUN_DIR={tmp_path / 'run'}",
-         f"DATA_DIR={tmp_path / 'data'}", "DEMO_VOCAB=512", f"DEMO_SET={small}"],
+         f"DATA_DIR={tmp_path / 'data'}", f"CURATED_DIR={tmp_path / 'curated'}",
+         "DEMO_VOCAB=512", f"DEMO_SET={small}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    for stage in ("1/4 tokenize", "2/4 train", "3/4 evaluate", "4/4 generate"):
+    for stage in ("1/5 curate", "2/5 tokenize", "3/5 train", "4/5 evaluate", "5/5 generate"):
         assert stage in out
+    assert (tmp_path / "curated" / "stats.json").is_file()
     losses = [float(line.split("| loss ")[1].split()[0]) for line in out.splitlines()
               if line.startswith("step ")]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert "eval step 40" in out
-    generated = out.split("4/4 generate")[1]
+    generated = out.split("5/5 generate")[1]
     assert len(generated.strip()) > 20  # the prompt and sampled text
 
 
