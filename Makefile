@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The demo's knobs; the tests run `make demo-run` with a smaller variant.
+TORCH ?= torch==2.13.0
 RUN_DIR ?= runs/demo
 DATA_DIR ?= runs/data/sample
 CURATED_DIR ?= runs/curated/sample
@@ -18,8 +19,9 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	# Pin torch in the install step (a CPU build); the package itself keeps a range.
-	$(BIN)/python -m pip install -q "torch==2.13.0"
+	# Pin torch in the install step (torch 2.13.0: the CPU build on the CI machines; override
+	# with TORCH=... elsewhere); the package itself keeps a range.
+	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev,curate]"
 
 demo: install demo-run

@@ -8,12 +8,15 @@ Both tools run here, in this process's machine, with SlimPajama's parameters: 12
 
 * lmfab: ``curate`` with read -> filter (200 normalized chars) -> exact -> near -> write on
   ``docs.jsonl.zst``; variants ``oph`` (one-permutation hashing, the default), ``oph-verify``
-  (candidates verified by signature agreement >= 0.8), ``perm`` (128 universal hashes), and
-  a ``-bXrY`` suffix for other banding (``oph-verify-b16r8``: 16 bands x 8 rows).
+  (candidates verified by signature agreement >= 0.8), ``oph-exact`` (candidates verified by
+  their exact character-13-gram Jaccard >= 0.8, ``near_dedup.verify: exact``), ``perm``
+  (128 universal hashes), and a ``-bXrY`` suffix for other banding (``oph-verify-b16r8``:
+  16 bands x 8 rows; ``oph-exact-b16r8`` is ``configs/data/slimpajama-verified.yaml``'s).
 * datatrove (pip install datatrove; not a dependency of lmfab): MinhashDedupSignature ->
   Buckets -> Cluster, ``MinhashConfig(n_grams, num_buckets=9, hashes_per_bucket=13)``,
-  32-bit xxhash, text normalization limited to lowercase / punctuation / whitespace (its
-  number and diacritic folding off). ``char13`` passes a tokenizer that splits the text into
+  32-bit sha1 shingle hashes (datatrove 0.10.1 passes ``str`` to xxhash 4, which refuses
+  it), text normalization limited to lowercase / punctuation / whitespace (its number and
+  diacritic folding off). ``char13`` passes a tokenizer that splits the text into
   characters, so its features are exactly character 13-grams; ``word5`` is datatrove's
   usual setting (word 5-grams, words split on whitespace) -- different features, stated as
   such. datatrove gets only the eligible documents (>= 200 normalized chars, prepared
@@ -22,7 +25,9 @@ Both tools run here, in this process's machine, with SlimPajama's parameters: 12
 Scores: ``shared/corpus/score_dedup.py`` at threshold 0.8 over eligible documents
 (cluster-level pair precision / recall / F1 and documents kept vs ideal).
 Throughput: documents/s and MB/s per core of the signature stage (read + normalize + hash)
-and of the whole dedup, from wall-clock time with ``--workers`` processes.
+and of the whole dedup, from wall-clock time with ``--workers`` processes; ``CPU s`` is the
+user + system CPU time of the run (this process and its children), which a busy machine
+inflates less than wall-clock time.
 """
 
 from __future__ import annotations
@@ -68,9 +73,9 @@ def _write_cluster_file(path: Path, clusters: list[list[str]]) -> None:
 def run_lmfab(bench: Path, variant: str, workers: int, tmp: Path) -> dict:
     from lmfab.data.curate import curate, recipe_from_dict
 
-    parts = variant.split("-")  # e.g. oph, oph-verify, perm, oph-verify-b16r8
+    parts = variant.split("-")  # e.g. oph, oph-verify, perm, oph-verify-b16r8, oph-exact-b16r8
     near = {"hashing": "permutations" if parts[0] == "perm" else "one_permutation",
-            "verify": "verify" in parts}
+            "verify": "exact" if "exact" in parts else "verify" in parts}
     for part in parts[1:]:
         if part.startswith("b") and "r" in part:
             bands, rows = part[1:].split("r")
@@ -81,17 +86,17 @@ def run_lmfab(bench: Path, variant: str, workers: int, tmp: Path) -> dict:
         "filter": {"min_chars": 200}, "exact_dedup": {}, "near_dedup": near,
         "write": {"output": str(out)},
     })
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     stats = curate(recipe, workers=workers, progress=False)
-    wall = time.perf_counter() - t0
+    wall, cpu_total = time.perf_counter() - t0, _cpu() - c0
     rows = [json.loads(x) for x in (out / "near_dedup" / "clusters.jsonl").read_text().split("\n") if x]
     pred = tmp / f"lmfab-{variant}.clusters.jsonl"
     _write_cluster_file(pred, [r["ids"] for r in rows])
     cpu = stats["cpu_seconds"]
-    return {"tool": f"lmfab {variant}", "pred": pred, "wall_total": wall,
+    return {"tool": f"lmfab {variant}", "pred": pred, "wall_total": wall, "cpu_total": cpu_total,
             "wall_signature": stats["wall_seconds"]["map"],
             "cpu_minhash_only": cpu.get("near_dedup", 0.0), "cpu": cpu,
-            "wall_dedup": stats["wall_seconds"]["dedup"]}
+            "wall_dedup": stats["wall_seconds"]["dedup"], "dedup_info": stats.get("dedup")}
 
 
 def run_datatrove(bench: Path, variant: str, docs: list[dict], tmp: Path, scorer) -> dict:
@@ -131,9 +136,9 @@ def run_datatrove(bench: Path, variant: str, docs: list[dict], tmp: Path, scorer
     chars = variant == "char13"
     cfg = MinhashConfig(n_grams=13 if chars else 5, num_buckets=9, hashes_per_bucket=13, seed=1,
                         norm_config=TextNormConfig(norm_unicode_diacritics=False, norm_numbers=False),
-                        hash_config=HashConfig(precision=32, hash_fc="xxhash"))
+                        hash_config=HashConfig(precision=32, hash_fc="sha1"))
     times = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     LocalPipelineExecutor(pipeline=[JsonlReader(str(inp)), MinhashDedupSignature(
         str(base / "sigs"), config=cfg, language=Split(chars))], tasks=1, workers=1,
         logging_dir=str(base / "logs1")).run()
@@ -146,6 +151,7 @@ def run_datatrove(bench: Path, variant: str, docs: list[dict], tmp: Path, scorer
                           config=cfg, save_cluster_id=True)], tasks=1,
                           logging_dir=str(base / "logs3")).run()
     times["buckets_cluster"] = time.perf_counter() - t1
+    cpu_total = _cpu() - c0
     clusters: dict[int, list[str]] = {}
     cfile = base / "ids" / "000000.clusters"
     if cfile.exists():
@@ -155,7 +161,7 @@ def run_datatrove(bench: Path, variant: str, docs: list[dict], tmp: Path, scorer
     pred = tmp / f"dt-{variant}.clusters.jsonl"
     _write_cluster_file(pred, list(clusters.values()))
     return {"tool": f"datatrove {variant}", "pred": pred,
-            "wall_total": times["signature"] + times["buckets_cluster"],
+            "wall_total": times["signature"] + times["buckets_cluster"], "cpu_total": cpu_total,
             "wall_signature": times["signature"], "eligible_only": True,
             "mb": sum(len(d["text"].encode()) for d in eligible) / 1e6, "docs": len(eligible)}
 
@@ -194,9 +200,9 @@ def main() -> None:
             print(json.dumps(r, default=str), file=sys.stderr)  # nothing lost if a later run fails
             results.append(r)
     print(header)
-    print("\n| tool | P | R | F1 | kept (ideal) | signature s | total s | "
+    print("\n| tool | P | R | F1 | kept (ideal) | signature s | total s | CPU s | "
           "MB/s/core (signature) | MB/s/core (total) | docs/s/core (total) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     cores = args.workers
     for r in results:
         c, k = r["score"]["cluster_level"], r["score"]["kept"]
@@ -204,11 +210,20 @@ def main() -> None:
         mb_r, n_r = r.get("mb", mb), r.get("docs", len(docs))
         print(f"| {r['tool']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
               f"{k['kept']} ({k['ideal']}) | {r['wall_signature']:.1f} | {r['wall_total']:.1f} | "
+              f"{r['cpu_total']:.1f} | "
               f"{mb_r / r['wall_signature'] / cores_r:.2f} | {mb_r / r['wall_total'] / cores_r:.2f} | "
               f"{n_r / r['wall_total'] / cores_r:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=1,
                                               default=str))
+
+
+def _cpu() -> float:
+    """CPU-seconds (user + system) of this process and its finished children."""
+    import resource
+
+    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _cpu_model() -> str:

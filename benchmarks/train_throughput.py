@@ -28,7 +28,6 @@ everything. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import gc
@@ -56,6 +55,7 @@ from lmfab.config import Config, ConfigError, load_config  # noqa: E402
 from lmfab.dist import World, parallelize  # noqa: E402
 from lmfab.dist.world import select_device  # noqa: E402
 from lmfab.models.gpt import build_model, materialize  # noqa: E402
+from lmfab.train.loop import autocast_for  # noqa: E402
 from lmfab.train.metrics import peak_flops  # noqa: E402
 from lmfab.train.optim import build_optimizer, set_lr  # noqa: E402
 
@@ -65,16 +65,6 @@ GIB = 1024**3
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def autocast_for(cfg: Config, device: torch.device):
-    """Mirror of lmfab.train.loop._autocast: bf16 autocast on CUDA, fp32 on CPU ("auto")."""
-    precision = cfg.runconfig.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclasses.dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -53,9 +52,3 @@ def tiny_overrides(data_dir: Path, **extra) -> list[str]:
     }
     return [f"{k}={v}" for k, v in values.items()]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_per_test_process():
-    # Keep CPU tests predictable on 2-core CI machines.
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
-    yield

@@ -27,12 +27,12 @@ def _losses(model_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-def _launch(model_dir: Path, sets: list[str], nproc: int = 2, port: int = 29541) -> str:
+def _launch(model_dir: Path, sets: list[str], nproc: int = 2) -> str:
     cmd = [sys.executable, "-m", "lmfab", "run", "--params", str(TINY), "--mode", "train",
            "--model_dir", str(model_dir), "--num_devices", str(nproc)]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout

@@ -7,18 +7,18 @@ import yaml
 
 from lmfab.cli import main
 from lmfab.config import ConfigError, load_config
+from lmfab.config.load import load_model_config
 from lmfab.models import build_model
 from lmfab.mup import multipliers
 
-from .conftest import REPO
+from .conftest import CONFIGS, REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "modelzoo"
 
 
 def test_gpt3_111m_maps_to_the_cerebras_preset():
     cfg = load_config(FIXTURES / "params_gpt3_111m.yaml")
-    preset = load_config(FIXTURES / "params_gpt3_111m.yaml", ["model.preset=cerebras-gpt-111m"])
-    assert cfg.model == preset.model
+    assert cfg.model == load_model_config(CONFIGS / "models" / "cerebras-gpt-111m.yaml")
     assert build_model(cfg.model).num_params() == 111_050_496
     assert cfg.train_input.batch_size == 120 and cfg.train_input.seq_len == 2048
     assert cfg.train_input.seed == 1337 and cfg.train_input.shuffle is False
@@ -35,10 +35,9 @@ def test_gpt3_111m_mup_recovers_the_width_multiplier():
     assert m.init_std == pytest.approx(0.08) and m.embedding_mult == 10.0
     assert m.output_mult == pytest.approx(1.0, rel=1e-6)  # 0.3333 = output_mult / m
     assert m.attn_score_scale == "inv_d_head"
-    mup_preset = load_config(FIXTURES / "params_gpt3_111m_mup.yaml",
-                             ["model.preset=cerebras-gpt-111m-mup"]).model
-    assert (m.init_std, m.embedding_mult, m.mup_base_d_model) == (
-        mup_preset.init_std, mup_preset.embedding_mult, mup_preset.mup_base_d_model)
+    # The imported file describes exactly lmfab's Cerebras-GPT-111M muP preset.
+    assert m == load_model_config(CONFIGS / "models" / "cerebras-gpt-111m-mup.yaml",
+                                  ["norm_eps=1e-5"])
 
 
 def test_btlm_maps_alibi_swiglu_mup():

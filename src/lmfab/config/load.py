@@ -86,8 +86,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str):  # PyYAML reads 1e6 (no dot) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if isinstance(value, float) and value.is_integer():
-                return int(value)  # 1e6 in YAML is a float
+                return int(value)
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
@@ -311,6 +316,9 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError(f"model.d_ff: must be positive, got {m.d_ff}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.dropout > 0 and m.pos == "alibi":
+        raise ConfigError("model.dropout: the fused ALiBi attention has no attention-probability "
+                          "dropout; use dropout 0 with pos: alibi (as BTLM and Jais do)")
 
 
 @dataclass(frozen=True)

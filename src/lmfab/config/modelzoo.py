@@ -140,8 +140,11 @@ def convert_modelzoo(raw: dict) -> tuple[dict, list[str]]:
     if pos not in _POSITIONS:
         refused.append(f"model.position_embedding_type={pos!r}")
     m["pos"] = _POSITIONS.get(pos, "learned")
-    if m["pos"] == "rope" and "rotary_dim" in m_in:
-        m["rope_fraction"] = m_in["rotary_dim"] / (m_in["hidden_size"] / m_in["num_heads"])
+    if "rotary_dim" in m_in:
+        if m["pos"] == "rope":
+            m["rope_fraction"] = m_in["rotary_dim"] / (m_in["hidden_size"] / m_in["num_heads"])
+        elif m_in["rotary_dim"] is not None:
+            refused.append(f"model.rotary_dim={m_in['rotary_dim']!r} without rotary positions")
     act = str(m_in.get("nonlinearity", "gelu")).lower()
     if act not in _NONLINEARITY:
         refused.append(f"model.nonlinearity={act!r}")
@@ -173,6 +176,8 @@ def convert_modelzoo(raw: dict) -> tuple[dict, list[str]]:
         width_mult = m_in["hidden_size"] / m_in["mup_base_hidden_size"]
     elif width_mult is not None:
         m["mup_base_d_model"] = round(m_in["hidden_size"] / width_mult)
+        if "filter_size" in m_in:
+            m["mup_base_d_ff"] = round(m_in["filter_size"] / width_mult)
     if emb_std is not None:
         m["init_std"] = emb_std
     elif std is not None:

@@ -157,7 +157,7 @@ def _check_expected(
         raise ShardError(
             f"{path}: seq_len mismatch: shards were packed with seq_len={header.window - 1} "
             f"(window {header.window}) but the config asks for seq_len={window - 1} "
-            f"(window {window}); re-tokenize with --seq-len {window - 1} or change the config"
+            f"(window {window}); re-tokenize with --seq_len {window - 1} or change the config"
         )
     if tokenizer_hash is not None and header.tokenizer_hash != tokenizer_hash.lower():
         raise ShardError(

@@ -61,6 +61,11 @@ def init_world(device: str = "auto", backend: str = "auto") -> World:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ and int(os.environ.get("SLURM_NNODES", "1")) > 1:
+            raise RuntimeError(
+                "a multi-node SLURM job without MASTER_ADDR: launch one torchrun per node "
+                "(examples/slurm_multinode.sbatch) or export MASTER_ADDR/MASTER_PORT"
+            )
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -80,6 +80,16 @@ def _causal_block_mask(T: int, device: str):
     return create_block_mask(_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
+@torch.compiler.disable
+def causal_block_mask(T: int, device: torch.device):
+    """The causal BlockMask for FlexAttention on CUDA (None elsewhere), built once per length.
+
+    Called by the model once per forward, outside any compiled region (compile would trace
+    through the cache and rebuild the mask in every layer), and handed to each layer.
+    """
+    return _causal_block_mask(T, str(device)) if device.type == "cuda" else None
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -87,18 +97,17 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def alibi_attention(q, k, v, slopes: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention with ALiBi through FlexAttention. q (B,H,T,D), k/v (B,Hkv,T,D)."""
+def alibi_attention(q, k, v, slopes: torch.Tensor, scale: float, mask=None) -> torch.Tensor:
+    """Causal attention with ALiBi through FlexAttention. q (B,H,T,D), k/v (B,Hkv,T,D);
+    ``mask``: :func:`causal_block_mask` of T (built here when not given)."""
     from torch.nn.attention.flex_attention import flex_attention
-
-    T = q.shape[-2]
 
     def alibi(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx)
 
     gqa = q.shape[1] != k.shape[1]
     if q.device.type == "cuda":
-        mask = _causal_block_mask(T, str(q.device))
+        mask = mask if mask is not None else causal_block_mask(q.shape[-2], q.device)
         fn = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
         return fn(q, k, v, score_mod=alibi, block_mask=mask, scale=scale, enable_gqa=gqa,
                   kernel_options=ALIBI_KERNEL_OPTIONS)
@@ -138,7 +147,8 @@ class Attention(nn.Module):
         if self.cfg.pos == "alibi":
             self.slopes.copy_(alibi_slopes(self.cfg.n_head))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, block_mask=None) -> torch.Tensor:
+        """x (B, T, C); ``block_mask``: the ALiBi path's causal BlockMask (see GPT)."""
         B, T, C = x.shape
         H, Hkv, Dh = self.n_head, self.n_kv, self.d_head
         q, k, v = self.qkv(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
@@ -149,7 +159,7 @@ class Attention(nn.Module):
             cos, sin = rope_tables(T, self.rot_dims, self.cfg.rope_theta, x.device, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cfg.pos == "alibi":
-            y = alibi_attention(q, k, v, self.slopes, self.scale)
+            y = alibi_attention(q, k, v, self.slopes, self.scale, block_mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=H != Hkv,

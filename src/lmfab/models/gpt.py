@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfab.config.schema import ModelConfig
-from lmfab.models.attention import Attention
+from lmfab.models.attention import Attention, causal_block_mask
 from lmfab.mup import fan_in_multiplier, multipliers
 
 
@@ -63,10 +63,11 @@ class Block(nn.Module):
         self.ln_2, self.mlp = _norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, block_mask=None) -> torch.Tensor:
         if self.parallel:
-            return x + self.drop(self.attn(self.ln_1(x))) + self.drop(self.mlp(self.ln_2(x)))
-        x = x + self.drop(self.attn(self.ln_1(x)))
+            return (x + self.drop(self.attn(self.ln_1(x), block_mask))
+                    + self.drop(self.mlp(self.ln_2(x))))
+        x = x + self.drop(self.attn(self.ln_1(x), block_mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -121,8 +122,9 @@ class GPT(nn.Module):
         if self.cfg.embedding_mult != 1.0:
             x = x * self.cfg.embedding_mult
         x = self.drop(x)
+        mask = causal_block_mask(T, idx.device) if self.cfg.pos == "alibi" else None
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask) if mask is not None else block(x)
         return self.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lmfab.config.load import check_config
+from lmfab.config.load import ConfigError, check_config
 from lmfab.config.schema import Config, LRSegment
 from lmfab.train.schedule import LRSchedule
 
@@ -34,8 +34,11 @@ def transfer(proxy: Config, target: Config) -> tuple[Config, list[str]]:
         t, **{k: getattr(p, k) for k in TRANSFERRED},
         attn_score_scale="inv_d_head", mup_base_d_model=base_d, mup_base_d_ff=base_ff,
     )
-    factor = LRSchedule(proxy.optimizer.learning_rate).peak / LRSchedule(
-        target.optimizer.learning_rate).peak
+    target_peak = LRSchedule(target.optimizer.learning_rate).peak
+    if target_peak <= 0:
+        raise ConfigError("target optimizer.learning_rate: a schedule whose peak is 0 cannot be "
+                          "rescaled to the proxy's peak")
+    factor = LRSchedule(proxy.optimizer.learning_rate).peak / target_peak
     optimizer = dataclasses.replace(
         target.optimizer,
         learning_rate=_rescale(target.optimizer.learning_rate, factor),

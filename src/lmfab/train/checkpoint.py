@@ -14,7 +14,8 @@ Layout of one checkpoint, ``<model_dir>/checkpoints/step_00000200/``::
 
 It is written into ``.step_00000200.tmp`` and renamed into place when every file is on
 disk, so a directory named ``step_*`` is always complete: a run killed mid-write leaves only
-a temp directory, which the next save removes. Resume picks the newest complete one.
+a temp directory, which the next save removes. (Files are not fsync'ed: a power loss, as
+opposed to a killed process, can still lose the newest checkpoint.) Resume picks the newest complete one.
 State dicts go through ``torch.distributed.checkpoint.state_dict``, which names parameters
 by their fully qualified names whatever the wrapping, so DDP and FSDP checkpoints load into
 either.
@@ -96,8 +97,8 @@ def save_checkpoint(
     tmp = root / f".step_{step:08d}.tmp"
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob(".step_*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     barrier(world)
     rng = {"cpu": torch.get_rng_state()}
@@ -120,9 +121,13 @@ def save_checkpoint(
         write_config(cfg, tmp / "config.yaml")
     barrier(world)
     if world.is_main:
-        if final.exists():  # re-saving the same step (e.g. eval-only re-run): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if final.exists():  # the same step saved again: swap, never leave the step missing
+            old = root / f".step_{step:08d}.old"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
         if keep > 0:
             for old in list_checkpoints(model_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -67,7 +67,8 @@ def _precision(cfg: Config, device: torch.device) -> str:
     return precision
 
 
-def _autocast(cfg: Config, device: torch.device):
+def autocast_for(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA, none (fp32) on CPU, per runconfig.precision."""
     if _precision(cfg, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -88,7 +89,7 @@ def setup(cfg: Config, model_dir: str | Path) -> Run:
     bf16 = _precision(cfg, world.device) == "bf16"
     wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16)
     log = MetricsLogger(model_dir, enabled=world.is_main, tensorboard=cfg.runconfig.tensorboard)
-    return Run(cfg, world, model_dir, model, wrapped, _autocast(cfg, world.device), log)
+    return Run(cfg, world, model_dir, model, wrapped, autocast_for(cfg, world.device), log)
 
 
 def _check_resumable(saved: Path, cfg: Config) -> None:
@@ -160,6 +161,12 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     stage = stage_at(stages, step)
     loader = make_loader(cfg, stage, world)
     if newest is not None and state["loader"]["stage"] == stage.index:
+        saved_kind = state["loader"]["state"].get("kind", "single")
+        if (saved_kind == "mixture") != stage.mixture:
+            raise ConfigError(
+                f"{newest}: the checkpoint's data was {'a' if saved_kind == 'mixture' else 'no'} "
+                "mixture but train_input now says otherwise; the data order cannot continue "
+                "(use a new --model_dir, or --init_from)")
         loader.load_state_dict(state["loader"]["state"])
     if world.is_main:
         run.model_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +224,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
                 result["max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
             run.log.log(step, result)
             last_time, last_step = time.perf_counter(), step
-        if r.eval_steps and step % r.eval_steps == 0 and step != end:
+        if r.eval_steps and step % r.eval_steps == 0 and not (step == end and eval_at_end):
             _eval_and_log(run, eval_set, step)
         if r.checkpoint_steps and step % r.checkpoint_steps == 0 and step != end:
             save(step)

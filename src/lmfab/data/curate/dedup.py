@@ -15,9 +15,16 @@ bands) + 4 B source + 8 B size, ~110 B, plus about as much again for sort tempor
   ``threshold`` of the values (the MinHash estimate of Jaccard). Connected components
   (``scipy.sparse.csgraph``) are the duplicate clusters; the member with the smallest
   ordinal is kept, so the choice does not depend on the order of the tasks or workers.
+* near, ``verify: exact``: the candidate pairs (all pairs of buckets up to
+  ``max_bucket_pairs``, as above) are checked by the true Jaccard of their n-gram sets
+  (:func:`verify_exact`), computed only for documents in some candidate pair; components
+  are taken over the verified pairs only, so no two documents are merged unless a chain of
+  pairs each with Jaccard >= ``threshold`` links them -- the definition of the truth.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -89,21 +96,91 @@ def components(n: int, edges: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def near_dedup(bands: np.ndarray, sig: np.ndarray | None = None, *, verify: bool = False,
-               threshold: float = 0.8, max_bucket_pairs: int = 64) -> tuple[np.ndarray, dict]:
-    """Component label per row (rows in input order) and counters."""
+def intersection_size(a: np.ndarray, b: np.ndarray) -> int:
+    """|a & b| of two sorted arrays of unique values: one merge (timsort on two runs)."""
+    c = np.concatenate((a, b))
+    c.sort(kind="stable")
+    return int(np.count_nonzero(c[1:] == c[:-1]))
+
+
+def verify_exact(pairs: np.ndarray, sets: Callable[[int], np.ndarray],
+                 threshold: float) -> tuple[np.ndarray, dict]:
+    """The candidate ``pairs`` [m, 2] whose exact Jaccard is >= ``threshold``.
+
+    ``sets(i)`` is row i's sorted unique n-gram hashes. Two shortcuts that change no
+    component: a pair whose ends are already linked by verified pairs is skipped (union-find
+    over the pairs in their given, sorted order), and a pair whose set sizes alone bound
+    its Jaccard below the threshold (min/max) is rejected without intersecting. The
+    returned pairs are a spanning forest of the verified graph: the same components as
+    verifying every candidate pair.
+    """
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while x != root:  # path compression
+            parent[x], x = root, parent.get(x, x)
+        return root
+
+    kept: list[tuple[int, int]] = []
+    checked = linked = by_size = 0
+    for a, b in pairs.tolist():
+        ra, rb = find(a), find(b)
+        if ra == rb:
+            linked += 1
+            continue
+        sa, sb = sets(a), sets(b)
+        la, lb = len(sa), len(sb)
+        if la == 0 or lb == 0 or min(la, lb) / max(la, lb) < threshold:
+            by_size += 1
+            continue
+        checked += 1
+        inter = intersection_size(sa, sb)
+        if inter / (la + lb - inter) >= threshold:
+            kept.append((a, b))
+            parent[max(ra, rb)] = min(ra, rb)
+    info = {"exact_intersections": checked, "exact_skipped_linked": linked,
+            "exact_rejected_by_size": by_size}
+    out = np.array(kept, dtype=np.int64).reshape(-1, 2)
+    return out, info
+
+
+def near_dedup(bands: np.ndarray, sig: np.ndarray | None = None, *, verify: bool | str = False,
+               threshold: float = 0.8, max_bucket_pairs: int = 64,
+               load_sets: Callable[[np.ndarray], Callable[[int], np.ndarray]] | None = None,
+               ) -> tuple[np.ndarray, dict]:
+    """Component label per row (rows in input order) and counters.
+
+    ``verify``: False (every candidate links), True / ``"signature"`` (signature agreement
+    >= threshold; needs ``sig``), ``"exact"`` (exact n-gram Jaccard >= threshold; needs
+    ``load_sets(rows) -> sets``, called once with the sorted rows of candidate documents).
+    """
     from lmfab.data.curate.minhash import agreement
 
+    mode = "signature" if verify is True else (verify or "none")
     n = len(bands)
-    pairs = candidate_pairs(bands, max_bucket_pairs if verify else 0)
+    pairs = candidate_pairs(bands, max_bucket_pairs if mode != "none" else 0)
     info = {"candidate_pairs": int(len(pairs))}
-    if verify:
+    if mode == "signature":
         if sig is None:
             raise ValueError("near_dedup verify needs signatures")
         if len(pairs):
             est = agreement(sig, pairs[:, 0], pairs[:, 1])
             pairs = pairs[est >= threshold]
         info["verified_pairs"] = int(len(pairs))
+    elif mode == "exact":
+        if load_sets is None:
+            raise ValueError("near_dedup verify=exact needs load_sets")
+        if len(pairs):
+            docs = np.unique(pairs)
+            info["exact_candidate_docs"] = int(len(docs))
+            pairs, more = verify_exact(pairs, load_sets(docs), threshold)
+            info.update(more)
+        info["verified_pairs"] = int(len(pairs))
+    elif mode != "none":
+        raise ValueError(f"near_dedup verify: unknown mode {verify!r}")
     return components(n, pairs), info
 
 
@@ -116,8 +193,13 @@ def first_of_component(labels: np.ndarray) -> np.ndarray:
 
 
 def global_dedup(ordinal: np.ndarray, exact: np.ndarray | None, bands: np.ndarray | None,
-                 sig: np.ndarray | None, near_cfg) -> dict:
+                 sig: np.ndarray | None, near_cfg,
+                 load_sets: Callable[[np.ndarray], Callable[[int], np.ndarray]] | None = None,
+                 ) -> dict:
     """Decide which documents survive. Arrays are in task order; returns masks in task order.
+
+    ``load_sets(task_rows) -> sets`` (for ``verify: exact``) gives the n-gram sets of rows
+    in task order, looked up by task-order row.
 
     Returns ``exact_keep``, ``near_keep`` (bool [n]), ``cluster`` (int64 [n], -1 for
     documents without a duplicate) and ``info`` counters.
@@ -137,10 +219,16 @@ def global_dedup(ordinal: np.ndarray, exact: np.ndarray | None, bands: np.ndarra
     info: dict = {"exact_removed": int(n - exact_keep.sum())}
     if bands is not None:
         reps_sorted = order[exact_keep[order]]  # representatives in input order
+
+        def load_rep_sets(rows: np.ndarray) -> Callable[[int], np.ndarray]:
+            get = load_sets(reps_sorted[rows])
+            return lambda i: get(int(reps_sorted[i]))
+
         labels, more = near_dedup(
             bands[reps_sorted], None if sig is None else sig[reps_sorted],
             verify=near_cfg.verify, threshold=near_cfg.threshold,
             max_bucket_pairs=near_cfg.max_bucket_pairs,
+            load_sets=None if load_sets is None else load_rep_sets,
         )
         info.update(more)
         keep_rep = first_of_component(labels)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -194,7 +195,7 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
         sources = sorted({s for sm in summaries for s in sm["sources"]})
         arrays = _load_arrays(work, summaries, sources)
         t0 = time.perf_counter()
-        dec = _dedup_phase(recipe, work, arrays, summaries, log)
+        dec = _dedup_phase(recipe, work, arrays, summaries, log, ex)
         wall["dedup"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         keep = dec["near_keep"]
@@ -242,7 +243,46 @@ def _load_arrays(work: Path, summaries: list[dict], sources: list[str]) -> dict:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _dedup_phase(recipe: Recipe, work: Path, arrays: dict, summaries: list[dict], log) -> dict:
+def _shingle_loader(recipe: Recipe, work: Path, summaries: list[dict], ex):
+    """``load(task_rows) -> sets`` for ``verify: exact``: n-gram sets of candidate documents.
+
+    One ``shingle_task`` per map task that holds candidates (parallel, resumable), then the
+    sets are memory-mapped from ``_work/verify/tNNNNN.u64``: the dedup process reads them
+    through the page cache instead of holding them.
+    """
+    offsets = np.concatenate(([0], np.cumsum([s["n"] for s in summaries])))
+
+    def load(rows: np.ndarray):
+        load.set_bytes = 0
+        rows = np.unique(rows)
+        task = np.searchsorted(offsets, rows, side="right") - 1
+        jobs = [(recipe, str(work), int(summaries[t]["index"]),
+                 (rows[task == t] - offsets[t]).tolist()) for t in np.unique(task).tolist()]
+        (work / "verify").mkdir(exist_ok=True)
+        ex.map(K.shingle_task, jobs, "near_dedup: exact verify (n-gram sets)")
+        where: dict[int, tuple[np.ndarray, int, int]] = {}
+        for t in np.unique(task).tolist():
+            tid = f"t{summaries[t]['index']:05d}"
+            with np.load(work / "verify" / f"{tid}.npz") as z:
+                local, off = z["local"], z["offsets"]
+            path = work / "verify" / f"{tid}.u64"
+            values = (np.memmap(path, dtype="<u8", mode="r") if off[-1]
+                      else np.zeros(0, dtype=np.uint64))
+            load.set_bytes += 8 * int(off[-1])
+            for k, row in enumerate((local + offsets[t]).tolist()):
+                where[row] = (values, int(off[k]), int(off[k + 1]))
+
+        def sets(row: int) -> np.ndarray:
+            values, start, end = where[row]
+            return values[start:end]
+
+        return sets
+
+    return load
+
+
+def _dedup_phase(recipe: Recipe, work: Path, arrays: dict, summaries: list[dict], log,
+                 ex) -> dict:
     path = work / "dedup.npz"
     if (work / "dedup.done").exists():
         z = dict(np.load(path))
@@ -252,9 +292,14 @@ def _dedup_phase(recipe: Recipe, work: Path, arrays: dict, summaries: list[dict]
         dec = {"exact_keep": np.ones(n, bool), "near_keep": np.ones(n, bool),
                "cluster": np.full(n, -1, np.int64), "info": {}}
     else:
+        exact_verify = (recipe.near_dedup is not None
+                        and recipe.near_dedup.verify_mode() == "exact")
+        loader = _shingle_loader(recipe, work, summaries, ex) if exact_verify else None
         dec = global_dedup(arrays["ordinal"],
                            arrays.get("exact") if recipe.exact_dedup is not None else None,
-                           arrays.get("bands"), arrays.get("sig"), recipe.near_dedup)
+                           arrays.get("bands"), arrays.get("sig"), recipe.near_dedup, loader)
+        if loader is not None and hasattr(loader, "set_bytes"):
+            dec["info"]["exact_set_bytes"] = loader.set_bytes  # n-gram sets on disk
     log(f"[dedup] {json.dumps(dec['info'])}")
     if recipe.near_dedup is not None and recipe.near_dedup.clusters:
         _write_clusters(work.parent / "near_dedup" / "clusters.jsonl", summaries, work,
@@ -262,6 +307,7 @@ def _dedup_phase(recipe: Recipe, work: Path, arrays: dict, summaries: list[dict]
     _save_npz(path, exact_keep=dec["exact_keep"], near_keep=dec["near_keep"],
               cluster=dec["cluster"])
     K.mark_done(work / "dedup.done", dec["info"])
+    shutil.rmtree(work / "verify", ignore_errors=True)  # the n-gram sets: 8 B per n-gram
     return dec
 
 

@@ -72,13 +72,22 @@ class NearDedupStage:
     # Shrivastava 2017) -- O(n) per document. permutations: 128 universal hashes
     # (a*h+b mod 2^61-1, as datasketch/SlimPajama) -- O(128 n), the reference.
     hashing: Literal["one_permutation", "permutations"] = "one_permutation"
-    # verify: keep an LSH candidate pair only if its signature agreement >= threshold
-    # (SlimPajama keeps every candidate; verification removes chaining false positives).
-    verify: bool = False
+    # verify: which LSH candidate pairs link documents. false: every candidate (SlimPajama).
+    # true / signature: a pair whose signatures agree on >= threshold of the values (the
+    # MinHash estimate). exact: a pair whose true n-gram Jaccard (the sets of 64-bit n-gram
+    # hashes of the two normalized texts, computed for candidate documents only) is
+    # >= threshold -- no false positive, so precision is exact and recall is the banding's.
+    verify: bool | Literal["signature", "exact"] = False
     threshold: float = 0.8
     max_bucket_pairs: int = 64  # buckets larger than this are linked as a star, not all pairs
     clusters: bool = True  # write near_dedup/clusters.jsonl (one duplicate cluster a line)
     batch_docs: int = 512
+
+    def verify_mode(self) -> str:
+        """``none``, ``signature`` or ``exact`` (``verify: true`` is ``signature``)."""
+        if self.verify is True:
+            return "signature"
+        return self.verify or "none"
 
 
 @dataclass

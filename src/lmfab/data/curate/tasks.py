@@ -184,6 +184,7 @@ def _hash_kept(r: Recipe, kept: list[tuple], secs: dict) -> dict:
 
         t0 = time.perf_counter()
         mh = MinHasher(nd.ngram, nd.num_perm, nd.bands, nd.rows, nd.seed, nd.hashing)
+        keep_sig = nd.verify_mode() == "signature"
         bands, sigs = [], []
         i = 0
         while i < len(kept):  # batches bounded by documents and by characters
@@ -193,16 +194,68 @@ def _hash_kept(r: Recipe, kept: list[tuple], secs: dict) -> dict:
                 j += 1
             sig = mh.signatures([row[3] for row in kept[i:j]])
             bands.append(mh.band_keys(sig))
-            if nd.verify:
+            if keep_sig:
                 sigs.append(sig)
             i = j
         arrays["bands"] = (np.concatenate(bands) if bands
                            else np.zeros((0, nd.bands), dtype=np.uint64))
-        if nd.verify:
+        if keep_sig:
             arrays["sig"] = (np.concatenate(sigs) if sigs
                              else np.zeros((0, nd.num_perm), dtype=np.uint32))
         secs["near_dedup"] += time.perf_counter() - t0
     return arrays
+
+
+def shingle_task(recipe: Recipe, work: str, index: int, local: list[int]) -> int:
+    """Exact verification: the n-gram sets of the candidate documents of map task ``index``.
+
+    ``local`` are row numbers (sorted) in the task's document file. Each document's
+    normalized text is re-derived from the written text (``normalize(clean(x))`` is what
+    the map task hashed), its n-gram hashes -- the 64-bit hashes MinHash uses -- are sorted
+    and made unique, and appended to ``verify/tNNNNN.u64`` (raw little-endian uint64,
+    written as it goes: memory is one batch); ``verify/tNNNNN.npz`` holds ``local`` and
+    the offsets of each document's run. Disk: 8 B per distinct n-gram, ~8 B per character
+    of each candidate document; the dedup process memory-maps the file.
+    """
+    from lmfab.data.curate.minhash import MinHasher
+
+    base = Path(work) / "verify"
+    tid = f"t{index:05d}"
+    done = base / f"{tid}.done"
+    if done.exists():
+        return 0
+    nd = recipe.near_dedup
+    with open(Path(work) / "map" / f"{tid}.docs.jsonl.zst", "rb") as raw:
+        data = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True).read()
+    lines = data.split(b"\n")  # JSON escapes newlines inside strings: one record a line
+    del data
+    texts = [T.normalize(json.loads(lines[i])["text"]) for i in local]  # candidates only
+    del lines
+    mh = MinHasher(nd.ngram, nd.num_perm, nd.bands, nd.rows, nd.seed, nd.hashing)
+    counts = np.zeros(len(texts), dtype=np.int64)
+    tmp = base / f"{tid}.u64.tmp"
+    with open(tmp, "wb") as f:
+        i = 0
+        while i < len(texts):
+            j, chars = i, 0
+            while j < len(texts) and (chars < MAX_BATCH_CHARS or j == i):
+                chars += len(texts[j])
+                j += 1
+            hashes, doc = mh.feature_hashes(texts[i:j])
+            bounds = np.searchsorted(doc, np.arange(j - i + 1))
+            for d in range(j - i):
+                u = np.sort(hashes[bounds[d] : bounds[d + 1]])  # faster than np.unique
+                u = u[np.concatenate(([True], u[1:] != u[:-1]))]
+                counts[i + d] = len(u)
+                f.write(u.astype("<u8", copy=False).tobytes())
+            i = j
+    os.replace(tmp, base / f"{tid}.u64")
+    buf = io.BytesIO()
+    np.savez(buf, local=np.asarray(local, dtype=np.int64),
+             offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
+    atomic_write_bytes(base / f"{tid}.npz", buf.getvalue())
+    mark_done(done)
+    return len(local)
 
 
 def _write_docs(path: Path, kept: list[tuple]) -> None:
