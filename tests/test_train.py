@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,6 +41,9 @@ def test_train_loss_falls_and_writes_run_dir(tiny_data, tmp_path):
     losses = _losses(tmp_path / "run")
     assert losses[30] < losses[5] - 0.5, losses
     assert result["eval"]["loss"] < 6.0  # ln(512) = 6.24 at init
+    meta = json.loads((tiny_data / "meta.json").read_text())["splits"]["val"]
+    expected_bpb = result["eval"]["loss"] / math.log(2) * meta["tokens"] / meta["text_bytes"]
+    assert result["eval"]["bits_per_byte"] == pytest.approx(expected_bpb)
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
     newest = ckpt.latest_checkpoint(run)

@@ -74,11 +74,26 @@ def autocast_for(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def _eval_dir(cfg: Config) -> str:
+    e, t = cfg.eval_input, cfg.train_input
+    return e.data_dir or t.data_dir or t.mixture[0].data_dir
+
+
 def open_eval_split(cfg: Config) -> TokenDataset:
     """eval_input's shards (default: the first training source), at eval_input.seq_len."""
     e, t = cfg.eval_input, cfg.train_input
-    data_dir = e.data_dir or t.data_dir or t.mixture[0].data_dir
-    return open_dataset(cfg, data_dir, e.split, e.seq_len or t.seq_len)
+    return open_dataset(cfg, _eval_dir(cfg), e.split, e.seq_len or t.seq_len)
+
+
+def bytes_per_token(cfg: Config) -> float | None:
+    """UTF-8 text bytes per token of the eval split, from its meta.json (None if unknown)."""
+    meta = Path(_eval_dir(cfg)) / "meta.json"
+    if not meta.is_file():
+        return None
+    split = json.loads(meta.read_text()).get("splits", {}).get(cfg.eval_input.split, {})
+    if not split.get("tokens") or not split.get("text_bytes"):
+        return None
+    return split["text_bytes"] / split["tokens"]
 
 
 def setup(cfg: Config, model_dir: str | Path) -> Run:
@@ -109,10 +124,15 @@ def _check_resumable(saved: Path, cfg: Config) -> None:
 def evaluate(run: Run, dataset: TokenDataset) -> dict:
     e = run.cfg.eval_input
     micro, _ = micro_batching(e.batch_size, e.micro_batch_size, run.world.world_size)
-    return evaluate_loss(
+    metrics = evaluate_loss(
         run.model, dataset, batch_size=e.batch_size, micro_batch=micro,
         max_batches=e.max_batches, world=run.world, autocast=run.autocast,
     )
+    bpt = bytes_per_token(run.cfg)
+    # Bits per byte: tokenizer-independent. The split's bytes/token ratio stands in for that
+    # of the evaluated windows (exact when max_batches covers the split).
+    metrics["bits_per_byte"] = metrics["loss"] / math.log(2) / bpt if bpt else None
+    return metrics
 
 
 def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int):
@@ -240,8 +260,9 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
 
 def _eval_and_log(run: Run, dataset: TokenDataset, step: int) -> dict:
     metrics = evaluate(run, dataset)
+    bpb = metrics.get("bits_per_byte")
     run.say(f"eval step {step} | loss {metrics['loss']:.4f} | ppl {metrics['perplexity']:.2f} "
-            f"| {metrics['tokens']:,} tokens")
+            f"| bpb {'-' if bpb is None else f'{bpb:.4f}'} | {metrics['tokens']:,} tokens")
     run.log.log(step, metrics, prefix="eval")
     return metrics
 
