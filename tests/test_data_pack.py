@@ -100,6 +100,18 @@ def test_processes_give_identical_shards(corpus, tmp_path):
             assert other.read_bytes() == shard.read_bytes()
 
 
+def test_one_file_on_two_processes_is_chunked_and_identical(corpus, tmp_path):
+    """Fewer files than processes: the main process reads, workers encode chunks."""
+    _, _, tok, _ = corpus
+    kw = dict(tokenizer=tok, seq_lens=[32], val_fraction=0.1, progress=False)
+    pack_corpus([str(SAMPLE)], tmp_path / "one", processes=1, **kw)
+    pack_corpus([str(SAMPLE)], tmp_path / "two", processes=2, **kw)
+    shards = sorted((tmp_path / "one" / "seq32" / "train").glob("*.tok"))
+    assert shards
+    for shard in shards:
+        assert (tmp_path / "two" / "seq32" / "train" / shard.name).read_bytes() == shard.read_bytes()
+
+
 KILL_AFTER_TWO_FILES = """
 import os, signal, sys
 from lmfab.data import encode

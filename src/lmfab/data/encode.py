@@ -1,9 +1,13 @@
 """Stage 1 of ``lmfab data pack``: encode input files to token ids on all cores, per file.
 
-The main process reads each input file in order (``readers.iter_documents``), cuts it into
-chunks of about ``CHUNK_BYTES`` of text and hands them to a pool of worker processes
+With at least as many pending files as processes, each worker reads, encodes and writes
+whole files. Otherwise the main process reads each input file in order
+(``readers.iter_documents``), cuts it into chunks of about ``CHUNK_BYTES`` of text and
+hands them to a pool of worker processes
 (``spawn``; each loads ``tokenizer.json`` once, with Hugging Face's own thread pool off so
-that a process is a core, and calls ``encode_batch_fast``). A worker returns the chunk's ids,
+that a process is a core, and encodes with tiktoken where that is provably the same
+tokenizer (:mod:`lmfab.data.fastbpe`), else with HF's ``encode_batch_fast``;
+``LMFAB_ENCODER=hf`` forces HF). A worker returns the chunk's ids,
 every document followed by EOS, plus per-document length, byte count and split hash. At most
 ``3 * processes`` chunks are in flight, so memory stays bounded, and results are consumed in
 submission order, so the output does not depend on the number of processes.
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from lmfab.data.fastbpe import tiktoken_encoding
 from lmfab.data.progress import Progress
 from lmfab.data.readers import iter_documents
 
@@ -57,16 +62,21 @@ def _init_worker(tokenizer_path: str, eos_id: int, n_vocab: int, seed: int, one_
         _WORKER["error"] = f"{tokenizer_path}: cannot load the tokenizer in a worker: {err}"
         return
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is just text
-    _WORKER.update(tok=tok, eos=eos_id, n_vocab=n_vocab, seed=seed, path=tokenizer_path)
+    # GPT-2-style BPE: the same tokens through tiktoken, ~3.8x faster (data/fastbpe.py).
+    fast = None if os.environ.get("LMFAB_ENCODER") == "hf" else tiktoken_encoding(tokenizer_path)
+    _WORKER.update(tok=tok, fast=fast, eos=eos_id, n_vocab=n_vocab, seed=seed,
+                   path=tokenizer_path)
 
 
 def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Worker: (uint32 ids with EOS after each text, lengths incl. EOS, split hash, bytes)."""
     if "error" in _WORKER:
         raise RuntimeError(_WORKER["error"])
-    tok, eos = _WORKER["tok"], _WORKER["eos"]
-    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
-    ids = [e.ids for e in encs]
+    tok, fast, eos = _WORKER["tok"], _WORKER["fast"], _WORKER["eos"]
+    if fast is not None:
+        ids = [fast.encode_ordinary(t) for t in texts]
+    else:
+        ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     out = np.empty(int(lengths.sum()), dtype=np.uint32)
     pos = 0
@@ -111,6 +121,9 @@ def encode_files(
         log.done()
         return
     init = (str(tokenizer_path), eos_id, n_vocab, seed)
+    if n > 1 and len(pending) >= n:
+        _encode_whole_files(files, keys, pending, work_dir, init, dtype, text_key, n, log)
+        return
     pool = None
     if n > 1:
         pool = multiprocessing.get_context("spawn").Pool(n, _init_worker, (*init, True))
@@ -140,6 +153,41 @@ def encode_files(
         for fw, _, _ in inflight:
             fw.abort()
         _WORKER.clear()
+    log.done()
+
+
+def encode_file(i: int, path: Path, key: dict, work_dir: Path, dtype: np.dtype,
+                text_key: str) -> tuple[int, int]:
+    """Worker: read, encode and write one whole input file; (text bytes, documents)."""
+    fw = _FileWork(work_dir, i, key, dtype)
+    nbytes = ndocs = 0
+    try:
+        for texts, src in _chunks(path, text_key, fw):
+            ids, lengths, u, nb = encode_chunk(texts)
+            fw.append(ids, lengths, u, nb, src)
+            nbytes, ndocs = nbytes + int(nb.sum()), ndocs + len(lengths)
+        fw.finish()
+    except BaseException:
+        fw.abort()
+        raise
+    return nbytes, ndocs
+
+
+def _encode_whole_files(files, keys, pending, work_dir, init, dtype, text_key, n, log) -> None:
+    """At least as many files as processes: each worker reads and encodes whole files, so no
+    single reader process limits the rate. Every file's output is its own, so the result is
+    the same as the chunked path's for any number of processes."""
+    pool = multiprocessing.get_context("spawn").Pool(n, _init_worker, (*init, True))
+    try:
+        jobs = [pool.apply_async(encode_file, (i, files[i], keys[i], work_dir, dtype, text_key))
+                for i in pending]
+        for job in jobs:
+            nbytes, ndocs = job.get()
+            log.tick(nbytes, ndocs, files=1)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
     log.done()
 
 
