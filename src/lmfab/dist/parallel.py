@@ -73,6 +73,20 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
     return model
 
 
+@torch.no_grad()
+def sharded_fill(param: torch.Tensor, fn) -> None:
+    """``init_weights`` fill for FSDP2: run ``fn`` on the full tensor (every rank draws the
+    same numbers from the same seed), then keep this rank's shard. Memory: one parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        fn(param)
+        return
+    full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+    fn(full)
+    param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements).to_local())
+
+
 def is_fsdp(model: nn.Module) -> bool:
     return getattr(model, "lmfab_strategy", "ddp") == "fsdp"
 

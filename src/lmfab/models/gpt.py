@@ -90,20 +90,25 @@ class GPT(nn.Module):
 
     # ---- initialisation -------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Fill every parameter. Call after ``to_empty(device=...)`` on a meta-built model."""
+    def init_weights(self, generator: torch.Generator | None = None, fill=None) -> None:
+        """Fill every parameter. Call after ``to_empty(device=...)`` on a meta-built model.
+
+        ``fill(param, fn)`` applies an in-place initialiser ``fn`` to a parameter; the default
+        calls it directly. A sharded model passes one that runs ``fn`` on the full tensor and
+        keeps its shard (``lmfab.dist.parallel.sharded_fill``), so weights do not depend on
+        the number of devices.
+        """
+        fill = fill or (lambda p, fn: fn(p))
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.ndim == 1:  # norm weights and biases
-                if name.endswith("weight"):
-                    p.fill_(1.0)
-                else:
-                    p.zero_()
+                value = 1.0 if name.endswith("weight") else 0.0
+                fill(p, lambda t, value=value: t.fill_(value))
                 continue
             s = std / math.sqrt(fan_in_multiplier(name, self.cfg))
             if name.endswith("proj.weight"):  # residual-branch outputs
                 s /= math.sqrt(2 * self.cfg.n_layer)
-            p.normal_(0.0, s, generator=generator)
+            fill(p, lambda t, s=s: t.normal_(0.0, s, generator=generator))
         for block in self.blocks:
             block.attn.reset_buffers()
 

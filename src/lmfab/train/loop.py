@@ -31,7 +31,7 @@ from lmfab.config.load import (
 from lmfab.config.schema import Config
 from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, barrier, init_world, parallelize, shutdown
-from lmfab.dist.parallel import no_sync
+from lmfab.dist.parallel import no_sync, resolve_strategy, sharded_fill
 from lmfab.eval.loss import evaluate_loss
 from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train import checkpoint as ckpt
@@ -100,9 +100,18 @@ def setup(cfg: Config, model_dir: str | Path) -> Run:
     world = init_world(cfg.runconfig.device, cfg.runconfig.dist_backend)
     torch.manual_seed(cfg.runconfig.seed + world.rank)
     model_dir = Path(model_dir)
-    model = materialize(build_model(cfg.model), world.device, seed=cfg.runconfig.seed)
     bf16 = _precision(cfg, world.device) == "bf16"
-    wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16)
+    model = build_model(cfg.model)  # meta device
+    if world.distributed and resolve_strategy(cfg.runconfig, world, model.num_params()) == "fsdp":
+        # Shard first, then allocate and initialise only this rank's shards (FSDP2 on meta):
+        # no rank ever holds the whole model.
+        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16)
+        model.to_empty(device=world.device)
+        gen = torch.Generator(device=world.device).manual_seed(cfg.runconfig.seed)
+        model.init_weights(gen, fill=sharded_fill)
+    else:
+        model = materialize(model, world.device, seed=cfg.runconfig.seed)
+        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16)
     log = MetricsLogger(model_dir, enabled=world.is_main, tensorboard=cfg.runconfig.tensorboard)
     return Run(cfg, world, model_dir, model, wrapped, autocast_for(cfg, world.device), log)
 
