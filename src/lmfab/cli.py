@@ -256,11 +256,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_verb == "curate":
         return cmd_curate(args)
     if args.data_verb in ("tokenizer", "pack"):
-        try:
-            return cmd_tokenizer(args) if args.data_verb == "tokenizer" else cmd_pack(args)
-        except ValueError as e:  # bad input or parameters: a clear message, no traceback
-            print(f"lmfab: error: {e}", file=sys.stderr)
-            return 2
+        return cmd_tokenizer(args) if args.data_verb == "tokenizer" else cmd_pack(args)
     from lmfab.data.tokenize import tokenize_corpus
 
     tokenize_corpus(
