@@ -90,3 +90,68 @@ def test_sequence_longer_than_positions_fails():
     model = materialize(build_model(small()), "cpu")
     with pytest.raises(ValueError, match="max_seq_len=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk", [0, 7, 1000])
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_fused_linear_cross_entropy_matches_f_cross_entropy(chunk, scale):
+    from lmfab.models.loss import fused_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(chunk + int(10 * scale))
+    h = torch.randn(100, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(37, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randint(0, 37, (100,), generator=gen)
+    ref = torch.nn.functional.cross_entropy(scale * h @ w.t(), t)
+    (2 * ref).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = fused_linear_cross_entropy(h, w, t, scale=scale, chunk=chunk)
+    (2 * out).backward()  # the incoming gradient scales both parameter gradients
+    # The loss runs in fp32 (as the standard loss on .float() logits): fp32-level agreement.
+    assert abs(out.item() - ref.item()) < 1e-5
+    torch.testing.assert_close(h.grad, gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert abs(fused_linear_cross_entropy(h, w, t, scale=scale, chunk=chunk).item() - ref.item()) < 1e-5
+
+
+def test_fused_loss_and_bf16_residual_in_the_model():
+    """GPT.fused_loss gives the standard loss and gradients (muP logit scale included); the
+    bf16 residual stream changes the activations' dtype, not the result beyond bf16 noise."""
+    cfg = small(mup_base_d_model=32, output_mult=2.0)
+    idx, tgt = torch.randint(0, 101, (3, 17)), torch.randint(0, 101, (3, 17))
+    grads = {}
+    for fused in (False, True):
+        model = materialize(build_model(cfg), "cpu", seed=4)
+        model.fused_loss, model.loss_chunk = fused, 5 if fused else 0
+        loss = model(idx, tgt)
+        loss.backward()
+        grads[fused] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+    assert abs(grads[True][0] - grads[False][0]) < 1e-5
+    for a, b in zip(grads[True][1], grads[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model = materialize(build_model(cfg), "cpu", seed=4)
+    model.residual_dtype = torch.bfloat16
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, tgt)
+    assert seen == [torch.bfloat16]
+    assert abs(loss.item() - grads[False][0]) < 0.05
+
+
+def test_attention_backend_priority():
+    from lmfab.models.attention import Attention, sdpa_priority, set_attention_backend
+
+    cpu = torch.device("cpu")
+    assert sdpa_priority("auto", cpu) is None and sdpa_priority("cudnn", cpu) is None
+    model = materialize(build_model(small()), "cpu", seed=0)
+    set_attention_backend(model, "flash", cpu)
+    assert all(m.sdpa_backends is None for m in model.modules() if isinstance(m, Attention))
+    # The priority list path runs through sdpa_kernel on any device.
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.sdpa_backends = [SDPBackend.MATH]
+    idx = torch.randint(0, 101, (2, 9))
+    ref = materialize(build_model(small()), "cpu", seed=0)(idx)
+    torch.testing.assert_close(model(idx), ref)

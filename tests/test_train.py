@@ -69,6 +69,22 @@ def test_resume_is_bit_identical(tiny_data, tmp_path):
     assert _losses(tmp_path / "straight")[8] == _losses(tmp_path / "resumed")[8]
 
 
+def test_fused_loss_trains_like_the_standard_loss(tiny_data, tmp_path):
+    """runconfig.loss=fused (the CPU path of the fused kernel) follows the standard loss
+    curve step for step; runconfig.loss_chunk too."""
+    curves = []
+    for name, extra in (("std", {"runconfig.loss": "standard"}),
+                        ("fused", {"runconfig.loss": "fused"}),
+                        ("chunked", {"runconfig.loss": "fused", "runconfig.loss_chunk": 100})):
+        run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 8, "runconfig.log_steps": 1, **extra}),
+                 mode="train", model_dir=tmp_path / name)
+        curves.append(_losses(tmp_path / name))
+    for other in curves[1:]:
+        assert sorted(other) == sorted(curves[0]) and len(other) == 8
+        for step, loss in curves[0].items():
+            assert abs(loss - other[step]) < 1e-4, (curves[0], other)
+
+
 def test_keep_checkpoints_prunes_oldest(tiny_data, tmp_path):
     cfg = _cfg(tiny_data, **{"runconfig.max_steps": 8, "runconfig.checkpoint_steps": 2,
                              "runconfig.keep_checkpoints": 2})

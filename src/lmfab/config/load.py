@@ -395,6 +395,8 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
             f"eval_input.seq_len={e.seq_len}: must be positive and, with learned positions, "
             f"at most model.max_seq_len={m.max_seq_len}"
         )
+    if r.loss_chunk < 0:
+        raise ConfigError(f"runconfig.loss_chunk: must be >= 0 (0: all positions at once), got {r.loss_chunk}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optimizer.betas: expected two numbers in [0, 1), got {o.betas}")
     if o.max_grad_norm is not None and o.max_grad_norm <= 0:

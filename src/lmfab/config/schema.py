@@ -153,6 +153,27 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    # torch.compile mode: default; tuned (default + coordinate-descent tuning of inductor's
+    # fused pointwise/reduction kernels: tens of seconds more compile time); or one of
+    # torch.compile's modes: max-autotune-no-cudagraphs (Triton GEMM templates with fused
+    # epilogues, minutes more), max-autotune, reduce-overhead (CUDA graphs).
+    compile_mode: Literal["default", "tuned", "max-autotune-no-cudagraphs", "max-autotune",
+                          "reduce-overhead"] = "default"
+    # Kernel for softmax attention (learned / rope positions; ALiBi always uses FlexAttention):
+    # auto = cuDNN first on Hopper GPUs (1.5-1.8x flash there, docs/benchmarks.md), PyTorch's
+    # own choice elsewhere; or one SDPA backend first (the others stay as fall-backs).
+    attention_backend: Literal["auto", "torch", "cudnn", "flash", "efficient", "math"] = "auto"
+    # Output projection + cross-entropy (models/loss.py): fused = one matmul and one row
+    # kernel that turns the logits into their gradient in place (Triton on CUDA); standard =
+    # F.cross_entropy on full fp32 logits; auto = fused on CUDA, standard elsewhere.
+    loss: Literal["auto", "fused", "standard"] = "auto"
+    # fused only: positions per block (0: all at once). A block computes its gradients in
+    # forward, so only (loss_chunk x vocab) logits exist: long sequences, large vocabularies.
+    loss_chunk: int = 0
+    # dtype of the residual stream between blocks under bf16 autocast: fp32 (the weights'
+    # dtype, as autocast leaves it) or bf16 (half the activation traffic, as Megatron-LM's
+    # default); norms and softmax still compute in fp32.
+    residual_dtype: Literal["fp32", "bf16"] = "fp32"
     # Data parallelism: ddp replicates the model; fsdp shards parameters, gradients and
     # optimizer state (FSDP2); auto picks fsdp when the 16 bytes/parameter of weights,
     # gradients and AdamW state would take over half of one GPU's memory.

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmfab.config.schema import RunConfig
 from lmfab.dist.world import World
+from lmfab.models.attention import set_attention_backend
 
 
 def resolve_strategy(run: RunConfig, world: World, n_params: int) -> str:
@@ -45,7 +46,21 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
+def compile_module(module: nn.Module, run: RunConfig) -> None:
+    """``torch.compile`` in place with ``runconfig.compile_mode``."""
+    if run.compile_mode == "default":
+        module.compile()
+    elif run.compile_mode == "tuned":
+        module.compile(options={"coordinate_descent_tuning": True})
+    else:
+        module.compile(mode=run.compile_mode)
+
+
 def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = False) -> nn.Module:
+    set_attention_backend(model, run.attention_backend, world.device)
+    model.fused_loss = run.loss == "fused" or (run.loss == "auto" and world.device.type == "cuda")
+    model.loss_chunk = run.loss_chunk
+    model.residual_dtype = torch.bfloat16 if bf16 and run.residual_dtype == "bf16" else None
     if run.activation_checkpointing:
         apply_activation_checkpointing(model)
     strategy = resolve_strategy(run, world, sum(p.numel() for p in model.parameters()))
@@ -56,13 +71,13 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
             if bf16 else MixedPrecisionPolicy()
         for block in model.blocks:
             if run.compile:
-                block.compile()
+                compile_module(block, run)
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         model.lmfab_strategy = "fsdp"
         return model
     if run.compile:
-        model.compile()
+        compile_module(model, run)
     model.lmfab_strategy = "ddp"
     if world.distributed:
         return DDP(

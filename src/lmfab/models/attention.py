@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 
 from lmfab.config.schema import ModelConfig
 
@@ -33,6 +34,44 @@ ALIBI_KERNEL_OPTIONS: dict | None = {
     "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128,
     "BLOCK_N2": 64, "num_warps": 8, "num_stages": 3,
 }
+
+
+_SDPA_NAMES = ("cudnn", "flash", "efficient", "math")
+
+
+def sdpa_priority(name: str, device: torch.device) -> list | None:
+    """The SDPA backends, in priority order, for ``runconfig.attention_backend`` ``name`` on
+    ``device``; None leaves PyTorch's own order (``torch``, CPUs, ``auto`` off Hopper).
+
+    ``auto`` puts cuDNN first on Hopper (compute capability 9.x) where cuDNN is available: its
+    fused attention is 1.5-1.8x the flash backend there (benchmarks/sdpa_backends.py). Every
+    other backend stays enabled after the chosen one, so a shape or feature the first does
+    not support (dropout, grouped-query attention) falls back instead of failing.
+    """
+    from torch.nn.attention import SDPBackend
+
+    if name == "torch" or device.type != "cuda":
+        return None
+    if name == "auto":
+        hopper = torch.cuda.get_device_capability(device)[0] == 9
+        if not (hopper and torch.backends.cudnn.is_available()):
+            return None
+        name = "cudnn"
+    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    if name not in table:
+        raise ValueError(f"attention backend {name!r}: expected auto, torch or one of {_SDPA_NAMES}")
+    return [table[name]] + [table[n] for n in _SDPA_NAMES if n != name]
+
+
+def set_attention_backend(model: nn.Module, name: str, device: torch.device) -> list | None:
+    """Give every :class:`Attention` of ``model`` the SDPA priority of ``name`` (see
+    :func:`sdpa_priority`); call before compiling. Returns the priority list."""
+    order = sdpa_priority(name, device)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.sdpa_backends = order
+    return order
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -139,6 +178,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.scale = 1.0 / self.d_head if cfg.attn_score_scale == "inv_d_head" else self.d_head**-0.5
         self.rot_dims = int(self.d_head * cfg.rope_fraction) if cfg.pos == "rope" else 0
+        self.sdpa_backends: list | None = None  # set_attention_backend(); None: PyTorch's order
         if cfg.pos == "alibi":
             # A buffer (not a parameter): derived from n_head, rebuilt by init_weights().
             self.register_buffer("slopes", alibi_slopes(cfg.n_head), persistent=False)
@@ -160,9 +200,15 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cfg.pos == "alibi":
             y = alibi_attention(q, k, v, self.slopes, self.scale, block_mask)
+        elif self.sdpa_backends is not None:
+            with sdpa_kernel(self.sdpa_backends, set_priority=True):
+                y = self._sdpa(q, k, v)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scale, enable_gqa=H != Hkv,
-                dropout_p=self.cfg.dropout if self.training else 0.0,
-            )  # (B, H, T, Dh)
+            y = self._sdpa(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _sdpa(self, q, k, v) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
+            dropout_p=self.cfg.dropout if self.training else 0.0,
+        )  # (B, H, T, Dh)

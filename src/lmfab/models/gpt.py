@@ -24,6 +24,7 @@ from torch import nn
 
 from lmfab.config.schema import ModelConfig
 from lmfab.models.attention import Attention, causal_block_mask
+from lmfab.models.loss import fused_linear_cross_entropy
 from lmfab.mup import fan_in_multiplier, multipliers
 
 
@@ -87,6 +88,10 @@ class GPT(nn.Module):
             None if cfg.tied_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
         self.logit_scale = cfg.output_mult * multipliers(cfg).logits
+        # How the loss is computed: execution choices (runconfig.loss, loss_chunk), not part
+        # of the model; set by lmfab.dist.parallelize. See models/loss.py.
+        self.fused_loss, self.loss_chunk = False, 0
+        self.residual_dtype: torch.dtype | None = None  # None: the embedding's dtype
 
     # ---- initialisation -------------------------------------------------------------
     @torch.no_grad()
@@ -127,6 +132,8 @@ class GPT(nn.Module):
         if self.cfg.embedding_mult != 1.0:
             x = x * self.cfg.embedding_mult
         x = self.drop(x)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         mask = causal_block_mask(T, idx.device) if self.cfg.pos == "alibi" else None
         for block in self.blocks:
             x = block(x, mask) if mask is not None else block(x)
@@ -139,7 +146,12 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or the mean next-token cross-entropy when ``targets`` is given."""
-        logits = self.logits(self.hidden_states(idx))
+        h = self.hidden_states(idx)
+        if targets is not None and self.fused_loss:
+            w = self.wte.weight if self.lm_head is None else self.lm_head.weight
+            return fused_linear_cross_entropy(h.flatten(0, 1), w, targets.flatten(),
+                                              scale=self.logit_scale, chunk=self.loss_chunk)
+        logits = self.logits(h)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -60,7 +60,8 @@ class Run:
         console(msg, self.world.is_main)
 
 
-def _precision(cfg: Config, device: torch.device) -> str:
+def precision_of(cfg: Config, device: torch.device) -> str:
+    """runconfig.precision resolved for device: bf16 or fp32."""
     precision = cfg.runconfig.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -69,7 +70,7 @@ def _precision(cfg: Config, device: torch.device) -> str:
 
 def autocast_for(cfg: Config, device: torch.device):
     """bf16 autocast on CUDA, none (fp32) on CPU, per runconfig.precision."""
-    if _precision(cfg, device) == "bf16":
+    if precision_of(cfg, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -100,7 +101,7 @@ def setup(cfg: Config, model_dir: str | Path) -> Run:
     world = init_world(cfg.runconfig.device, cfg.runconfig.dist_backend)
     torch.manual_seed(cfg.runconfig.seed + world.rank)
     model_dir = Path(model_dir)
-    bf16 = _precision(cfg, world.device) == "bf16"
+    bf16 = precision_of(cfg, world.device) == "bf16"
     model = build_model(cfg.model)  # meta device
     if world.distributed and resolve_strategy(cfg.runconfig, world, model.num_params()) == "fsdp":
         # Shard first, then allocate and initialise only this rank's shards (FSDP2 on meta):
