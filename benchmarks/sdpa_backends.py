@@ -3,21 +3,24 @@
     python benchmarks/sdpa_backends.py
 
 Shapes: the GPT-2 124M step (B=32, H=12, T=1024, d_head=64) and the Cerebras-GPT 1.3B step
-(B=12, H=16, T=2048, d_head=128). Prints median ms per backend and the speed-up over
+(B=12, H=16, T=2048, d_head=128); backends flash, cuDNN, mem-efficient and FlexAttention
+(causal block mask). Prints median ms per backend and the speed-up over
 flash; a backend the build lacks for a shape is reported, not hidden.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 SHAPES = {"124M": (32, 12, 1024, 64), "1.3B": (12, 16, 2048, 128)}
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "flex": None}
 
 
 def time_ms(fn, reps: int = 30) -> float:
@@ -48,6 +51,16 @@ def main() -> int:
                     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 out.backward(torch.ones_like(out))
                 return out
+            if label == "flex":  # FlexAttention, causal block mask (lmfab's ALiBi kernel family)
+                from torch.nn.attention.flex_attention import flex_attention
+
+                from lmfab.models.attention import causal_block_mask
+                flex, mask = torch.compile(flex_attention), causal_block_mask(T, q.device)
+
+                def step(q=q, k=k, v=v, flex=flex, mask=mask):
+                    out = flex(q, k, v, block_mask=mask)
+                    out.backward(torch.ones_like(out))
+                    return out
             try:
                 out = step()
                 ms = time_ms(step)

@@ -33,6 +33,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -42,7 +43,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+# Every impl compiles from scratch: a warm inductor cache once handed the HF peer a slower
+# compiled artifact than a fresh compile gives it (100 vs 74 ms on an H200, same code;
+# docs/benchmarks.md). Set TORCHINDUCTOR_FORCE_DISABLE_CACHES=0 to allow caches.
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 try:  # an editable install; otherwise run from a plain checkout
@@ -55,7 +61,7 @@ from lmfab.config import Config, ConfigError, load_config  # noqa: E402
 from lmfab.dist import World, parallelize  # noqa: E402
 from lmfab.dist.world import select_device  # noqa: E402
 from lmfab.models.gpt import build_model, materialize  # noqa: E402
-from lmfab.train.loop import autocast_for  # noqa: E402
+from lmfab.train.loop import autocast_for, precision_of  # noqa: E402
 from lmfab.train.metrics import peak_flops  # noqa: E402
 from lmfab.train.optim import build_optimizer, set_lr  # noqa: E402
 
@@ -80,7 +86,8 @@ class Built:
 def build_lmfab(cfg: Config, device: torch.device, *, compile: bool, lr: float) -> Built:
     model = materialize(build_model(cfg.model), device, seed=cfg.runconfig.seed)
     world = World(rank=0, world_size=1, local_rank=0, device=device)
-    wrapped = parallelize(model, world, dataclasses.replace(cfg.runconfig, compile=compile))
+    wrapped = parallelize(model, world, dataclasses.replace(cfg.runconfig, compile=compile),
+                          bf16=precision_of(cfg, device) == "bf16")
     wrapped.train()
     optimizer = build_optimizer(model, cfg.optimizer, device, cfg.model)
     set_lr(optimizer, lr)  # lmfab sets lr from its schedule every step
@@ -213,6 +220,8 @@ def run_impl(impl: str, cfg: Config, args, device: torch.device, flops_per_token
             step_s.append(time.perf_counter() - t0)
     wall_s = time.perf_counter() - t_wall
     final_loss = float(loss.float().item()) if loss is not None else float("nan")
+    breakdown = profile_steps(step, args.warmup + args.steps, args.profile) \
+        if args.profile and is_cuda else None
 
     median = statistics.median(step_s)
     tokens_per_s = B * T / median
@@ -243,7 +252,61 @@ def run_impl(impl: str, cfg: Config, args, device: torch.device, flops_per_token
         "peak_mem_gib": peak_mem,
         "peak_reserved_gib": peak_reserved,
         "final_loss": final_loss,
+        "profile": breakdown,
     }
+
+
+# Kernel categories for --profile, first match wins (names as the CUDA profiler reports).
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated", "flex")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "matmul", "splitk")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel")),
+    ("fused (inductor)", ("triton_",)),
+    ("copy / memset", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for label, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return label
+    return "other"
+
+
+def profile_steps(step, first: int, n: int) -> dict:
+    """Run ``n`` steps under torch.profiler; GPU kernel time per category and per kernel,
+    and the share of the wall time the GPU was busy (launch-bound steps show a gap)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for i in range(n):
+            step(first + i)
+        torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - t0) / n
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:  # CPU ops carry their kernels' time too
+            continue
+        if "#" in evt.key or evt.key.startswith("ProfilerStep"):  # annotated ranges, not kernels
+            continue
+        dev_us = getattr(evt, "self_device_time_total", 0.0)
+        if dev_us > 0:
+            kernels[evt.key] = kernels.get(evt.key, 0.0) + dev_us / 1e3 / n
+    by_cat: dict[str, float] = {}
+    for name, ms in kernels.items():
+        by_cat[categorize(name)] = by_cat.get(categorize(name), 0.0) + ms
+    busy = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
+    lines = [f"  GPU busy {busy:.1f} ms of {wall_ms:.1f} ms wall per step (profiled)"]
+    lines += [f"  {cat:18s} {ms:8.2f} ms {100 * ms / busy:5.1f}%"
+              for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+    lines += [f"    {ms:7.3f} ms  {name[:110]}" for name, ms in top]
+    log("\n".join(lines))
+    return {"wall_ms": wall_ms, "busy_ms": busy, "categories_ms": by_cat,
+            "top_kernels_ms": dict(top)}
 
 
 def cleanup(device: torch.device) -> None:
@@ -344,6 +407,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_batches", type=int, default=4,
                    help="random batches drawn once per impl and rotated")
     p.add_argument("--data_seed", type=int, default=1234)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps (CUDA): GPU time per kernel "
+                        "category and the top kernels, to stderr and --json")
+    p.add_argument("--no_isolate", dest="isolate", action="store_false",
+                   help="run every impl in this process (default: one fresh process per impl "
+                        "when several are given)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all numbers here")
     args = p.parse_args(argv)
     args.impls = [s.strip() for s in args.impl.split(",") if s.strip()]
@@ -353,6 +422,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0 or args.num_batches < 1:
         p.error("--steps must be >= 1, --warmup >= 0, --num_batches >= 1")
     return args
+
+
+def run_isolated(impl: str, argv: list[str], args) -> dict:
+    """Run one impl in a fresh Python process (this script, ``--impl impl``) and read its JSON.
+
+    Impls share nothing then: on an H200 the HF peer compiled in the same process right after
+    lmfab ran at 100 ms per step against 74 ms on its own (docs/benchmarks.md), so a shared
+    process can flatter either side.
+    """
+    import tempfile
+
+    child = []
+    skip = False
+    for a in argv:  # drop --impl/--json (and their values); the child gets its own
+        if skip:
+            skip = False
+            continue
+        if a in ("--impl", "--json"):
+            skip = True
+            continue
+        if a.startswith(("--impl=", "--json=")):
+            continue
+        child.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "one.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *child, "--impl", impl,
+               "--json", str(out)]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)
+        if out.exists():
+            return json.loads(out.read_text())["results"][0]
+    return {"impl": impl, "ok": False, "error": f"subprocess exited with {proc.returncode}",
+            "micro_batch": args.micro_batch, "seq_len": args.seq_len}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for impl in args.impls:
         log(f"[{impl}] start")
+        if args.isolate and len(args.impls) > 1:
+            results.append(run_isolated(impl, argv if argv is not None else sys.argv[1:], args))
+            continue
         try:
             results.append(run_impl(impl, cfg, args, device, flops_per_token, peak))
         except Exception as e:  # OOM, a compile failure, transformers missing: report, go on
