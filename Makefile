@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The demo's knobs; the tests run `make demo-run` with a smaller variant.
 TORCH ?= torch==2.13.0
 RUN_DIR ?= runs/demo
-DATA_DIR ?= runs/data/sample
+DATA_DIR ?= runs/data/curated-sample
 CURATED_DIR ?= runs/curated/sample
 DEMO_SET ?=
 DEMO_VOCAB ?= 4096

@@ -14,6 +14,9 @@ Implementations (``--impl``, comma-separated, run in the given order):
 - ``hf-eager``     ``transformers.GPT2LMHeadModel`` with ``attn_implementation="sdpa"``;
 - ``hf-compile``   the same under ``torch.compile``.
 
+Each impl runs in a fresh Python process when several are given (``--no_isolate``: one
+process), with inductor caches off, so no impl inherits another's compiled state.
+
 Timing: warm-up steps (compilation happens there) are excluded; each timed step is bracketed
 by CUDA events (wall clock on CPU) and the median step time gives tokens/s =
 micro_batch * seq_len / median. MFU = tokens/s * FLOPs/token / peak, with FLOPs/token taken

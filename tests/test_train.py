@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmfab.config import load_config
+from lmfab.config import ConfigError, load_config
 from lmfab.train import checkpoint as ckpt
 from lmfab.train.loop import run_mode
 
@@ -91,6 +91,38 @@ def test_keep_checkpoints_prunes_oldest(tiny_data, tmp_path):
     run_mode(cfg, mode="train", model_dir=tmp_path / "run")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == [
         "step_00000006", "step_00000008"]
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_new_model_field(tiny_data, tmp_path):
+    """A checkpoint written before ModelConfig gained a field (the key is absent from its
+    config.yaml) resumes when the field is at its default, and is refused otherwise."""
+    import yaml
+
+    run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 2}), mode="train", model_dir=tmp_path / "r")
+    path = ckpt.latest_checkpoint(tmp_path / "r") / "config.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for key in ("rope_theta", "output_mult", "dropout"):
+        del raw["model"][key]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="dropout"):
+        run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 4, "model.dropout": 0.1}),
+                 mode="train", model_dir=tmp_path / "r")
+    run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 4}), mode="train", model_dir=tmp_path / "r")
+    assert sorted(_losses(tmp_path / "r")) == [1, 2, 3, 4]
+
+
+def test_resume_refuses_an_older_checkpoint_layout(tiny_data, tmp_path):
+    run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 2}), mode="train", model_dir=tmp_path / "r")
+    saved = ckpt.latest_checkpoint(tmp_path / "r")
+    state = json.loads((saved / "state.json").read_text())
+    assert state["format"] == ckpt.FORMAT
+    del state["format"], state["loader"]["stage"]  # an early development checkpoint's layout
+    (saved / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="layout is format 0 .* --init_from"):
+        run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 4}), mode="train", model_dir=tmp_path / "r")
+    # Its weights still start a new run.
+    run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 1}), mode="train",
+             model_dir=tmp_path / "new", init_from=str(saved))
 
 
 def test_init_from_loads_weights_only(tiny_data, tmp_path):

@@ -154,7 +154,7 @@ class RunConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
     # torch.compile mode: default; tuned (default + coordinate-descent tuning of inductor's
-    # fused pointwise/reduction kernels: tens of seconds more compile time); or one of
+    # fused pointwise/reduction kernels: minutes more compile time on an H200); or one of
     # torch.compile's modes: max-autotune-no-cudagraphs (Triton GEMM templates with fused
     # epilogues, minutes more), max-autotune, reduce-overhead (CUDA graphs).
     compile_mode: Literal["default", "tuned", "max-autotune-no-cudagraphs", "max-autotune",

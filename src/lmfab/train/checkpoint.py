@@ -8,7 +8,7 @@ Layout of one checkpoint, ``<model_dir>/checkpoints/step_00000200/``::
     dcp/                FSDP2: model and optimizer state as torch.distributed.checkpoint
                         shards, written by every rank; resharded on load, so a run resumes
                         on a different number of GPUs
-    state.json          step, tokens seen, data-loader state, wall time
+    state.json          layout format, step, tokens seen, data-loader state, wall time
     rng_rank<R>.pt      torch CPU (and CUDA) RNG state of each rank
     config.yaml         the resolved config the run used
 
@@ -80,6 +80,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return newest
 
 
+# Version of the checkpoint layout (state.json "format"). Bump it when a change makes older
+# checkpoints unreadable; resume then refuses them with a clear message (weights stay usable
+# through --init_from, which reads model.safetensors only).
+FORMAT = 1
+
+
+def checkpoint_format(state: dict) -> int:
+    """The layout version of a checkpoint's state.json. Checkpoints from before the field
+    existed are format 1 when their loader state names its stage (the layout FORMAT 1
+    describes), else 0 (early development builds, unreadable now)."""
+    if "format" in state:
+        return int(state["format"])
+    return 1 if isinstance(state.get("loader"), dict) and "stage" in state["loader"] else 0
+
+
+def read_state(path: str | Path) -> dict:
+    """state.json of a checkpoint directory."""
+    return json.loads((Path(path) / "state.json").read_text())
+
+
 def save_checkpoint(
     model_dir: str | Path,
     *,
@@ -116,7 +136,8 @@ def save_checkpoint(
     if world.is_main:
         weights = {k: v.detach().contiguous() for k, v in weights.items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        meta = {"step": step, "world_size": world.world_size, "time": time.time(), **state}
+        meta = {"format": FORMAT, "step": step, "world_size": world.world_size,
+                "time": time.time(), **state}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         write_config(cfg, tmp / "config.yaml")
     barrier(world)

@@ -10,6 +10,7 @@ checkpoint in ``model_dir`` resumes automatically; ``init_from`` loads weights o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -28,7 +29,7 @@ from lmfab.config.load import (
     train_stages,
     write_config,
 )
-from lmfab.config.schema import Config
+from lmfab.config.schema import Config, ModelConfig
 from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, barrier, init_world, parallelize, shutdown
 from lmfab.dist.parallel import no_sync, resolve_strategy, sharded_fill
@@ -120,10 +121,24 @@ def setup(cfg: Config, model_dir: str | Path) -> Run:
 def _check_resumable(saved: Path, cfg: Config) -> None:
     import yaml
 
+    fmt = ckpt.checkpoint_format(ckpt.read_state(saved))
+    if fmt != ckpt.FORMAT:
+        raise ConfigError(
+            f"{saved}: cannot resume, the checkpoint's layout is format {fmt} and this lmfab "
+            f"reads format {ckpt.FORMAT}; use a new --model_dir, or --init_from {saved} to "
+            "start a new run from its weights"
+        )
+
     saved_model = yaml.safe_load((saved / "config.yaml").read_text())["model"]
-    if saved_model != config_to_dict(cfg)["model"]:
-        diff = {k: (saved_model.get(k), v) for k, v in config_to_dict(cfg)["model"].items()
-                if saved_model.get(k) != v}
+    now = config_to_dict(cfg)["model"]
+    # A key the checkpoint lacks was added to ModelConfig after it was written; its default
+    # keeps the old behaviour, so that default matches.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                if f.default is not dataclasses.MISSING}
+    missing = object()
+    diff = {k: (saved_model.get(k), v) for k, v in now.items()
+            if saved_model.get(k, defaults.get(k, missing)) != v}
+    if diff:
         raise ConfigError(
             f"{saved}: cannot resume, the model section differs from the checkpoint's "
             f"(key: (checkpoint, now)) {diff}; use a new --model_dir, or --init_from to "
