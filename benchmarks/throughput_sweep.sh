@@ -19,7 +19,7 @@ for variant in "$@"; do
   for p in "${parts[@]:1}"; do read -r -a words <<< "$p"; extra+=("${words[@]}"); done
   echo "== $label: $impl ${extra[*]}" >&2
   timeout "${VARIANT_TIMEOUT:-0}" $py benchmarks/train_throughput.py --config "$config" --impl "$impl" --steps "$steps" \
-      --warmup "$warmup" --json "$out/$label.json" "${extra[@]}" \
+      --warmup "$warmup" --json "$out/$label.json" ${extra[@]+"${extra[@]}"} \
       > "$out/$label.md" 2> "$out/$label.err"
   row=$(grep "^| $impl " "$out/$label.md" | head -1)
   [[ -n $row ]] || row="| $impl | - | - | did not finish | - | - | - | - |"

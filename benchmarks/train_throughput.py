@@ -256,6 +256,7 @@ def run_impl(impl: str, cfg: Config, args, device: torch.device, flops_per_token
         "peak_reserved_gib": peak_reserved,
         "final_loss": final_loss,
         "profile": breakdown,
+        "pid": os.getpid(),
     }
 
 
@@ -263,7 +264,7 @@ def run_impl(impl: str, cfg: Config, args, device: torch.device, flops_per_token
 CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated", "flex")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "matmul", "splitk")),
-    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("fused (inductor)", ("triton_",)),
     ("copy / memset", ("memcpy", "memset", "copy", "fill")),
 )
@@ -293,7 +294,7 @@ def profile_steps(step, first: int, n: int) -> dict:
     for evt in prof.key_averages():
         if evt.device_type != torch.autograd.DeviceType.CUDA:  # CPU ops carry their kernels' time too
             continue
-        if "#" in evt.key or evt.key.startswith("ProfilerStep"):  # annotated ranges, not kernels
+        if getattr(evt, "is_user_annotation", False) or "#" in evt.key:  # ranges, not kernels
             continue
         dev_us = getattr(evt, "self_device_time_total", 0.0)
         if dev_us > 0:

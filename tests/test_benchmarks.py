@@ -22,4 +22,5 @@ def test_train_throughput_isolates_impls_and_writes_json(tmp_path):
     assert [r["impl"] for r in rows] == ["lmfab-eager", "hf-eager"]
     assert all(r["ok"] and r["tokens_per_s"] > 0 and len(r["step_ms"]) == 2 for r in rows)
     assert rows[0]["params"] == rows[1]["params"]  # same shapes on both sides
+    assert rows[0]["pid"] != rows[1]["pid"]  # each impl in its own process
     assert "| lmfab-eager |" in proc.stdout and "| hf-eager |" in proc.stdout

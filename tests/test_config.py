@@ -53,6 +53,7 @@ def _tiny_raw() -> dict:
         (lambda r: r["optimizer"]["learning_rate"][0].update(shedule="linear"),
          r"learning_rate\[0\]\.shedule: unknown key \(did you mean 'schedule'\?\)"),
         (lambda r: r["runconfig"].update(tensorboard="yes"), r"runconfig\.tensorboard: expected true or false"),
+        (lambda r: r["model"].update(output_mult=0.0), r"model\.output_mult: must be positive"),
         (lambda r: r["runconfig"].update(loss_chunk=-1), r"runconfig\.loss_chunk: must be >= 0"),
         (lambda r: r["runconfig"].update(attention_backend="fa3"), r"runconfig\.attention_backend: 'fa3' is not one of"),
         (lambda r: r["runconfig"].update(residual_dtype="fp16"), r"runconfig\.residual_dtype: 'fp16' is not one of"),

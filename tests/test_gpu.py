@@ -98,16 +98,26 @@ def test_attention_backends_agree_in_compiled_model(backend):
 
     cfg = ModelConfig(vocab_size=512, n_layer=2, n_head=4, d_model=256, max_seq_len=256)
     idx = torch.randint(0, 512, (4, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    results = {}
+    from torch.profiler import ProfilerActivity, profile
+
+    results, kernels = {}, {}
     for name in ("math", backend):
         model = materialize(build_model(cfg), "cuda", seed=3)
         set_attention_backend(model, name, torch.device("cuda"))
         compiled = torch.compile(model)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(idx[:, :-1], idx[:, 1:])
-        loss.backward()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            torch.cuda.synchronize()
+        kernels[name] = " ".join(e.key.lower() for e in prof.key_averages())
         results[name] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
         torch._dynamo.reset()
+    # The priority took effect: the chosen backend's kernels ran (cuDNN's own names contain
+    # "flash" too, so flash and efficient must also show no cuDNN kernel).
+    marker = {"cudnn": "cudnn", "flash": "flash", "efficient": "fmha"}[backend]
+    assert marker in kernels[backend], kernels[backend][:2000]
+    assert backend == "cudnn" or "cudnn" not in kernels[backend]
     assert abs(results[backend][0] - results["math"][0]) < 1e-2
     assert _rel(results[backend][1], results["math"][1]) < 3e-2
 
@@ -125,3 +135,23 @@ def test_fused_loss_and_bf16_residual_train_like_standard(tiny_data, tmp_path):
         curves[name] = _losses(tmp_path / name)
     for a, b in zip(curves["standard"], curves["fused"], strict=True):
         assert abs(a - b) < 0.05 * a, curves
+
+
+@pytest.mark.gpu
+def test_fused_loss_kernel_beyond_two_to_the_31_elements():
+    """More than 2^31 logits: row offsets are 64-bit (the last rows are right)."""
+    from lmfab.models.loss import ce_rows_
+
+    n, v = 44_000, 50_304  # 2.21e9 elements, 4.4 GB in bf16
+    logits = torch.empty(n, v, device="cuda", dtype=torch.bfloat16)
+    tail = torch.randn(16, v, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    logits[-16:] = tail.bfloat16()
+    logits[:-16] = 0.0
+    targets = torch.randint(0, v, (n,), device="cuda")
+    loss = ce_rows_(logits, targets, 1.0, 1.0)
+    ref_in = tail.bfloat16().double()
+    ref = torch.nn.functional.cross_entropy(ref_in, targets[-16:], reduction="none")
+    assert torch.allclose(loss[-16:].double(), ref, rtol=1e-4, atol=1e-4)
+    grad = torch.softmax(ref_in, -1)
+    grad[torch.arange(16), targets[-16:]] -= 1.0
+    assert _rel(logits[-16:], grad) < 1e-2

@@ -145,6 +145,13 @@ def test_attention_backend_priority():
 
     cpu = torch.device("cpu")
     assert sdpa_priority("auto", cpu) is None and sdpa_priority("cudnn", cpu) is None
+    # A named backend on CUDA: first, then the others as fall-backs (no CUDA call needed).
+    cuda = torch.device("cuda")
+    assert sdpa_priority("flash", cuda) == [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    assert sdpa_priority("torch", cuda) is None
+    with pytest.raises(ValueError, match="attention backend 'fa3'"):
+        sdpa_priority("fa3", cuda)
     model = materialize(build_model(small()), "cpu", seed=0)
     set_attention_backend(model, "flash", cpu)
     assert all(m.sdpa_backends is None for m in model.modules() if isinstance(m, Attention))
@@ -155,3 +162,40 @@ def test_attention_backend_priority():
     idx = torch.randint(0, 101, (2, 9))
     ref = materialize(build_model(small()), "cpu", seed=0)(idx)
     torch.testing.assert_close(model(idx), ref)
+
+
+def test_compile_module_maps_compile_mode():
+    """runconfig.compile_mode reaches torch.compile as its mode or inductor options."""
+    from lmfab.config import RunConfig
+    from lmfab.dist.parallel import compile_module
+
+    class Recorder(torch.nn.Module):
+        def compile(self, *args, **kwargs):
+            self.seen = kwargs
+
+    expected = {"default": {}, "tuned": {"options": {"coordinate_descent_tuning": True}},
+                "max-autotune-no-cudagraphs": {"mode": "max-autotune-no-cudagraphs"},
+                "reduce-overhead": {"mode": "reduce-overhead"}}
+    for mode, kwargs in expected.items():
+        m = Recorder()
+        compile_module(m, RunConfig(compile=True, compile_mode=mode))
+        assert m.seen == kwargs, mode
+
+
+def test_resume_check_refuses_a_key_only_the_checkpoint_has(tmp_path):
+    import yaml
+
+    from lmfab.config import ConfigError, load_config, write_config
+    from lmfab.train.loop import _check_resumable
+
+    from .conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "train" / "tiny.yaml")
+    write_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "state.json").write_text('{"format": 1, "step": 1, "loader": {"stage": 0}}')
+    _check_resumable(tmp_path, cfg)  # the same config resumes
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    raw["model"]["n_experts"] = 8  # a field this lmfab does not have
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="n_experts"):
+        _check_resumable(tmp_path, cfg)

@@ -291,6 +291,9 @@ def check_model_config(m: ModelConfig) -> None:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}"
         )
+    for name in ("output_mult", "embedding_mult", "init_std"):
+        if not getattr(m, name) > 0:
+            raise ConfigError(f"model.{name}: must be positive, got {getattr(m, name)}")
     if m.kv_heads <= 0 or m.n_head % m.kv_heads:
         raise ConfigError(
             f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head} (grouped-query)"

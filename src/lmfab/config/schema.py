@@ -172,7 +172,8 @@ class RunConfig:
     loss_chunk: int = 0
     # dtype of the residual stream between blocks under bf16 autocast: fp32 (the weights'
     # dtype, as autocast leaves it) or bf16 (half the activation traffic, as Megatron-LM's
-    # default); norms and softmax still compute in fp32.
+    # default); norms and softmax still compute in fp32. Under FSDP2 on GPUs the parameters
+    # are bf16, so the stream is bf16 either way.
     residual_dtype: Literal["fp32", "bf16"] = "fp32"
     # Data parallelism: ddp replicates the model; fsdp shards parameters, gradients and
     # optimizer state (FSDP2); auto picks fsdp when the 16 bytes/parameter of weights,

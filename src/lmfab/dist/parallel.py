@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from lmfab.config.load import ConfigError
 from lmfab.config.schema import RunConfig
 from lmfab.dist.world import World
 from lmfab.models.attention import set_attention_backend
@@ -66,6 +67,12 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
     strategy = resolve_strategy(run, world, sum(p.numel() for p in model.parameters()))
     if strategy == "fsdp" and world.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if run.compile and run.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(
+                f"runconfig.compile_mode={run.compile_mode} uses CUDA graphs, which FSDP2's "
+                "per-block compile does not support; use default, tuned or "
+                "max-autotune-no-cudagraphs with strategy fsdp")
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if bf16 else MixedPrecisionPolicy()

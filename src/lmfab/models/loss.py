@@ -16,7 +16,9 @@ vocabularies, at the cost of smaller matmuls.
 
 Numerics: logits come from a matmul in the compute dtype (the autocast dtype, as
 ``F.linear`` under autocast); the log-sum-exp and softmax run in fp32; the output weight's
-gradient is returned in fp32. Targets must lie in [0, V) (no ignore index).
+gradient is returned in fp32. Targets must lie in [0, V) (no ignore index; the Triton kernel
+does not check, so the data loader's check that the tokenizer's vocabulary fits
+``model.vocab_size`` is what guarantees it).
 """
 
 from __future__ import annotations
@@ -47,19 +49,22 @@ def _triton_kernel():
         row = tl.program_id(0).to(tl.int64)
         ptr = logits_ptr + row * stride
         target = tl.load(targets_ptr + row)
+        # Read before pass 2 can overwrite it: the warps of a program are not in lockstep.
+        x_t = tl.load(ptr + target).to(tl.float32) * scale
         cols = tl.arange(0, BLOCK)
-        # Pass 1: online max and sum of exp, one lane per column of the block.
+        # Pass 1: online max and sum of exp, one lane per column of the block. The block-wide
+        # reductions after it wait for every warp, so pass 2's writes follow all its reads.
         m = tl.full([BLOCK], -1.0e30, tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
         for off in range(0, V, BLOCK):
-            x = tl.load(ptr + off + cols, mask=off + cols < V, other=-float("inf"))
-            x = x.to(tl.float32) * scale
+            mask = off + cols < V
+            x = tl.load(ptr + off + cols, mask=mask, other=0.0).to(tl.float32) * scale
+            x = tl.where(mask, x, -float("inf"))
             m_new = tl.maximum(m, x)
             s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
             m = m_new
         m_row = tl.max(m, axis=0)
         lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
-        x_t = tl.load(ptr + target).to(tl.float32) * scale
         tl.store(loss_ptr + row, lse - x_t)
         if WRITE_GRAD:  # pass 2 (the row is mostly still in L2): the gradient, in place
             g_mult = scale * grad_scale
@@ -134,7 +139,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_w = g.t() @ hc
         else:
             grad_h, grad_w = ctx.saved_tensors
-        return ((grad_h * grad_out).to(h_dtype), (grad_w * grad_out).to(w_dtype),
+        # Cast first, then scale: one rounding when grad_out is not a power of two.
+        return (grad_h.to(h_dtype) * grad_out, grad_w.to(w_dtype) * grad_out,
                 None, None, None, None)
 
 

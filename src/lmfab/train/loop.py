@@ -138,6 +138,8 @@ def _check_resumable(saved: Path, cfg: Config) -> None:
     missing = object()
     diff = {k: (saved_model.get(k), v) for k, v in now.items()
             if saved_model.get(k, defaults.get(k, missing)) != v}
+    # A key only the checkpoint has (a field since renamed or removed) is a difference too.
+    diff.update({k: (v, None) for k, v in saved_model.items() if k not in now})
     if diff:
         raise ConfigError(
             f"{saved}: cannot resume, the model section differs from the checkpoint's "
