@@ -199,3 +199,45 @@ def test_resume_check_refuses_a_key_only_the_checkpoint_has(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="n_experts"):
         _check_resumable(tmp_path, cfg)
+
+
+_INTERPRETER_CHECK = """
+import json, sys, torch, torch.nn.functional as F
+from lmfab.models.loss import _triton_kernel
+dtype = getattr(torch, sys.argv[1])
+gen = torch.Generator().manual_seed(7)
+n, v, scale = 6, 9000, 0.37
+logits = (3 * torch.randn(n, v, generator=gen)).to(dtype)
+targets = torch.randint(0, v, (n,), generator=gen)
+ref_in = logits.double() * scale
+loss, grad = torch.empty(n, dtype=torch.float32), logits.clone()
+_triton_kernel()[(n,)](grad, grad.stride(0), targets, loss, v, scale, 0.5, BLOCK=4096,
+                       WRITE_GRAD=True)
+ref = F.cross_entropy(ref_in, targets, reduction="none")
+ref_grad = torch.softmax(ref_in, -1)
+ref_grad[torch.arange(n), targets] -= 1.0
+ref_grad *= scale * 0.5
+print(json.dumps({"loss": (loss.double() - ref).abs().max().item(),
+                  "grad": ((grad.double() - ref_grad).norm() / ref_grad.norm()).item()}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ce_row_kernel_in_triton_interpreter(dtype):
+    """The Triton row kernel itself, run by Triton's CPU interpreter (TRITON_INTERPRET=1, in
+    a fresh process so the flag holds from import) where Triton is installed (GPU machines;
+    CPU-only installs skip, with this reason): loss and in-place gradient against fp64, with
+    a partial last block and a logit scale."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="needs the triton package (CUDA builds of torch ship it)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK, dtype], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert err["loss"] < 1e-5
+    assert err["grad"] < (1e-6 if dtype == "float32" else 1e-2)
