@@ -49,6 +49,10 @@ def run_point(args, n: int, strategy: str, micro: int) -> dict:
     if proc.returncode != 0:
         return {"devices": n, "strategy": strategy, "error": proc.stderr.strip().splitlines()[-1:]}
     rows = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    if not args.keep_checkpoints:  # the end-of-run checkpoint: 15 GB for the 1.3B shape
+        import shutil
+
+        shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)
     train = [r for r in rows if r["split"] == "train"]
     timed = train[args.warmup:] or train[-1:]
     tok_s = statistics.median(r["tokens_per_s"] for r in timed)
@@ -69,6 +73,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="logged intervals to skip")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default="runs/scaling")
+    p.add_argument("--keep_checkpoints", action="store_true",
+                   help="keep each point's end-of-run checkpoint (deleted by default)")
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.micro_batch is None:

@@ -4,6 +4,7 @@ path that produces docs/benchmarks.md's figures must not rot)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,3 +25,50 @@ def test_train_throughput_isolates_impls_and_writes_json(tmp_path):
     assert rows[0]["params"] == rows[1]["params"]  # same shapes on both sides
     assert rows[0]["pid"] != rows[1]["pid"]  # each impl in its own process
     assert "| lmfab-eager |" in proc.stdout and "| hf-eager |" in proc.stdout
+
+
+def test_compare_curves_reports_differences(tiny_data, tmp_path):
+    from lmfab.config import load_config
+    from lmfab.train.loop import run_mode
+
+    from .conftest import tiny_overrides
+
+    sets = {"runconfig.max_steps": 4, "runconfig.log_steps": 1}
+    for name, lr in (("a", None), ("b", None), ("c", 0.0)):
+        extra = {} if lr is None else {"optimizer.learning_rate": lr}
+        run_mode(load_config(CONFIGS / "train" / "tiny.yaml", tiny_overrides(tiny_data, **sets, **extra)),
+                 mode="train", model_dir=tmp_path / name)
+    script = str(REPO / "benchmarks" / "compare_curves.py")
+    same = subprocess.run([sys.executable, script, str(tmp_path / "a"), str(tmp_path / "b"),
+                           "--json", str(tmp_path / "ab.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert same.returncode == 0, same.stderr
+    assert json.loads((tmp_path / "ab.json").read_text())["max_abs_diff"] == [0.0] * 4
+    frozen = subprocess.run([sys.executable, script, str(tmp_path / "a"), str(tmp_path / "c"),
+                             "--labels", "trained,frozen", "--png", str(tmp_path / "ac.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert frozen.returncode == 0, frozen.stderr
+    assert "| trained | frozen |" in frozen.stdout and (tmp_path / "ac.png").stat().st_size > 0
+    last = frozen.stdout.strip().splitlines()[-1]
+    assert float(last.split("max |diff| ")[1].split(",")[0]) > 0  # lr 0 leaves the loss flat
+
+
+def test_scaling_script_on_cpu_with_gloo(tiny_data, tmp_path):
+    from .conftest import tiny_overrides
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"),
+           "--params", str(CONFIGS / "train" / "tiny.yaml"), "--devices", "1,2",
+           "--strategies", "ddp", "--steps", "4", "--log_steps", "1", "--warmup", "1",
+           "--micro_batch", "4", "--out", str(tmp_path / "scaling")]
+    for s in tiny_overrides(tiny_data):
+        if not s.startswith(("train_input.batch_size", "train_input.micro_batch_size")):
+            cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    points = json.loads((tmp_path / "scaling" / "scaling.json").read_text())
+    assert [(p["strategy"], p["devices"], p["global_batch"]) for p in points] == [
+        ("ddp", 1, 4), ("ddp", 2, 8)]
+    assert all(p["tokens_per_s"] > 0 for p in points)
+    assert not (tmp_path / "scaling" / "ddp-2" / "checkpoints").exists()  # deleted by default
+    assert (tmp_path / "scaling" / "scaling.png").stat().st_size > 0

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The 2-GPU part of the throughput issue, for the `nvidia-h200-x2` device kind (or any host
+# with 2+ GPUs). Usage: benchmarks/multi_gpu_check.sh OUTDIR DATA1024 DATA2048 PART
+#   PART: tests    the GPU test file, with the 2-GPU DDP test        (~2 min)
+#         curves   124M loss curve, 1 GPU x 2 accumulation vs 2 GPUs, same global batch
+#         scale124 124M DDP throughput on 1 and 2 GPUs               (~3 min)
+#         scale13b 1.3B DDP and FSDP2 throughput on 1 and 2 GPUs     (~7 min: run alone)
+# DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
+# Everything lands in OUTDIR; the last lines printed are the part's table.
+set -uo pipefail
+out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
+part=${4:?part: tests, curves, scale124 or scale13b}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$out"
+py=${PYTHON:-python3}
+case $part in
+  tests)
+    $py -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$out/pytest_gpu.txt" ;;
+  curves)
+    common=(--params configs/train/gpt2-124m.yaml --mode train --max_steps 60
+            --set train_input.data_dir="$d1024" --set train_input.batch_size=64
+            --set train_input.micro_batch_size=32 --set optimizer.learning_rate=6e-4
+            --set runconfig.log_steps=5 --set runconfig.checkpoint_steps=0
+            --set runconfig.tensorboard=false)
+    $py -m lmfab run "${common[@]}" --model_dir /tmp/curve-1gpu --num_devices 1 > "$out/curve-1gpu.log" 2>&1
+    $py -m lmfab run "${common[@]}" --model_dir /tmp/curve-2gpu --num_devices 2 > "$out/curve-2gpu.log" 2>&1
+    cp /tmp/curve-1gpu/metrics.jsonl "$out/curve-1gpu.jsonl"; cp /tmp/curve-2gpu/metrics.jsonl "$out/curve-2gpu.jsonl"
+    $py benchmarks/compare_curves.py /tmp/curve-1gpu /tmp/curve-2gpu --labels "1 GPU (2x accum),2 GPUs" \
+        --png "$out/curves.png" --json "$out/curves.json" | tee "$out/curves.md" ;;
+  scale124)
+    $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
+        --steps 40 --set train_input.data_dir="$d1024" --out "$out/scale124" 2>&1 | tail -8 ;;
+  scale13b)
+    $py benchmarks/scaling.py --params configs/train/cerebras-gpt-1.3b.yaml --devices 1,2 \
+        --strategies ddp,fsdp --steps 30 --set train_input.data_dir="$d2048" --out "$out/scale13b" 2>&1 | tail -10 ;;
+  *) echo "unknown part: $part" >&2; exit 2 ;;
+esac
