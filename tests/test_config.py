@@ -106,3 +106,17 @@ def test_lr_schedule_segments():
     assert sched(15) == pytest.approx(0.55)
     assert sched(20) == pytest.approx(0.1) and sched(1000) == pytest.approx(0.1)
     assert LRSchedule(3e-4)(123) == 3e-4
+
+
+def test_config_notes_name_settings_without_effect():
+    from lmfab.config.load import config_notes
+
+    path = CONFIGS / "train" / "tiny.yaml"
+    assert config_notes(load_config(path), "cpu") == []
+    cfg = load_config(path, ["runconfig.loss_chunk=512", "runconfig.compile_mode=tuned",
+                             "runconfig.residual_dtype=bf16"])
+    notes = config_notes(cfg, "cpu")
+    assert len(notes) == 3 and "loss_chunk" in notes[0] and "compile_mode" in notes[1]
+    assert "residual_dtype" in notes[2]
+    # On CUDA the loss is fused and precision bf16: only compile_mode stays inert.
+    assert [n.split("=")[0] for n in config_notes(cfg, "cuda")] == ["runconfig.compile_mode"]

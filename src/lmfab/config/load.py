@@ -382,6 +382,22 @@ def train_stages(cfg: Config, world_size: int = 1) -> list[TrainStage]:
     return stages
 
 
+def config_notes(cfg: Config, device_type: str) -> list[str]:
+    """Settings that are valid but have no effect in this combination (said, not refused)."""
+    r, notes = cfg.runconfig, []
+    fused = r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
+    if r.loss_chunk and not fused:
+        notes.append(f"runconfig.loss_chunk={r.loss_chunk} has no effect: the loss is the "
+                     "standard one here (runconfig.loss=fused to use it)")
+    if r.compile_mode != "default" and not r.compile:
+        notes.append(f"runconfig.compile_mode={r.compile_mode} has no effect without "
+                     "runconfig.compile: true")
+    bf16 = r.precision == "bf16" or (r.precision == "auto" and device_type == "cuda")
+    if r.residual_dtype == "bf16" and not bf16:
+        notes.append("runconfig.residual_dtype=bf16 has no effect: precision is fp32 here")
+    return notes
+
+
 def check_config(cfg: Config, *, world_size: int = 1) -> None:
     """Cross-field checks: combinations that cannot run fail here, not at step 1000."""
     m, o, t, e, r = cfg.model, cfg.optimizer, cfg.train_input, cfg.eval_input, cfg.runconfig

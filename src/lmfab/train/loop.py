@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from lmfab.config.load import (
     ConfigError,
+    config_notes,
     config_to_dict,
     micro_batching,
     train_stages,
@@ -222,6 +223,8 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
         if tok is not None:
             shutil.copyfile(tok, run.model_dir / "tokenizer.json")
     run.say(format_plan(plan))
+    for note in config_notes(cfg, world.device.type):
+        run.say(f"note: {note}")
 
     end = r.max_steps if num_steps is None else min(r.max_steps, step + num_steps)
     peak = peak_flops(world.device, r.peak_flops_per_device)
