@@ -40,19 +40,17 @@ def corpus(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", texts), texts
 
 
+def _tokenize(corpus, out, **changes):
+    """tokenize_corpus on the module's corpus with its standard parameters, ``changes`` applied."""
+    kwargs = {"seq_len": SEQ_LEN, "vocab_size": VOCAB, "val_fraction": VAL, "seed": SEED,
+              "progress": False, **changes}
+    return tokenize_corpus([str(corpus[0])], str(out), **kwargs)
+
+
 @pytest.fixture(scope="module")
 def tokenized(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "out"
-    meta = tokenize_corpus(
-        [str(corpus[0])],
-        str(out),
-        seq_len=SEQ_LEN,
-        vocab_size=VOCAB,
-        val_fraction=VAL,
-        seed=SEED,
-        progress=False,
-    )
-    return out, meta
+    return out, _tokenize(corpus, out)
 
 
 def test_sample_is_shipped():
@@ -124,40 +122,17 @@ def test_rerun_skips_and_changed_parameters_fail(tokenized, corpus, capsys):
     out, meta = tokenized
     shard = out / "train" / "shard_00000.tok"
     mtime = shard.stat().st_mtime_ns
-    again = tokenize_corpus(
-        [str(corpus[0])],
-        str(out),
-        seq_len=SEQ_LEN,
-        vocab_size=VOCAB,
-        val_fraction=VAL,
-        seed=SEED,
-        progress=False,
-    )
+    again = _tokenize(corpus, out)
     assert again == meta and shard.stat().st_mtime_ns == mtime
     assert "already tokenized" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"seq_len: 64 -> 32.*choose a new out_dir"):
-        tokenize_corpus(
-            [str(corpus[0])],
-            str(out),
-            seq_len=32,
-            vocab_size=VOCAB,
-            val_fraction=VAL,
-            seed=SEED,
-            progress=False,
-        )
+        _tokenize(corpus, out, seq_len=32)
 
 
 def test_existing_tokenizer_reproduces_the_shards(tokenized, corpus, tmp_path):
     out, meta = tokenized
-    meta2 = tokenize_corpus(
-        [str(corpus[0])],
-        str(tmp_path / "again"),
-        seq_len=SEQ_LEN,
-        tokenizer=str(out / "tokenizer.json"),
-        val_fraction=VAL,
-        seed=SEED,
-        progress=False,
-    )
+    meta2 = _tokenize(corpus, tmp_path / "again", vocab_size=8192,
+                      tokenizer=str(out / "tokenizer.json"))
     assert meta2["tokenizer_hash"] == meta["tokenizer_hash"] and not meta2["tokenizer_trained"]
     assert meta2["splits"] == meta["splits"]
     for split in ("train", "val"):
@@ -220,15 +195,7 @@ def test_small_or_empty_corpora_are_clear_errors(tmp_path, capsys):
 
 def test_training_is_deterministic(tokenized, corpus, tmp_path):
     out, meta = tokenized
-    meta2 = tokenize_corpus(
-        [str(corpus[0])],
-        str(tmp_path / "again"),
-        seq_len=SEQ_LEN,
-        vocab_size=VOCAB,
-        val_fraction=VAL,
-        seed=SEED,
-        progress=False,
-    )
+    meta2 = _tokenize(corpus, tmp_path / "again")
     assert meta2["tokenizer_hash"] == meta["tokenizer_hash"]
     assert meta2["splits"] == meta["splits"]
 
@@ -239,16 +206,8 @@ def test_many_shards_and_stale_leftovers(tokenized, corpus, tmp_path):
     stale = tmp_path / "small" / "train" / "shard_99999.tok"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left over by an interrupted run")
-    meta2 = tokenize_corpus(
-        [str(corpus[0])],
-        str(tmp_path / "small"),
-        seq_len=SEQ_LEN,
-        tokenizer=str(out / "tokenizer.json"),
-        val_fraction=VAL,
-        seed=SEED,
-        shard_tokens=100 * window + 7,
-        progress=False,
-    )
+    meta2 = _tokenize(corpus, tmp_path / "small", vocab_size=8192,
+                      tokenizer=str(out / "tokenizer.json"), shard_tokens=100 * window + 7)
     assert not stale.exists()
     train = meta2["splits"]["train"]
     shards = sorted((tmp_path / "small" / "train").glob("*.tok"))

@@ -167,6 +167,22 @@ def _check_expected(
         )
 
 
+def check_batching(global_batch: int, rank: int, world_size: int, seed: int) -> None:
+    """The arguments every loader shares: a rank of the world, a batch that splits evenly."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if global_batch < 1:
+        raise ValueError(f"global_batch must be >= 1, got {global_batch}")
+    if global_batch % world_size:
+        raise ValueError(
+            f"global_batch={global_batch} is not divisible by world_size={world_size}"
+        )
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+
+
 class BatchLoader:
     """Deterministic, resumable training batches for one rank (see the module docstring)."""
 
@@ -180,18 +196,7 @@ class BatchLoader:
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if global_batch < 1:
-            raise ValueError(f"global_batch must be >= 1, got {global_batch}")
-        if global_batch % world_size:
-            raise ValueError(
-                f"global_batch={global_batch} is not divisible by world_size={world_size}"
-            )
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        check_batching(global_batch, rank, world_size, seed)
         self.dataset = dataset
         self.global_batch = int(global_batch)
         self.rank = int(rank)

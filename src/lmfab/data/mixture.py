@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from lmfab.data.loader import TokenDataset
+from lmfab.data.loader import TokenDataset, check_batching
 from lmfab.data.shards import ShardError
 
 MAX_PERIOD = 1 << 16
@@ -108,15 +108,7 @@ class MixtureLoader:
     ) -> None:
         if len(datasets) != len(weights):
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad rank/world_size: rank={rank}, world_size={world_size}")
-        if global_batch < 1 or global_batch % world_size:
-            raise ValueError(
-                f"global_batch={global_batch} must be positive and divisible by "
-                f"world_size={world_size}"
-            )
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        check_batching(global_batch, rank, world_size, seed)
         self.counts_per_period = mixture_counts(weights)
         first = datasets[0]
         for ds in datasets[1:]:

@@ -140,14 +140,8 @@ def pack_corpus(
         "text_key": text_key,
     }
     marker = out / PACK_NAME
-    if marker.exists():
-        done = json.loads(marker.read_text(encoding="utf-8"))
-        changed = diff_params(done.get("params", {}), params)
-        if changed:
-            raise ValueError(
-                f"{out} already holds a finished pack made with different inputs or parameters "
-                f"({'; '.join(changed)}); choose a new out_dir, or delete {out} to redo it"
-            )
+    done = finished_marker(marker, params, "pack")
+    if done is not None:
         if not keep_work:
             shutil.rmtree(out / WORK_NAME, ignore_errors=True)  # left by a kill after pack.json
         print(f"already packed: {out} (pack.json matches; nothing to do)", file=sys.stderr)
@@ -371,6 +365,23 @@ def _check_windows(stats: dict[str, dict], seq_len: int) -> None:
             f"{stats['val']['tokens']} tokens, fewer than one window of {window}; "
             "raise val_fraction or lower seq_len"
         )
+
+
+def finished_marker(marker: Path, params: dict[str, Any], what: str) -> dict[str, Any] | None:
+    """The contents of a finished run's ``marker`` file (pack.json, meta.json) when it was
+    made with ``params``; None when there is none; a ValueError naming what differs when it
+    was made with other inputs or parameters (``what``: "pack", "tokenization")."""
+    if not marker.exists():
+        return None
+    done = json.loads(marker.read_text(encoding="utf-8"))
+    changed = diff_params(done.get("params", {}), params)
+    if changed:
+        out = marker.parent
+        raise ValueError(
+            f"{out} already holds a finished {what} made with different inputs or parameters "
+            f"({'; '.join(changed)}); choose a new out_dir, or delete {out} to redo it"
+        )
+    return done
 
 
 def diff_params(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -44,7 +44,7 @@ from lmfab.data.pack import (
     META_VERSION,
     TOKENIZER_NAME,
     WORK_NAME,
-    diff_params,
+    finished_marker,
     load_checked_tokenizer,
     pack_files,
 )
@@ -93,18 +93,10 @@ def tokenize_corpus(
         "seed": seed,
         "shard_tokens": shard_tokens,
     }
-    meta_path = out / META_NAME
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        changed = diff_params(meta.get("params", {}), params)
-        if not changed:
-            print(f"already tokenized: {out} (meta.json matches; nothing to do)", file=sys.stderr)
-            return meta
-        raise ValueError(
-            f"{out} already holds a finished tokenization made with different inputs or "
-            f"parameters ({'; '.join(changed)}); choose a new out_dir, or delete {out} to "
-            "redo it"
-        )
+    meta = finished_marker(out / META_NAME, params, "tokenization")
+    if meta is not None:
+        print(f"already tokenized: {out} (meta.json matches; nothing to do)", file=sys.stderr)
+        return meta
     tok_path = out / TOKENIZER_NAME
     if tokenizer:
         load_checked_tokenizer(tokenizer)

@@ -195,4 +195,4 @@ def load_checkpoint(
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and world.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], world.device)
-    return json.loads((ckpt / "state.json").read_text())
+    return read_state(ckpt)
