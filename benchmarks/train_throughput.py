@@ -260,57 +260,18 @@ def run_impl(impl: str, cfg: Config, args, device: torch.device, flops_per_token
     }
 
 
-# Kernel categories for --profile, first match wins (names as the CUDA profiler reports).
-CATEGORIES = (
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated", "flex")),
-    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "matmul", "splitk")),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("fused (inductor)", ("triton_",)),
-    ("copy / memset", ("memcpy", "memset", "copy", "fill")),
-)
-
-
-def categorize(name: str) -> str:
-    low = name.lower()
-    for label, keys in CATEGORIES:
-        if any(k in low for k in keys):
-            return label
-    return "other"
-
-
 def profile_steps(step, first: int, n: int) -> dict:
-    """Run ``n`` steps under torch.profiler; GPU kernel time per category and per kernel,
-    and the share of the wall time the GPU was busy (launch-bound steps show a gap)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Run ``n`` steps under torch.profiler: GPU kernel time per category and per kernel,
+    and the wall time per step (launch-bound steps show a gap between the two)."""
+    from lmfab.train.profile import StepProfiler, format_summary
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        for i in range(n):
-            step(first + i)
-        torch.cuda.synchronize()
-        wall_ms = 1e3 * (time.perf_counter() - t0) / n
-    kernels: dict[str, float] = {}
-    for evt in prof.key_averages():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:  # CPU ops carry their kernels' time too
-            continue
-        if getattr(evt, "is_user_annotation", False) or "#" in evt.key:  # ranges, not kernels
-            continue
-        dev_us = getattr(evt, "self_device_time_total", 0.0)
-        if dev_us > 0:
-            kernels[evt.key] = kernels.get(evt.key, 0.0) + dev_us / 1e3 / n
-    by_cat: dict[str, float] = {}
-    for name, ms in kernels.items():
-        by_cat[categorize(name)] = by_cat.get(categorize(name), 0.0) + ms
-    busy = sum(kernels.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
-    lines = [f"  GPU busy {busy:.1f} ms of {wall_ms:.1f} ms wall per step (profiled)"]
-    lines += [f"  {cat:18s} {ms:8.2f} ms {100 * ms / busy:5.1f}%"
-              for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1])]
-    lines += [f"    {ms:7.3f} ms  {name[:110]}" for name, ms in top]
-    log("\n".join(lines))
-    return {"wall_ms": wall_ms, "busy_ms": busy, "categories_ms": by_cat,
-            "top_kernels_ms": dict(top)}
+    prof = StepProfiler(torch.device("cuda"))
+    prof.start()
+    for i in range(n):
+        step(first + i)
+    summary = prof.stop(n)
+    log(format_summary(summary))
+    return summary
 
 
 def cleanup(device: torch.device) -> None:

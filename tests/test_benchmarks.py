@@ -70,5 +70,5 @@ def test_scaling_script_on_cpu_with_gloo(tiny_data, tmp_path):
     assert [(p["strategy"], p["devices"], p["global_batch"]) for p in points] == [
         ("ddp", 1, 4), ("ddp", 2, 8)]
     assert all(p["tokens_per_s"] > 0 for p in points)
-    assert not (tmp_path / "scaling" / "ddp-2" / "checkpoints").exists()  # deleted by default
+    assert not (tmp_path / "scaling" / "ddp-2" / "checkpoints").exists()  # not saved by default
     assert (tmp_path / "scaling" / "scaling.png").stat().st_size > 0

@@ -38,6 +38,17 @@ def test_bf16_training_on_gpu(tiny_data, tmp_path, compile_model):
     assert ckpt.latest_checkpoint(tmp_path / "r").name == "step_00000040"
 
 
+@pytest.mark.gpu
+def test_profile_steps_on_gpu_counts_gemm_time(tiny_data, tmp_path):
+    cfg = load_config(TINY, tiny_overrides(tiny_data, **{
+        "runconfig.max_steps": 6, "runconfig.device": "cuda", "runconfig.profile_steps": 2,
+        "runconfig.profile_start": 3}))
+    run_mode(cfg, mode="train", model_dir=tmp_path / "r")
+    s = json.loads((tmp_path / "r" / "profile" / "kernels_rank0.json").read_text())
+    assert s["steps"] == [4, 5] and s["categories_ms"]["gemm"] > 0
+    assert 0 < s["busy_ms"] and s["wall_ms"] > 0
+
+
 @pytest.mark.multigpu
 def test_two_gpu_ddp_matches_one_gpu(tiny_data, tmp_path):
     steps = 5

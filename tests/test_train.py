@@ -93,6 +93,62 @@ def test_keep_checkpoints_prunes_oldest(tiny_data, tmp_path):
         "step_00000006", "step_00000008"]
 
 
+def test_checkpoint_at_end_false_skips_only_the_final_save(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 5, "runconfig.checkpoint_steps": 2,
+                             "runconfig.checkpoint_at_end": False})
+    run_mode(cfg, mode="train", model_dir=tmp_path / "run")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == [
+        "step_00000002", "step_00000004"]
+
+
+def test_out_of_memory_names_what_to_change(tiny_data, tmp_path, monkeypatch, capsys):
+    """A step that runs out of device memory fails with lmfab's advice after torch's message,
+    and `lmfab run` prints it without a traceback (exit 3)."""
+    from lmfab import cli
+    from lmfab.train import loop
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "_train_step", oom)
+    sets = [a for o in tiny_overrides(tiny_data) for a in ("--set", o)]
+    rc = cli.main(["run", "--params", str(TINY), "--mode", "train", "--model_dir",
+                   str(tmp_path / "run"), *sets])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "Tried to allocate 2.00 GiB" in err and "training step 1" in err
+    assert "runconfig.strategy: fsdp" in err and "micro_batch_size than 4" in err
+    assert "Traceback" not in err
+
+
+def test_profile_steps_write_a_table_and_trace_per_rank(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 6, "runconfig.profile_steps": 2,
+                             "runconfig.profile_start": 2})
+    run_mode(cfg, mode="train", model_dir=tmp_path / "run")
+    out = tmp_path / "run" / "profile"
+    summary = json.loads((out / "kernels_rank0.json").read_text())
+    assert summary["steps"] == [3, 4] and summary["wall_ms"] > 0
+    assert (out / "kernels_rank0.txt").read_text().startswith("  GPU kernels")
+    assert (out / "trace_rank0.json.gz").stat().st_size > 0
+    # A run that ends inside the window profiles the steps it ran.
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 3, "runconfig.profile_steps": 5,
+                             "runconfig.profile_start": 1})
+    run_mode(cfg, mode="train", model_dir=tmp_path / "short")
+    short = json.loads((tmp_path / "short" / "profile" / "kernels_rank0.json").read_text())
+    assert short["steps"] == [2, 3]
+
+
+def test_kernel_categories():
+    from lmfab.train.profile import categorize
+
+    assert categorize("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+    assert categorize("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT") == "gemm"
+    assert categorize("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert categorize("triton_per_fused_native_layer_norm_0") == "fused (inductor)"
+    assert categorize("void at::native::multi_tensor_apply_kernel") == "optimizer"
+    assert categorize("some_other_kernel") == "other"
+
+
 def test_resume_accepts_a_checkpoint_from_before_a_new_model_field(tiny_data, tmp_path):
     """A checkpoint written before ModelConfig gained a field (the key is absent from its
     config.yaml) resumes when the field is at its default, and is refused otherwise."""

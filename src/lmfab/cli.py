@@ -344,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lmfab: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # torch.OutOfMemoryError: the message carries lmfab's advice
+        if type(e).__name__ != "OutOfMemoryError" or os.environ.get("LMFAB_DEBUG"):
+            raise
+        print(f"lmfab: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

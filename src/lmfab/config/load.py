@@ -395,6 +395,12 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     bf16 = r.precision == "bf16" or (r.precision == "auto" and device_type == "cuda")
     if r.residual_dtype == "bf16" and not bf16:
         notes.append("runconfig.residual_dtype=bf16 has no effect: precision is fp32 here")
+    if r.profile_steps and r.profile_start >= r.max_steps:
+        notes.append(f"runconfig.profile_steps has no effect: profile_start={r.profile_start} "
+                     f"is not before max_steps={r.max_steps}")
+    elif r.profile_steps and device_type != "cuda":
+        notes.append("runconfig.profile_steps on a CPU: the trace holds CPU ops only, and the "
+                     "kernel table is empty")
     return notes
 
 
@@ -448,6 +454,8 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError("runconfig.max_steps must be >= 0 and runconfig.log_steps > 0")
     if r.checkpoint_steps < 0 or r.eval_steps < 0 or r.keep_checkpoints < 0:
         raise ConfigError("runconfig.checkpoint_steps, eval_steps, keep_checkpoints: >= 0")
+    if r.profile_steps < 0 or r.profile_start < 0:
+        raise ConfigError("runconfig.profile_steps, profile_start: >= 0")
 
 
 def config_to_dict(cfg: Config) -> dict:

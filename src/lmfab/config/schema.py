@@ -149,6 +149,9 @@ class RunConfig:
     checkpoint_steps: int = 0  # 0: only at the end of the run
     eval_steps: int = 0  # in-loop eval every N steps; 0: none (train_and_eval evals at the end)
     keep_checkpoints: int = 3  # newest N kept; 0 keeps all
+    # Save a checkpoint when the run ends (the resume point). Off only for throughput runs
+    # whose checkpoint would be large and unused (13B with AdamW state: 156 GB).
+    checkpoint_at_end: bool = True
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
@@ -183,6 +186,10 @@ class RunConfig:
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     peak_flops_per_device: float | None = None  # for MFU; known GPUs are detected
     tensorboard: bool = True
+    # torch.profiler over steps profile_start+1 .. profile_start+profile_steps (0: off): each
+    # rank writes GPU kernel time per category and a Chrome trace to model_dir/profile/.
+    profile_steps: int = 0
+    profile_start: int = 10  # after compilation and warm-up
     model_dir: str | None = None  # --model_dir overrides
 
 

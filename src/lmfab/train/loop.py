@@ -41,6 +41,7 @@ from lmfab.train.data import make_loader, open_dataset, run_tokenizer, stage_at
 from lmfab.train.metrics import MetricsLogger, console, format_duration, peak_flops
 from lmfab.train.optim import build_optimizer, set_lr
 from lmfab.train.plan import format_plan, plan_run
+from lmfab.train.profile import StepProfiler, format_summary
 from lmfab.train.schedule import LRSchedule
 
 MODES = ("train", "eval", "train_and_eval", "eval_all")
@@ -184,6 +185,42 @@ def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int)
     return loss_sum / accum, grad_norm
 
 
+def _write_profile(run: Run, summary: dict, first: int, last: int) -> None:
+    """Each rank's kernel table and summary beside its trace; rank 0 prints the categories."""
+    out = run.model_dir / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    text = format_summary(summary)
+    rank = run.world.rank
+    (out / f"kernels_rank{rank}.txt").write_text(text + "\n")
+    (out / f"kernels_rank{rank}.json").write_text(json.dumps({"steps": [first, last], **summary},
+                                                             indent=1))
+    cats = len(summary["categories_ms"]) + 1
+    run.say(f"profile, steps {first}-{last} (rank 0; each rank's table and trace in {out}):\n"
+            + "\n".join(text.splitlines()[:cats]))
+
+
+def oom_advice(run: Run, micro: int, step: int) -> str:
+    """What to change when a training step runs out of device memory."""
+    r, n = run.cfg.runconfig, run.model.num_params()
+    sharded = any(isinstance(p, DTensor) for p in run.model.parameters())  # FSDP2
+    per_gpu = 16 * n / (run.world.world_size if sharded else 1) / 2**30
+    tips = []
+    if not sharded:
+        tips.append("runconfig.strategy: fsdp (shards that state over the GPUs; needs more "
+                    "than one)")
+    if not r.activation_checkpointing:
+        tips.append("runconfig.activation_checkpointing: true")
+    if micro > 1:
+        tips.append(f"a smaller train_input.micro_batch_size than {micro} (the global batch "
+                    "stays, through accumulation)")
+    if r.loss != "standard" and not r.loss_chunk:
+        tips.append("runconfig.loss_chunk (e.g. 4096) for long sequences")
+    return (f"lmfab: out of device memory in training step {step + 1}: {n / 1e9:.2f}B "
+            f"parameters hold ~{per_gpu:.0f} GiB per device in weights, gradients and AdamW "
+            f"state (16 bytes/parameter{', sharded' if sharded else ''}) before activations. "
+            f"Try: {'; '.join(tips) or 'more devices'}.")
+
+
 def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end: bool) -> dict:
     cfg, world = run.cfg, run.world
     r = cfg.runconfig
@@ -241,6 +278,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     run.wrapped.train()
     last_time, last_step, t_start = time.perf_counter(), step, time.perf_counter()
     result: dict = {}
+    profiler: StepProfiler | None = None
     while step < end:
         if stage_at(stages, step) is not stage:
             stage = stage_at(stages, step)
@@ -248,12 +286,23 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
             fpt = run.model.flops_per_token(stage.seq_len)
             run.say(f"step {step}: seq_len {stage.seq_len}, global batch {stage.batch_size} "
                     f"(micro {stage.micro_batch} x {stage.grad_accum}), same tokens per step")
+        if r.profile_steps and step == r.profile_start:
+            profiler = StepProfiler(world.device, run.model_dir / "profile" /
+                                    f"trace_rank{world.rank}.json.gz")
+            profiler.start()
         lr = schedule(step)
         set_lr(optimizer, lr)
         rows = torch.from_numpy(loader.next_batch()).to(world.device, non_blocking=True)
-        loss, grad_norm = _train_step(run, optimizer, rows, stage.micro_batch, stage.grad_accum)
+        try:
+            loss, grad_norm = _train_step(run, optimizer, rows, stage.micro_batch, stage.grad_accum)
+        except torch.OutOfMemoryError as e:
+            e.args = (f"{e.args[0] if e.args else e}\n{oom_advice(run, stage.micro_batch, step)}",)
+            raise
         step += 1
         tokens_seen += plan.tokens_per_step
+        if profiler is not None and step in (r.profile_start + r.profile_steps, end):
+            _write_profile(run, profiler.stop(step - r.profile_start), r.profile_start + 1, step)
+            profiler = None
 
         if step % r.log_steps == 0 or step == end:
             loss_v, gn = all_reduce_mean([loss.item(), grad_norm.item()], world)
@@ -280,7 +329,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
             save(step)
 
     newest = ckpt.latest_checkpoint(run.model_dir)
-    if newest is None or newest.name != f"step_{step:08d}":
+    if r.checkpoint_at_end and (newest is None or newest.name != f"step_{step:08d}"):
         save(step)
     run.say(f"trained {step} steps in {format_duration(time.perf_counter() - t_start)}")
     if eval_at_end:
