@@ -3,13 +3,15 @@
 # with 2+ GPUs). Usage: benchmarks/multi_gpu_check.sh OUTDIR DATA1024 DATA2048 PART
 #   PART: tests    the GPU test file, with the 2-GPU DDP test        (~2 min)
 #         curves   124M loss curve, 1 GPU x 2 accumulation vs 2 GPUs, same global batch
-#         scale124 124M DDP throughput on 1 and 2 GPUs               (~3 min)
-#         scale13b 1.3B DDP and FSDP2 throughput on 1 and 2 GPUs     (~7 min: run alone)
+#         scale124 124M DDP throughput on 1 and 2 GPUs               (~1 min)
+#         scale13b 1.3B DDP and FSDP2 throughput on 1 and 2 GPUs     (~4 min)
+#         big      Cerebras-GPT-13B: plain DDP on one GPU (runs out of memory, with lmfab's
+#                  advice), then FSDP2 on 2 GPUs, the YAML as shipped (strategy: fsdp)
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124 or scale13b}
+part=${4:?part: tests, curves, scale124, scale13b or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -20,7 +22,7 @@ case $part in
     common=(--params configs/train/gpt2-124m.yaml --mode train --max_steps 60
             --set train_input.data_dir="$d1024" --set train_input.batch_size=64
             --set train_input.micro_batch_size=32 --set optimizer.learning_rate=6e-4
-            --set runconfig.log_steps=5 --set runconfig.checkpoint_steps=0
+            --set runconfig.log_steps=5 --set runconfig.checkpoint_at_end=false
             --set runconfig.tensorboard=false)
     $py -m lmfab run "${common[@]}" --model_dir /tmp/curve-1gpu --num_devices 1 > "$out/curve-1gpu.log" 2>&1
     $py -m lmfab run "${common[@]}" --model_dir /tmp/curve-2gpu --num_devices 2 > "$out/curve-2gpu.log" 2>&1
@@ -33,5 +35,19 @@ case $part in
   scale13b)
     $py benchmarks/scaling.py --params configs/train/cerebras-gpt-1.3b.yaml --devices 1,2 \
         --strategies ddp,fsdp --steps 30 --set train_input.data_dir="$d2048" --out "$out/scale13b" 2>&1 | tail -10 ;;
+  big)
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    small=(--set train_input.data_dir="$d2048" --set runconfig.checkpoint_at_end=false
+           --set runconfig.tensorboard=false --set runconfig.log_steps=1)
+    timeout 300 $py -m lmfab run --params configs/train/cerebras-gpt-13b.yaml --mode train \
+        --model_dir /tmp/big-ddp1 --num_devices 1 --max_steps 1 --set runconfig.strategy=ddp \
+        --set runconfig.compile=false --set train_input.batch_size=1 \
+        --set train_input.micro_batch_size=1 "${small[@]}" > "$out/big-ddp1.log" 2>&1
+    echo "13B, plain DDP on one GPU: exit $?" | tee -a "$out/big-ddp1.log"
+    grep -E "^lmfab: error|out of device memory" "$out/big-ddp1.log" | cut -c1-600
+    $py benchmarks/scaling.py --params configs/train/cerebras-gpt-13b.yaml --devices 2 \
+        --strategies fsdp --steps 10 --log_steps 2 --warmup 2 --set train_input.data_dir="$d2048" \
+        --out "$out/big" 2>&1 | tail -4
+    grep -E "^step|memory|parameters" "$out/big/fsdp-2.log" | tail -8 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
