@@ -49,6 +49,43 @@ def test_profile_steps_on_gpu_counts_gemm_time(tiny_data, tmp_path):
     assert 0 < s["busy_ms"] and s["wall_ms"] > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_training_step_never_waits_for_the_gpu(tiny_data, tmp_path, compile_model):
+    """The host queues step after step without synchronising with the GPU (outside log
+    steps): batches go up through pinned memory, and nothing in forward, backward, clip or
+    AdamW reads a value back. Checked with PyTorch's sync debug mode, which raises on any
+    synchronising call (a blocking copy, .item(), nonzero, a stream sync)."""
+    import numpy as np
+
+    from lmfab.config.load import train_stages
+    from lmfab.train.data import make_loader
+    from lmfab.train.loop import _train_step, setup, to_device
+    from lmfab.train.optim import build_optimizer
+
+    cfg = load_config(TINY, tiny_overrides(tiny_data, **{
+        "runconfig.device": "cuda", "runconfig.compile": compile_model}))
+    run = setup(cfg, tmp_path / "r")
+    stage = train_stages(cfg, 1)[0]
+    loader = make_loader(cfg, stage, run.world)
+    optimizer = build_optimizer(run.model, cfg.optimizer, run.world.device, cfg.model)
+    batch = loader.next_batch()
+    rows = to_device(batch, run.world.device)
+    assert rows.is_cuda and torch.equal(rows.cpu(), torch.from_numpy(np.asarray(batch)))
+    for _ in range(2):  # compilation and first-step allocations may synchronise
+        _train_step(run, optimizer, to_device(loader.next_batch(), run.world.device),
+                    stage.micro_batch, stage.grad_accum)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            loss, _ = _train_step(run, optimizer, to_device(loader.next_batch(), run.world.device),
+                                  stage.micro_batch, stage.grad_accum)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
 @pytest.mark.multigpu
 def test_two_gpu_ddp_matches_one_gpu(tiny_data, tmp_path):
     steps = 5

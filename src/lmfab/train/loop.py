@@ -164,6 +164,19 @@ def evaluate(run: Run, dataset: TokenDataset) -> dict:
     return metrics
 
 
+def to_device(batch, device: torch.device) -> torch.Tensor:
+    """A loader batch on the training device without stalling the host. A copy from pageable
+    memory may wait for the GPU's stream to drain (CUDA's API sync rules), which would stop
+    the host from queueing the next step while the GPU runs this one: the GPU then idles for
+    the host's launch latency every step, and on several GPUs every rank's host jitter turns
+    into waiting at the all-reduce. A pinned copy (PyTorch's caching host allocator keeps the
+    block until the copy is done) is queued and returns at once."""
+    rows = torch.from_numpy(batch)
+    if device.type == "cuda":
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device)
+
+
 def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int):
     """One optimizer step over this rank's rows (micro*accum, T+1). Returns (loss, grad-norm)."""
     loss_sum = torch.zeros((), device=rows.device)
@@ -292,7 +305,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
             profiler.start()
         lr = schedule(step)
         set_lr(optimizer, lr)
-        rows = torch.from_numpy(loader.next_batch()).to(world.device, non_blocking=True)
+        rows = to_device(loader.next_batch(), world.device)
         try:
             loss, grad_norm = _train_step(run, optimizer, rows, stage.micro_batch, stage.grad_accum)
         except torch.OutOfMemoryError as e:
