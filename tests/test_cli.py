@@ -77,3 +77,23 @@ def test_run_and_generate_via_cli(tiny_data, tmp_path, capsys):
 def test_strip_launch_flags():
     argv = ["run", "--params", "p.yaml", "--num_devices", "2", "--num_nodes=1", "--set", "a=1"]
     assert _strip_launch_flags(argv) == ["run", "--params", "p.yaml", "--set", "a=1"]
+
+
+def test_plan_counts_logits_by_loss_kind():
+    """The fused loss keeps 2 bytes per logit (bf16, overwritten by its gradient), over
+    loss_chunk rows if set; the standard loss 10 (bf16, the fp32 copy, its gradient)."""
+    from lmfab.config import load_config
+    from lmfab.train.plan import format_plan, plan_run
+
+    cfg = load_config(TINY)
+    rows = (cfg.train_input.micro_batch_size or cfg.train_input.batch_size) * cfg.train_input.seq_len
+    v = cfg.model.vocab_size
+    fused = plan_run(cfg, device_type="cuda")
+    assert fused.fused_loss and fused.logit_bytes == rows * v * 2
+    assert "logits with the fused loss" in format_plan(fused)
+    standard = plan_run(cfg, device_type="cpu")  # loss: auto is standard off CUDA
+    assert not standard.fused_loss and standard.logit_bytes == rows * v * 10
+    assert standard.activation_bytes - fused.activation_bytes == rows * v * 8
+    chunked = plan_run(load_config(TINY, ["runconfig.loss=fused", "runconfig.loss_chunk=64"]),
+                       device_type="cpu")
+    assert chunked.logit_bytes == 64 * v * 2

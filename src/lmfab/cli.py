@@ -139,7 +139,9 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
         print(f"\nrun plan ({args.mode}, model_dir={model_dir}):")
-        print(format_plan(plan_run(cfg, world_size)))
+        # runconfig.device auto: plan for a GPU, the usual target of a memory question
+        dev = "cuda" if cfg.runconfig.device == "auto" else cfg.runconfig.device
+        print(format_plan(plan_run(cfg, world_size, device_type=dev)))
         return 0
     if not model_dir:
         raise SystemExit("lmfab run: --model_dir is required (or set runconfig.model_dir)")

@@ -237,7 +237,7 @@ def oom_advice(run: Run, micro: int, step: int) -> str:
 def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end: bool) -> dict:
     cfg, world = run.cfg, run.world
     r = cfg.runconfig
-    plan = plan_run(cfg, world.world_size)
+    plan = plan_run(cfg, world.world_size, device_type=world.device.type)
     optimizer = build_optimizer(run.model, cfg.optimizer, world.device, cfg.model)
     schedule = LRSchedule(cfg.optimizer.learning_rate)
     stages = train_stages(cfg, world.world_size)

@@ -5,7 +5,11 @@ an estimate, not a measurement: fp32 weights, gradients and AdamW moments (16 by
 parameter, divided over the devices under FSDP) plus activations of one micro-batch (with
 activation checkpointing: each block's input plus one block's activations), using the per-layer
 count of Korthikanti et al. 2022 (arXiv 2205.05198, "34·s·b·h" bytes in 16-bit precision
-with fused attention, which never stores the T×T scores) and the logits.
+with fused attention, which never stores the T×T scores) and the logits: 10 bytes per logit
+with the standard loss (bf16 logits, their fp32 copy and its gradient), 2 with the fused loss,
+whose bf16 logits become their own gradient, over ``loss_chunk`` rows at a time if set.
+Against peaks measured on H200s (docs/benchmarks.md, shipped configs): 124M 14.5 GiB
+estimated, 14.4 measured; 1.3B 60.2 and 57.0; 13B on 2 GPUs under FSDP2 102 and 99.6.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class RunPlan:
     activation_bytes: int
     strategy: str
     activation_checkpointing: bool
+    logit_bytes: int = 0  # part of activation_bytes
+    fused_loss: bool = False
 
     @property
     def memory_bytes(self) -> int:
@@ -42,7 +48,9 @@ class RunPlan:
         return {**asdict(self), "memory_bytes": self.memory_bytes}
 
 
-def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2) -> RunPlan:
+def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
+             device_type: str = "cuda") -> RunPlan:
+    """``device_type`` decides ``loss: auto`` (fused on CUDA) for the logits' memory."""
     t, m = cfg.train_input, cfg.model
     micro, accum = micro_batching(t.batch_size, t.micro_batch_size, world_size)
     model = build_model(m)  # meta device: no memory
@@ -51,8 +59,13 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2)
     fpt = model.flops_per_token(t.seq_len)
     tokens = t.batch_size * t.seq_len
     act_per_layer = 34 * t.seq_len * micro * m.d_model * bytes_per_activation // 2
-    logits = micro * t.seq_len * m.vocab_size * (bytes_per_activation + 8)
     r = cfg.runconfig
+    rows = micro * t.seq_len
+    fused = r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
+    if fused:
+        logits = min(rows, r.loss_chunk or rows) * m.vocab_size * bytes_per_activation
+    else:
+        logits = rows * m.vocab_size * (bytes_per_activation + 8)
     if r.activation_checkpointing:  # each block keeps its input; one block is live at a time
         acts = m.n_layer * micro * t.seq_len * m.d_model * bytes_per_activation + act_per_layer
     else:
@@ -73,6 +86,8 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2)
         activation_bytes=acts + logits,
         strategy=r.strategy,
         activation_checkpointing=r.activation_checkpointing,
+        logit_bytes=logits,
+        fused_loss=fused,
     )
 
 
@@ -107,7 +122,9 @@ def format_plan(plan: RunPlan) -> str:
         ("FLOPs/step", human(plan.flops_per_step)),
         ("memory/device", f"~{human_bytes(plan.memory_bytes)} (estimate: "
                           f"{human_bytes(plan.state_bytes)} weights+grads+AdamW, "
-                          f"{human_bytes(plan.activation_bytes)} activations)"),
+                          f"{human_bytes(plan.activation_bytes)} activations, of which "
+                          f"{human_bytes(plan.logit_bytes)} logits with the "
+                          f"{'fused' if plan.fused_loss else 'standard'} loss)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
