@@ -120,3 +120,18 @@ def test_config_notes_name_settings_without_effect():
     assert "residual_dtype" in notes[2]
     # On CUDA the loss is fused and precision bf16: only compile_mode stays inert.
     assert [n.split("=")[0] for n in config_notes(cfg, "cuda")] == ["runconfig.compile_mode"]
+
+
+def test_yaml_off_and_on_mean_the_words_where_a_key_takes_them(tmp_path):
+    """YAML 1.1 reads bare off/on as booleans; a key whose values include "off"/"on" gets
+    the word, and a boolean stays an error where neither word is allowed."""
+    raw = yaml.safe_load((CONFIGS / "train" / "tiny.yaml").read_text())
+    raw["optimizer"]["fused"] = False  # what `fused: off` parses to
+    raw["runconfig"]["float8"] = False
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    assert cfg.optimizer.fused == "off" and cfg.runconfig.float8 == "off"
+    assert load_config(path, ["optimizer.fused=on"]).optimizer.fused == "on"
+    with pytest.raises(ConfigError, match="runconfig.attention_backend"):
+        load_config(path, ["runconfig.attention_backend=off"])

@@ -86,3 +86,18 @@ def test_auto_strategy_is_ddp_on_cpu():
     world = World(0, 2, 0, torch.device("cpu"))
     assert resolve_strategy(RunConfig(), world, 10**12) == "ddp"
     assert resolve_strategy(RunConfig(strategy="fsdp"), world, 10) == "fsdp"
+
+
+@pytest.mark.slow
+def test_float8_under_fsdp_on_two_processes_matches_one(tiny_data, tmp_path):
+    """Float8Linear built on the meta device, sharded by FSDP2, initialised shard by shard:
+    the same fp8 training as one process (dynamic scales see the whole weight)."""
+    pytest.importorskip("torchao.float8", reason="torchao is in the dev extra")
+    sets = tiny_overrides(tiny_data, **{"runconfig.max_steps": 5,
+                                        "runconfig.float8": "tensorwise"})
+    run_mode(load_config(TINY, sets), mode="train", model_dir=tmp_path / "one")
+    _launch(tmp_path / "fsdp", sets + ["runconfig.strategy=fsdp"])
+    one, sharded = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
+    assert sorted(sharded) == sorted(one) == list(range(1, 6))
+    for step in one:
+        assert abs(one[step] - sharded[step]) < 1e-4, (step, one[step], sharded[step])

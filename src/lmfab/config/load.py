@@ -69,6 +69,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected {expected}, got {value!r}") from None
     if origin is Literal:
         allowed = typing.get_args(tp)
+        # YAML 1.1 reads a bare off/no as false and on/yes as true: take them as meant.
+        if isinstance(value, bool) and ("on" if value else "off") in allowed:
+            value = "on" if value else "off"
         if value not in allowed:
             hint = _hint(str(value), [str(a) for a in allowed])
             raise ConfigError(f"{path}: {value!r} is not one of {list(allowed)}{hint}")
@@ -395,6 +398,9 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     bf16 = r.precision == "bf16" or (r.precision == "auto" and device_type == "cuda")
     if r.residual_dtype == "bf16" and not bf16:
         notes.append("runconfig.residual_dtype=bf16 has no effect: precision is fp32 here")
+    if r.float8 != "off" and not r.compile:
+        notes.append(f"runconfig.float8={r.float8} without runconfig.compile: the scaling "
+                     "casts run as separate kernels, usually slower than bf16")
     if r.profile_steps and r.profile_start >= r.max_steps:
         notes.append(f"runconfig.profile_steps has no effect: profile_start={r.profile_start} "
                      f"is not before max_steps={r.max_steps}")

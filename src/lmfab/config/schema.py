@@ -173,6 +173,10 @@ class RunConfig:
     # fused only: positions per block (0: all at once). A block computes its gradients in
     # forward, so only (loss_chunk x vocab) logits exist: long sequences, large vocabularies.
     loss_chunk: int = 0
+    # float8 matmuls for the transformer blocks' linear layers (torchao Float8Linear; needs
+    # the fp8 extra and, on GPUs, compute capability 8.9+: H100, H200, Ada). tensorwise or
+    # rowwise scaling; weights, checkpoints and everything outside the blocks stay as they are.
+    float8: Literal["off", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = "off"
     # dtype of the residual stream between blocks under bf16 autocast: fp32 (the weights'
     # dtype, as autocast leaves it) or bf16 (half the activation traffic, as Megatron-LM's
     # default); norms and softmax still compute in fp32. Under FSDP2 on GPUs the parameters

@@ -47,6 +47,35 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
+def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> int:
+    """Swap the blocks' ``nn.Linear`` layers for torchao's ``Float8Linear`` (fp8 matmuls with
+    dynamic scaling, fp32 master weights). Layers whose sizes are not multiples of 16 (the
+    fp8 GEMM's rule) stay in bf16. Parameter names and shapes do not change, so checkpoints
+    load into a model with or without float8. Returns the number of layers converted."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise ConfigError(f"runconfig.float8={recipe} needs torchao: pip install 'lmfab[fp8]' "
+                          f"({e})") from None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"runconfig.float8={recipe}: {name} has no fp8 tensor cores (compute "
+                          "capability 8.9+ needed: H100, H200, L40S, RTX 4090); set float8: off")
+
+    def blocks_only(module: nn.Module, fqn: str) -> bool:
+        return (isinstance(module, nn.Linear) and fqn.startswith("blocks.")
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    before = sum(isinstance(m, nn.Linear) for m in model.blocks.modules())
+    convert_to_float8_training(model, module_filter_fn=blocks_only,
+                               config=Float8LinearConfig.from_recipe_name(recipe))
+    converted = sum(type(m).__name__ == "Float8Linear" for m in model.blocks.modules())
+    if converted == 0 and before:
+        raise ConfigError(f"runconfig.float8={recipe}: no block linear layer has sizes that are "
+                          "multiples of 16; float8 would change nothing")
+    return converted
+
+
 def compile_module(module: nn.Module, run: RunConfig) -> None:
     """``torch.compile`` in place with ``runconfig.compile_mode``."""
     if run.compile_mode == "default":
@@ -62,6 +91,8 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
     model.fused_loss = run.loss == "fused" or (run.loss == "auto" and world.device.type == "cuda")
     model.loss_chunk = run.loss_chunk
     model.residual_dtype = torch.bfloat16 if bf16 and run.residual_dtype == "bf16" else None
+    if run.float8 != "off":
+        apply_float8(model, run.float8, world.device)
     if run.activation_checkpointing:
         apply_activation_checkpointing(model)
     strategy = resolve_strategy(run, world, sum(p.numel() for p in model.parameters()))
