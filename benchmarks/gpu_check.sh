@@ -2,7 +2,7 @@
 # The issue-2 GPU check on one GPU: GPU tests, real-data training runs of the 124M and 1.3B
 # shapes (bf16, compiled, a few dozen steps), then the throughput benchmark beside HF GPT-2.
 # Usage: benchmarks/gpu_check.sh OUTDIR DATA1024 DATA2048 [part]
-#   part: all (default) | runs | bench124 | bench13b
+#   part: all (default) | runs | bench124 | bench13b | fp8 | alibi
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
@@ -35,6 +35,15 @@ if [[ $part == all || $part == bench13b ]]; then
   $py benchmarks/train_throughput.py --config configs/train/cerebras-gpt-1.3b.yaml \
       --impl lmfab,lmfab-eager,hf-eager,hf-compile --steps 20 --warmup 8 \
       --json "$out/bench13b.json" 2>"$out/bench13b.err" | tee "$out/bench13b.md"
+fi
+if [[ $part == fp8 ]]; then
+  # runconfig.float8 against bf16, each variant in its own process (needs torchao: carry the
+  # wheel and put it on PYTHONPATH). ~2 min at 124M, ~4 min at 1.3B.
+  for c in gpt2-124m cerebras-gpt-1.3b; do
+    VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-240} benchmarks/throughput_sweep.sh "$out/fp8-$c" \
+        configs/train/$c.yaml 20 8 "bf16=lmfab" "fp8_tensorwise=lmfab;--set runconfig.float8=tensorwise" \
+        "fp8_rowwise=lmfab;--set runconfig.float8=rowwise" | tee "$out/fp8-$c.md"
+  done
 fi
 if [[ $part == alibi ]]; then
   # ALiBi: kernel speed against causal SDPA, then a 12 x 768 ALiBi/SwiGLU/muP model trained at

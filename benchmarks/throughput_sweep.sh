@@ -21,10 +21,10 @@ for variant in "$@"; do
   timeout "${VARIANT_TIMEOUT:-0}" $py benchmarks/train_throughput.py --config "$config" --impl "$impl" --steps "$steps" \
       --warmup "$warmup" --json "$out/$label.json" ${extra[@]+"${extra[@]}"} \
       > "$out/$label.md" 2> "$out/$label.err"
-  row=$(grep "^| $impl " "$out/$label.md" | head -1)
-  [[ -n $row ]] || row="| $impl | - | - | did not finish | - | - | - | - |"
-  rows+=("| $label ${row#| $impl }")
-  grep -E "GPU busy|^  [a-z]" "$out/$label.err" >&2 || true
+  row=$(grep "| $impl | " "$out/$label.md" | head -1)  # | config | devices | impl | ...
+  [[ -n $row ]] && row="| ${row#*| $impl | }" || row="| - | - | did not finish | - | - | - | - |"
+  rows+=("| $label $row")
+  grep -E "GPU kernels|^  [a-z]" "$out/$label.err" >&2 || true
 done
 echo "| variant | params | micro-batch x T | step ms (median) | tokens/s | MFU | peak mem GiB | final loss |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"

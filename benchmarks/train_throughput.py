@@ -329,19 +329,21 @@ def format_table(env: dict, results: list[dict]) -> str:
         + (f" ({env['lmfab_commit']})" if env["lmfab_commit"] else ""),
         f"command: `{env['command']}`",
         "",
-        "| impl | params | micro-batch x T | step ms (median) | tokens/s | MFU "
-        "| peak mem GiB | final loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | devices | impl | params | micro-batch x T | step ms (median) | tokens/s "
+        "| MFU | peak mem GiB | final loss |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cfg_name = env.get("config", "-")
     for r in results:
         shape = f"{r['micro_batch']} x {r['seq_len']}"
         if not r["ok"]:
-            lines.append(f"| {r['impl']} | - | {shape} | error: {_cell(r['error'])} | - | - | - | - |")
+            lines.append(f"| {cfg_name} | 1 | {r['impl']} | - | {shape} | error: "
+                         f"{_cell(r['error'])} | - | - | - | - |")
             continue
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
         lines.append(
-            f"| {r['impl']} | {r['params']:,} | {shape} | {r['step_ms_median']:.1f} | "
+            f"| {cfg_name} | 1 | {r['impl']} | {r['params']:,} | {shape} | {r['step_ms_median']:.1f} | "
             f"{r['tokens_per_s']:,.0f} | {mfu} | {mem} | {r['final_loss']:.4f} |"
         )
     return "\n".join(lines)
@@ -444,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_token = build_model(cfg.model).flops_per_token(args.seq_len)  # meta: no memory
     peak = peak_flops(device, cfg.runconfig.peak_flops_per_device)
     env = environment(device)
+    env["config"] = Path(args.config).name
     m = cfg.model
     log(f"{env['date']} | {env['device']} | torch {env['torch']} | "
         f"transformers {env['transformers']}")

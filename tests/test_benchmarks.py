@@ -25,6 +25,7 @@ def test_train_throughput_isolates_impls_and_writes_json(tmp_path):
     assert rows[0]["params"] == rows[1]["params"]  # same shapes on both sides
     assert rows[0]["pid"] != rows[1]["pid"]  # each impl in its own process
     assert "| lmfab-eager |" in proc.stdout and "| hf-eager |" in proc.stdout
+    assert "| tiny.yaml | 1 | lmfab-eager |" in proc.stdout  # config and devices columns
 
 
 def test_compare_curves_reports_differences(tiny_data, tmp_path):
@@ -72,3 +73,19 @@ def test_scaling_script_on_cpu_with_gloo(tiny_data, tmp_path):
     assert all(p["tokens_per_s"] > 0 for p in points)
     assert not (tmp_path / "scaling" / "ddp-2" / "checkpoints").exists()  # not saved by default
     assert (tmp_path / "scaling" / "scaling.png").stat().st_size > 0
+
+
+def test_throughput_sweep_prints_one_row_per_variant(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    cmd = ["bash", str(REPO / "benchmarks" / "throughput_sweep.sh"), str(tmp_path),
+           str(REPO / "configs" / "train" / "tiny.yaml"), "2", "1",
+           "std=lmfab-eager;--set runconfig.loss=standard",
+           "fused=lmfab-eager;--set runconfig.loss=fused"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| std ")
+            or line.startswith("| fused ")]
+    assert len(rows) == 2 and all("did not finish" not in r for r in rows), proc.stdout
+    params = json.loads((tmp_path / "std.json").read_text())["results"][0]["params"]
+    assert rows[0].split("|")[2].strip() == f"{params:,}"  # the params column, aligned
+    assert (tmp_path / "fused.json").is_file()

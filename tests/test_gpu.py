@@ -86,6 +86,23 @@ def test_training_step_never_waits_for_the_gpu(tiny_data, tmp_path, compile_mode
     assert torch.isfinite(loss).item()
 
 
+@pytest.mark.gpu
+def test_float8_trains_compiled_on_a_gpu_with_fp8_tensor_cores(tiny_data, tmp_path):
+    pytest.importorskip("torchao.float8", reason="torchao: the fp8 extra (carry its wheel)")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs fp8 tensor cores (compute capability 8.9+)")
+    curves = {}
+    for mode in ("off", "tensorwise", "rowwise"):
+        cfg = load_config(TINY, tiny_overrides(tiny_data, **{
+            "runconfig.max_steps": 30, "runconfig.log_steps": 10, "runconfig.device": "cuda",
+            "runconfig.compile": True, "runconfig.float8": mode}))
+        run_mode(cfg, mode="train", model_dir=tmp_path / mode)
+        curves[mode] = _losses(tmp_path / mode)
+    for mode in ("tensorwise", "rowwise"):
+        assert curves[mode][-1] < curves[mode][0] - 0.5, curves[mode]
+        assert abs(curves[mode][-1] - curves["off"][-1]) < 0.1, curves
+
+
 @pytest.mark.multigpu
 def test_two_gpu_ddp_matches_one_gpu(tiny_data, tmp_path):
     steps = 5
