@@ -5,13 +5,15 @@
 #         curves   124M loss curve, 1 GPU x 2 accumulation vs 2 GPUs, same global batch
 #         scale124 124M DDP throughput on 1 and 2 GPUs               (~1 min)
 #         scale13b 1.3B DDP and FSDP2 throughput on 1 and 2 GPUs     (~4 min)
+#         host124  124M DDP on 1 and 2 GPUs, 100 steps, as is and with runconfig.gc_steps=50
+#                  (the host-side levers: pinned batch copies, collector at fixed steps) (~3 min)
 #         big      Cerebras-GPT-13B: plain DDP on one GPU (runs out of memory, with lmfab's
 #                  advice), then FSDP2 on 2 GPUs, the YAML as shipped (strategy: fsdp)
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b or big}
+part=${4:?part: tests, curves, scale124, scale13b, host124 or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -35,6 +37,13 @@ case $part in
   scale13b)
     $py benchmarks/scaling.py --params configs/train/cerebras-gpt-1.3b.yaml --devices 1,2 \
         --strategies ddp,fsdp --steps 30 --set train_input.data_dir="$d2048" --out "$out/scale13b" 2>&1 | tail -10 ;;
+  host124)
+    for v in default gc50; do
+      extra=(); [[ $v == gc50 ]] && extra=(--set runconfig.gc_steps=50)
+      $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
+          --steps 100 --log_steps 10 --set train_input.data_dir="$d1024" ${extra[@]+"${extra[@]}"} \
+          --out "$out/host124-$v" 2>&1 | grep "^| ddp" | sed "s/^/$v /"
+    done ;;
   big)
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     small=(--set train_input.data_dir="$d2048" --set runconfig.checkpoint_at_end=false

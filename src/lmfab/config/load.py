@@ -460,8 +460,8 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError("runconfig.max_steps must be >= 0 and runconfig.log_steps > 0")
     if r.checkpoint_steps < 0 or r.eval_steps < 0 or r.keep_checkpoints < 0:
         raise ConfigError("runconfig.checkpoint_steps, eval_steps, keep_checkpoints: >= 0")
-    if r.profile_steps < 0 or r.profile_start < 0:
-        raise ConfigError("runconfig.profile_steps, profile_start: >= 0")
+    if r.profile_steps < 0 or r.profile_start < 0 or r.gc_steps < 0:
+        raise ConfigError("runconfig.profile_steps, profile_start, gc_steps: >= 0")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -190,6 +190,9 @@ class RunConfig:
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     peak_flops_per_device: float | None = None  # for MFU; known GPUs are detected
     tensorboard: bool = True
+    # Python's garbage collector: 0 = automatic; N = collected at every N-th step on all
+    # ranks together, frozen and disabled in between (no rank pauses while others wait)
+    gc_steps: int = 0
     # torch.profiler over steps profile_start+1 .. profile_start+profile_steps (0: off): each
     # rank writes GPU kernel time per category and a Chrome trace to model_dir/profile/.
     profile_steps: int = 0

@@ -198,6 +198,35 @@ def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int)
     return loss_sum / accum, grad_norm
 
 
+@contextlib.contextmanager
+def manual_gc(every: int):
+    """``runconfig.gc_steps``: Python's garbage collector runs at fixed steps instead of
+    whenever allocations trigger it. At start, what exists is collected and frozen (later
+    collections skip it); then the young generations are collected every ``every`` steps, at
+    the same step on every rank, so no rank pauses while the others wait at an all-reduce.
+    0 leaves Python's automatic collection alone. Restored on exit, also on an error."""
+    if not every:
+        yield lambda step: None
+        return
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+    def tick(step: int) -> None:
+        if step % every == 0:
+            gc.collect(1)
+
+    try:
+        yield tick
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
 def _write_profile(run: Run, summary: dict, first: int, last: int) -> None:
     """Each rank's kernel table and summary beside its trace; rank 0 prints the categories."""
     out = run.model_dir / "profile"
@@ -292,54 +321,56 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     last_time, last_step, t_start = time.perf_counter(), step, time.perf_counter()
     result: dict = {}
     profiler: StepProfiler | None = None
-    while step < end:
-        if stage_at(stages, step) is not stage:
-            stage = stage_at(stages, step)
-            loader = make_loader(cfg, stage, world)
-            fpt = run.model.flops_per_token(stage.seq_len)
-            run.say(f"step {step}: seq_len {stage.seq_len}, global batch {stage.batch_size} "
-                    f"(micro {stage.micro_batch} x {stage.grad_accum}), same tokens per step")
-        if r.profile_steps and step == r.profile_start:
-            profiler = StepProfiler(world.device, run.model_dir / "profile" /
-                                    f"trace_rank{world.rank}.json.gz")
-            profiler.start()
-        lr = schedule(step)
-        set_lr(optimizer, lr)
-        rows = to_device(loader.next_batch(), world.device)
-        try:
-            loss, grad_norm = _train_step(run, optimizer, rows, stage.micro_batch, stage.grad_accum)
-        except torch.OutOfMemoryError as e:
-            e.args = (f"{e.args[0] if e.args else e}\n{oom_advice(run, stage.micro_batch, step)}",)
-            raise
-        step += 1
-        tokens_seen += plan.tokens_per_step
-        if profiler is not None and step in (r.profile_start + r.profile_steps, end):
-            _write_profile(run, profiler.stop(step - r.profile_start), r.profile_start + 1, step)
-            profiler = None
+    with manual_gc(r.gc_steps) as gc_tick:
+        while step < end:
+            if stage_at(stages, step) is not stage:
+                stage = stage_at(stages, step)
+                loader = make_loader(cfg, stage, world)
+                fpt = run.model.flops_per_token(stage.seq_len)
+                run.say(f"step {step}: seq_len {stage.seq_len}, global batch {stage.batch_size} "
+                        f"(micro {stage.micro_batch} x {stage.grad_accum}), same tokens per step")
+            if r.profile_steps and step == r.profile_start:
+                profiler = StepProfiler(world.device, run.model_dir / "profile" /
+                                        f"trace_rank{world.rank}.json.gz")
+                profiler.start()
+            lr = schedule(step)
+            set_lr(optimizer, lr)
+            rows = to_device(loader.next_batch(), world.device)
+            try:
+                loss, grad_norm = _train_step(run, optimizer, rows, stage.micro_batch, stage.grad_accum)
+            except torch.OutOfMemoryError as e:
+                e.args = (f"{e.args[0] if e.args else e}\n{oom_advice(run, stage.micro_batch, step)}",)
+                raise
+            step += 1
+            tokens_seen += plan.tokens_per_step
+            if profiler is not None and step in (r.profile_start + r.profile_steps, end):
+                _write_profile(run, profiler.stop(step - r.profile_start), r.profile_start + 1, step)
+                profiler = None
 
-        if step % r.log_steps == 0 or step == end:
-            loss_v, gn = all_reduce_mean([loss.item(), grad_norm.item()], world)
-            now = time.perf_counter()
-            dt = (now - last_time) / max(step - last_step, 1)
-            tok_s = plan.tokens_per_step / dt
-            mfu = tok_s * fpt / (peak * world.world_size) if peak else None
-            eta = format_duration(dt * (end - step))
-            run.say(
-                f"step {step:>6}/{end} | loss {loss_v:.4f} | lr {lr:.3e} | grad-norm {gn:.3f} | "
-                f"{tok_s:,.0f} tok/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {eta}"
-            )
-            if not math.isfinite(loss_v):
-                raise FloatingPointError(f"loss is {loss_v} at step {step}; stopping")
-            result = {"loss": loss_v, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s,
-                      "mfu": mfu, "tokens": tokens_seen, "step_time_s": dt}
-            if world.device.type == "cuda":
-                result["max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
-            run.log.log(step, result)
-            last_time, last_step = time.perf_counter(), step
-        if r.eval_steps and step % r.eval_steps == 0 and not (step == end and eval_at_end):
-            _eval_and_log(run, eval_set, step)
-        if r.checkpoint_steps and step % r.checkpoint_steps == 0 and step != end:
-            save(step)
+            if step % r.log_steps == 0 or step == end:
+                loss_v, gn = all_reduce_mean([loss.item(), grad_norm.item()], world)
+                now = time.perf_counter()
+                dt = (now - last_time) / max(step - last_step, 1)
+                tok_s = plan.tokens_per_step / dt
+                mfu = tok_s * fpt / (peak * world.world_size) if peak else None
+                eta = format_duration(dt * (end - step))
+                run.say(
+                    f"step {step:>6}/{end} | loss {loss_v:.4f} | lr {lr:.3e} | grad-norm {gn:.3f} | "
+                    f"{tok_s:,.0f} tok/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {eta}"
+                )
+                if not math.isfinite(loss_v):
+                    raise FloatingPointError(f"loss is {loss_v} at step {step}; stopping")
+                result = {"loss": loss_v, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s,
+                          "mfu": mfu, "tokens": tokens_seen, "step_time_s": dt}
+                if world.device.type == "cuda":
+                    result["max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
+                run.log.log(step, result)
+                last_time, last_step = time.perf_counter(), step
+            if r.eval_steps and step % r.eval_steps == 0 and not (step == end and eval_at_end):
+                _eval_and_log(run, eval_set, step)
+            if r.checkpoint_steps and step % r.checkpoint_steps == 0 and step != end:
+                save(step)
+            gc_tick(step)
 
     newest = ckpt.latest_checkpoint(run.model_dir)
     if r.checkpoint_at_end and (newest is None or newest.name != f"step_{step:08d}"):
