@@ -6,7 +6,8 @@
 #         scale124 124M DDP throughput on 1 and 2 GPUs               (~1 min)
 #         scale13b 1.3B DDP and FSDP2 throughput on 1 and 2 GPUs     (~4 min)
 #         host124  124M DDP on 1 and 2 GPUs, 100 steps, as is and with runconfig.gc_steps=50
-#                  (the host-side levers: pinned batch copies, collector at fixed steps) (~3 min)
+#                  (~3 min). "As is" has the pinned batch copies, which have no switch: compare
+#                  it with session 3's figures from before them (docs/benchmarks.md)
 #         big      Cerebras-GPT-13B: plain DDP on one GPU (runs out of memory, with lmfab's
 #                  advice), then FSDP2 on 2 GPUs, the YAML as shipped (strategy: fsdp)
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.

@@ -51,11 +51,13 @@ def test_profile_steps_on_gpu_counts_gemm_time(tiny_data, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_model", [False, True])
-def test_training_step_never_waits_for_the_gpu(tiny_data, tmp_path, compile_model):
+def test_training_step_never_waits_for_the_gpu(tiny_data, tmp_path, compile_model, monkeypatch):
     """The host queues step after step without synchronising with the GPU (outside log
     steps): batches go up through pinned memory, and nothing in forward, backward, clip or
     AdamW reads a value back. Checked with PyTorch's sync debug mode, which raises on any
-    synchronising call (a blocking copy, .item(), nonzero, a stream sync)."""
+    synchronising call (a blocking copy, .item(), nonzero, a stream sync). The debug mode
+    cannot see a driver-side wait in a non-blocking copy from pageable memory, so the test
+    also checks that every batch is pinned first."""
     import numpy as np
 
     from lmfab.config.load import train_stages
@@ -76,6 +78,9 @@ def test_training_step_never_waits_for_the_gpu(tiny_data, tmp_path, compile_mode
         _train_step(run, optimizer, to_device(loader.next_batch(), run.world.device),
                     stage.micro_batch, stage.grad_accum)
     torch.cuda.synchronize()
+    pinned, real_pin = [], torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda self, *a, **k: pinned.append(1) or real_pin(self, *a, **k))
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
@@ -84,6 +89,7 @@ def test_training_step_never_waits_for_the_gpu(tiny_data, tmp_path, compile_mode
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+    assert len(pinned) == 3  # one pinned batch per step
 
 
 @pytest.mark.gpu

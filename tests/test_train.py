@@ -138,6 +138,14 @@ def test_profile_steps_write_a_table_and_trace_per_rank(tiny_data, tmp_path):
     run_mode(cfg, mode="train", model_dir=tmp_path / "short")
     short = json.loads((tmp_path / "short" / "profile" / "kernels_rank0.json").read_text())
     assert short["steps"] == [2, 3]
+    # Resumed inside the window: the steps left in it are profiled.
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 8, "runconfig.profile_steps": 4,
+                             "runconfig.profile_start": 2})
+    run_mode(cfg, mode="train", model_dir=tmp_path / "resumed", num_steps=4)
+    (tmp_path / "resumed" / "profile" / "kernels_rank0.json").unlink()
+    run_mode(cfg, mode="train", model_dir=tmp_path / "resumed")
+    resumed = json.loads((tmp_path / "resumed" / "profile" / "kernels_rank0.json").read_text())
+    assert resumed["steps"] == [5, 6]
 
 
 def test_gc_steps_collects_at_fixed_steps_and_restores_the_collector(tiny_data, tmp_path,
@@ -157,11 +165,11 @@ def test_gc_steps_collects_at_fixed_steps_and_restores_the_collector(tiny_data, 
 
     monkeypatch.setattr(loop, "manual_gc", spy)
     assert gc.isenabled()
-    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 6, "runconfig.gc_steps": 2})
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 22, "runconfig.gc_steps": 2})
     run_mode(cfg, mode="train", model_dir=tmp_path / "run")
-    assert calls.count((1,)) == 3  # steps 2, 4, 6
-    assert () in calls  # the full collection before freezing
-    assert seen_enabled == [False] * 6  # disabled during the loop
+    assert calls.count((1,)) == 10  # steps 2, 4, ..., 22 but 20
+    assert calls.count(()) >= 2  # the full collection before freezing, and at step 20
+    assert seen_enabled == [False] * 22  # disabled during the loop
     assert gc.isenabled() and gc.get_freeze_count() == 0  # restored afterwards
 
 
@@ -176,6 +184,27 @@ def test_gc_steps_restores_the_collector_after_an_error(tiny_data, tmp_path, mon
     with pytest.raises(RuntimeError, match="step failed"):
         run_mode(cfg, mode="train", model_dir=tmp_path / "run")
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_failure_inside_the_profile_window_stops_the_profiler(tiny_data, tmp_path, monkeypatch):
+    real, calls = loop._train_step, []
+
+    def fail_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise FloatingPointError("loss is nan")
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "_train_step", fail_on_third)
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 6, "runconfig.profile_steps": 3,
+                             "runconfig.profile_start": 1})
+    with pytest.raises(FloatingPointError):
+        run_mode(cfg, mode="train", model_dir=tmp_path / "failed")
+    assert not torch._C._autograd._profiler_enabled()
+    monkeypatch.setattr(loop, "_train_step", real)
+    run_mode(cfg, mode="train", model_dir=tmp_path / "next")  # a profiler can start again
+    assert json.loads((tmp_path / "next" / "profile" / "kernels_rank0.json").read_text())[
+        "steps"] == [2, 4]
 
 
 def test_kernel_categories():

@@ -74,6 +74,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             value = "on" if value else "off"
         if value not in allowed:
             hint = _hint(str(value), [str(a) for a in allowed])
+            if isinstance(value, bool):
+                hint += " (YAML reads a bare on/off/yes/no as a boolean: quote the word)"
             raise ConfigError(f"{path}: {value!r} is not one of {list(allowed)}{hint}")
         return value
     if origin is list:

@@ -203,8 +203,9 @@ def manual_gc(every: int):
     """``runconfig.gc_steps``: Python's garbage collector runs at fixed steps instead of
     whenever allocations trigger it. At start, what exists is collected and frozen (later
     collections skip it); then the young generations are collected every ``every`` steps, at
-    the same step on every rank, so no rank pauses while the others wait at an all-reduce.
-    0 leaves Python's automatic collection alone. Restored on exit, also on an error."""
+    the same step on every rank, so no rank pauses while the others wait at an all-reduce;
+    every 10th time all generations, so that cycles which grew old are freed too. 0 leaves
+    Python's automatic collection alone. Restored on exit, also on an error."""
     if not every:
         yield lambda step: None
         return
@@ -212,17 +213,22 @@ def manual_gc(every: int):
 
     was_enabled = gc.isenabled()
     gc.collect()
-    gc.freeze()
+    froze = gc.get_freeze_count() == 0  # leave a caller's own frozen objects as they are
+    if froze:
+        gc.freeze()
     gc.disable()
 
     def tick(step: int) -> None:
-        if step % every == 0:
+        if step % (10 * every) == 0:
+            gc.collect()
+        elif step % every == 0:
             gc.collect(1)
 
     try:
         yield tick
     finally:
-        gc.unfreeze()
+        if froze:
+            gc.unfreeze()
         if was_enabled:
             gc.enable()
 
@@ -321,7 +327,8 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     last_time, last_step, t_start = time.perf_counter(), step, time.perf_counter()
     result: dict = {}
     profiler: StepProfiler | None = None
-    with manual_gc(r.gc_steps) as gc_tick:
+    profile_from, profile_to = r.profile_start, r.profile_start + r.profile_steps
+    with manual_gc(r.gc_steps) as gc_tick, contextlib.ExitStack() as on_exit:
         while step < end:
             if stage_at(stages, step) is not stage:
                 stage = stage_at(stages, step)
@@ -329,9 +336,10 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
                 fpt = run.model.flops_per_token(stage.seq_len)
                 run.say(f"step {step}: seq_len {stage.seq_len}, global batch {stage.batch_size} "
                         f"(micro {stage.micro_batch} x {stage.grad_accum}), same tokens per step")
-            if r.profile_steps and step == r.profile_start:
-                profiler = StepProfiler(world.device, run.model_dir / "profile" /
-                                        f"trace_rank{world.rank}.json.gz")
+            if profiler is None and profile_from <= step < profile_to:  # a resume may start inside
+                profiler, profile_from = StepProfiler(
+                    world.device, run.model_dir / "profile" / f"trace_rank{world.rank}.json.gz"), step
+                on_exit.callback(profiler.abort)  # an error inside the window stops it
                 profiler.start()
             lr = schedule(step)
             set_lr(optimizer, lr)
@@ -343,9 +351,9 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
                 raise
             step += 1
             tokens_seen += plan.tokens_per_step
-            if profiler is not None and step in (r.profile_start + r.profile_steps, end):
-                _write_profile(run, profiler.stop(step - r.profile_start), r.profile_start + 1, step)
-                profiler = None
+            if profiler is not None and step in (profile_to, end):
+                _write_profile(run, profiler.stop(step - profile_from), profile_from + 1, step)
+                profiler, profile_to = None, -1  # once per run
 
             if step % r.log_steps == 0 or step == end:
                 loss_v, gn = all_reduce_mean([loss.item(), grad_norm.item()], world)

@@ -54,10 +54,18 @@ class StepProfiler:
         self._sync()
         self.prof.start()
         self.t0 = time.perf_counter()
+        self.running = True
+
+    def abort(self) -> None:
+        """Stop without a summary (the run failed inside the window)."""
+        if getattr(self, "running", False):
+            self.running = False
+            self.prof.stop()
 
     def stop(self, n: int) -> dict:
         self._sync()
         wall_ms = 1e3 * (time.perf_counter() - self.t0) / n
+        self.running = False
         self.prof.stop()
         if self.trace is not None:
             self.trace.parent.mkdir(parents=True, exist_ok=True)
