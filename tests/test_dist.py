@@ -69,13 +69,36 @@ def test_activation_checkpointing_gives_the_same_training(tiny_data, tmp_path):
     sets = {"runconfig.max_steps": 4, "model.dropout": 0.1}
     run_mode(load_config(TINY, tiny_overrides(tiny_data, **sets)), mode="train",
              model_dir=tmp_path / "plain")
-    ac = tiny_overrides(tiny_data, **sets, **{"runconfig.activation_checkpointing": True})
-    run_mode(load_config(TINY, ac), mode="train", model_dir=tmp_path / "ac")
-    assert _losses(tmp_path / "plain") == _losses(tmp_path / "ac")
     a = load_file(str(ckpt.latest_checkpoint(tmp_path / "plain") / "model.safetensors"))
-    b = load_file(str(ckpt.latest_checkpoint(tmp_path / "ac") / "model.safetensors"))
-    assert a.keys() == b.keys()  # no wrapper prefixes in the saved names
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name, every in (("ac", 1), ("ac_half", 2)):  # all blocks; blocks 0 and 2 of 4
+        ac = tiny_overrides(tiny_data, **sets, **{"runconfig.activation_checkpointing": True,
+                                                  "runconfig.checkpoint_every": every})
+        run_mode(load_config(TINY, ac), mode="train", model_dir=tmp_path / name)
+        assert _losses(tmp_path / "plain") == _losses(tmp_path / name)
+        b = load_file(str(ckpt.latest_checkpoint(tmp_path / name) / "model.safetensors"))
+        assert a.keys() == b.keys()  # no wrapper prefixes in the saved names
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_every_wraps_every_nth_block_and_plans_the_memory_between():
+    from lmfab.dist.parallel import apply_activation_checkpointing
+    from lmfab.models.gpt import build_model
+    from lmfab.train.plan import format_plan, plan_run
+
+    cfg = load_config(TINY, ["model.n_layer=5"])
+    model = build_model(cfg.model)
+    assert apply_activation_checkpointing(model, 2) == 3  # blocks 0, 2, 4
+    kinds = [type(b).__name__ for b in model.blocks]
+    assert kinds[0] == kinds[2] == kinds[4] != kinds[1] == kinds[3] == "Block"
+
+    def acts(*sets):
+        return plan_run(load_config(TINY, ["model.n_layer=5", *sets])).activation_bytes
+
+    none, half = acts(), acts("runconfig.activation_checkpointing=true", "runconfig.checkpoint_every=2")
+    full = acts("runconfig.activation_checkpointing=true")
+    assert full < half < none  # between all blocks recomputed and none
+    assert "(1 block in 2)" in format_plan(plan_run(load_config(
+        TINY, ["runconfig.activation_checkpointing=true", "runconfig.checkpoint_every=2"])))
 
 
 def test_auto_strategy_is_ddp_on_cpu():

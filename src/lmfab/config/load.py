@@ -400,6 +400,9 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     bf16 = r.precision == "bf16" or (r.precision == "auto" and device_type == "cuda")
     if r.residual_dtype == "bf16" and not bf16:
         notes.append("runconfig.residual_dtype=bf16 has no effect: precision is fp32 here")
+    if r.checkpoint_every != 1 and not r.activation_checkpointing:
+        notes.append(f"runconfig.checkpoint_every={r.checkpoint_every} has no effect without "
+                     "runconfig.activation_checkpointing: true")
     if r.float8 != "off" and not r.compile:
         notes.append(f"runconfig.float8={r.float8} without runconfig.compile: the scaling "
                      "casts run as separate kernels, usually slower than bf16")
@@ -464,6 +467,8 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError("runconfig.checkpoint_steps, eval_steps, keep_checkpoints: >= 0")
     if r.profile_steps < 0 or r.profile_start < 0 or r.gc_steps < 0:
         raise ConfigError("runconfig.profile_steps, profile_start, gc_steps: >= 0")
+    if r.checkpoint_every < 1:
+        raise ConfigError(f"runconfig.checkpoint_every: must be >= 1, got {r.checkpoint_every}")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -187,6 +187,9 @@ class RunConfig:
     # gradients and AdamW state would take over half of one GPU's memory.
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward: long context
+    # with activation_checkpointing: recompute every N-th block only (1: all). The others keep
+    # their activations: less recompute for more memory (selective checkpointing by layer)
+    checkpoint_every: int = 1
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     peak_flops_per_device: float | None = None  # for MFU; known GPUs are detected
     tensorboard: bool = True

@@ -40,11 +40,16 @@ def resolve_strategy(run: RunConfig, world: World, n_params: int) -> str:
     return "ddp"
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> int:
+    """Recompute blocks 0, every, 2*every, ... in backward; returns how many are wrapped."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    wrapped = 0
     for i, block in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+        if i % every == 0:
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+            wrapped += 1
+    return wrapped
 
 
 def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> int:
@@ -94,7 +99,7 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
     if run.float8 != "off":
         apply_float8(model, run.float8, world.device)
     if run.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, run.checkpoint_every)
     strategy = resolve_strategy(run, world, sum(p.numel() for p in model.parameters()))
     if strategy == "fsdp" and world.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

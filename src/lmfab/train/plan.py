@@ -37,6 +37,7 @@ class RunPlan:
     activation_bytes: int
     strategy: str
     activation_checkpointing: bool
+    checkpoint_every: int = 1
     logit_bytes: int = 0  # part of activation_bytes
     fused_loss: bool = False
 
@@ -66,8 +67,10 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
         logits = min(rows, r.loss_chunk or rows) * m.vocab_size * bytes_per_activation
     else:
         logits = rows * m.vocab_size * (bytes_per_activation + 8)
-    if r.activation_checkpointing:  # each block keeps its input; one block is live at a time
-        acts = m.n_layer * micro * t.seq_len * m.d_model * bytes_per_activation + act_per_layer
+    if r.activation_checkpointing:  # a recomputed block keeps its input; one is live at a time
+        ckpt = -(-m.n_layer // r.checkpoint_every)  # blocks 0, every, 2*every, ...
+        acts = (ckpt * micro * t.seq_len * m.d_model * bytes_per_activation
+                + (m.n_layer - ckpt) * act_per_layer + act_per_layer)
     else:
         acts = act_per_layer * m.n_layer
     sharded = r.strategy == "fsdp" and world_size > 1
@@ -86,6 +89,7 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
         activation_bytes=acts + logits,
         strategy=r.strategy,
         activation_checkpointing=r.activation_checkpointing,
+        checkpoint_every=r.checkpoint_every,
         logit_bytes=logits,
         fused_loss=fused,
     )
@@ -115,7 +119,9 @@ def format_plan(plan: RunPlan) -> str:
         ("per device", f"micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation step(s)"),
         ("strategy", f"{plan.strategy}" + (" (fsdp if AdamW state > half a GPU)"
                                            if plan.strategy == "auto" else "")
-         + (", activation checkpointing" if plan.activation_checkpointing else "")),
+         + (", activation checkpointing" if plan.activation_checkpointing else "")
+         + (f" (1 block in {plan.checkpoint_every})"
+            if plan.activation_checkpointing and plan.checkpoint_every > 1 else "")),
         ("parameters", f"{plan.n_params:,} ({human(plan.n_params)}; "
                        f"{plan.n_params_no_pos:,} without position embeddings)"),
         ("FLOPs/token", f"{human(plan.flops_per_token)} (6N + 12·L·d·T, forward+backward)"),
