@@ -2,7 +2,7 @@
 # The issue-2 GPU check on one GPU: GPU tests, real-data training runs of the 124M and 1.3B
 # shapes (bf16, compiled, a few dozen steps), then the throughput benchmark beside HF GPT-2.
 # Usage: benchmarks/gpu_check.sh OUTDIR DATA1024 DATA2048 [part]
-#   part: all (default) | runs | bench124 | bench13b | fp8 | alibi
+#   part: all (default) | runs | bench124 | bench13b | fp8 | long | alibi
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
@@ -44,6 +44,16 @@ if [[ $part == fp8 ]]; then
         configs/train/$c.yaml 20 8 "bf16=lmfab" "fp8_tensorwise=lmfab;--set runconfig.float8=tensorwise" \
         "fp8_rowwise=lmfab;--set runconfig.float8=rowwise" | tee "$out/fp8-$c.md"
   done
+fi
+if [[ $part == long ]]; then
+  # 1.3B at T=32768, one sequence per step: full activation checkpointing, every 2nd block,
+  # none (each in its own process; ~3 min). What runconfig.checkpoint_every buys, and costs.
+  T=32768; lc=(--set model.max_seq_len=$T --micro_batch 1 --seq_len $T)
+  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-200} benchmarks/throughput_sweep.sh "$out/long" \
+      configs/train/cerebras-gpt-1.3b.yaml 6 3 \
+      "ac_all=lmfab;${lc[*]};--set runconfig.activation_checkpointing=true" \
+      "ac_half=lmfab;${lc[*]};--set runconfig.activation_checkpointing=true;--set runconfig.checkpoint_every=2" \
+      "ac_none=lmfab;${lc[*]}" | tee "$out/long.md"
 fi
 if [[ $part == alibi ]]; then
   # ALiBi: kernel speed against causal SDPA, then a 12 x 768 ALiBi/SwiGLU/muP model trained at
