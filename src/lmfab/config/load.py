@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lmfab.config.schema import Config, ModelConfig
+from lmfab.config.schema import Config, ModelConfig, RunConfig
 
 
 class ConfigError(ValueError):
@@ -387,10 +387,15 @@ def train_stages(cfg: Config, world_size: int = 1) -> list[TrainStage]:
     return stages
 
 
+def uses_fused_loss(r: RunConfig, device_type: str) -> bool:
+    """``runconfig.loss``: fused, or auto on CUDA."""
+    return r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
+
+
 def config_notes(cfg: Config, device_type: str) -> list[str]:
     """Settings that are valid but have no effect in this combination (said, not refused)."""
     r, notes = cfg.runconfig, []
-    fused = r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
+    fused = uses_fused_loss(r, device_type)
     if r.loss_chunk and not fused:
         notes.append(f"runconfig.loss_chunk={r.loss_chunk} has no effect: the loss is the "
                      "standard one here (runconfig.loss=fused to use it)")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lmfab.config.load import ConfigError
+from lmfab.config.load import ConfigError, uses_fused_loss
 from lmfab.config.schema import RunConfig
 from lmfab.dist.world import World
 from lmfab.models.attention import set_attention_backend
@@ -93,7 +93,7 @@ def compile_module(module: nn.Module, run: RunConfig) -> None:
 
 def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = False) -> nn.Module:
     set_attention_backend(model, run.attention_backend, world.device)
-    model.fused_loss = run.loss == "fused" or (run.loss == "auto" and world.device.type == "cuda")
+    model.fused_loss = uses_fused_loss(run, world.device.type)
     model.loss_chunk = run.loss_chunk
     model.residual_dtype = torch.bfloat16 if bf16 and run.residual_dtype == "bf16" else None
     if run.float8 != "off":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lmfab.config.load import micro_batching
+from lmfab.config.load import micro_batching, uses_fused_loss
 from lmfab.config.schema import Config
 from lmfab.models.gpt import build_model
 
@@ -62,7 +62,7 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
     act_per_layer = 34 * t.seq_len * micro * m.d_model * bytes_per_activation // 2
     r = cfg.runconfig
     rows = micro * t.seq_len
-    fused = r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
+    fused = uses_fused_loss(r, device_type)
     if fused:
         logits = min(rows, r.loss_chunk or rows) * m.vocab_size * bytes_per_activation
     else:
