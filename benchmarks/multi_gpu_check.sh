@@ -8,13 +8,16 @@
 #         host124  124M DDP on 1 and 2 GPUs, 100 steps, as is and with runconfig.gc_steps=50
 #                  (~3 min). "As is" has the pinned batch copies, which have no switch: compare
 #                  it with session 3's figures from before them (docs/benchmarks.md)
+#         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
+#                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
+#                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~5 min)
 #         big      Cerebras-GPT-13B: plain DDP on one GPU (runs out of memory, with lmfab's
 #                  advice), then FSDP2 on 2 GPUs, the YAML as shipped (strategy: fsdp)
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b, host124 or big}
+part=${4:?part: tests, curves, scale124, scale13b, host124, accum or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -45,6 +48,13 @@ case $part in
           --steps 100 --log_steps 10 --set train_input.data_dir="$d1024" ${extra[@]+"${extra[@]}"} \
           --out "$out/host124-$v" 2>&1 | grep "^| ddp" | sed "s/^/$v /"
     done ;;
+  accum)
+    $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
+        --global_batch 512 --steps 16 --log_steps 2 --set train_input.data_dir="$d1024" \
+        --out "$out/accum124" 2>&1 | grep "^| ddp" | sed "s/^/124M /"
+    $py benchmarks/scaling.py --params configs/train/cerebras-gpt-1.3b.yaml --devices 1,2 \
+        --strategies ddp --global_batch 96 --steps 12 --log_steps 2 \
+        --set train_input.data_dir="$d2048" --out "$out/accum13b" 2>&1 | grep "^| ddp" | sed "s/^/1.3B /" ;;
   big)
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     small=(--set train_input.data_dir="$d2048" --set runconfig.checkpoint_at_end=false

@@ -6,7 +6,10 @@
 
 Each point is a real ``lmfab run --num_devices N`` (torchrun underneath) at a fixed
 *per-device* micro-batch with no accumulation, so the global batch grows with N (weak
-scaling, how data parallelism is used). Throughput is the median of the logged tokens/s
+scaling, and the hardest case: gradients cross the link after every micro-batch). With
+``--global_batch G`` every point trains at global batch G instead, through gradient
+accumulation (G / (micro x N) micro-batches per step, gradients reduced once per step): what
+happens when the same params file, global batch and all, moves from 1 device to N. Throughput is the median of the logged tokens/s
 after the first ``--warmup`` logged intervals (compilation happens there); per-GPU
 throughput, efficiency against the 1-device point of the same strategy, and peak memory
 (from ``torch.cuda.max_memory_allocated`` logged by the run, GPUs only) go in a table, a
@@ -28,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_point(args, n: int, strategy: str, micro: int) -> dict:
+    batch = args.global_batch or micro * n
     model_dir = Path(args.out) / f"{strategy}-{n}"
     if model_dir.exists():
         import shutil
@@ -35,7 +39,7 @@ def run_point(args, n: int, strategy: str, micro: int) -> dict:
         shutil.rmtree(model_dir)
     cmd = [sys.executable, "-m", "lmfab", "run", "--params", args.params, "--mode", "train",
            "--model_dir", str(model_dir), "--num_devices", str(n), "--max_steps", str(args.steps),
-           "--set", f"train_input.batch_size={micro * n}",
+           "--set", f"train_input.batch_size={batch}",
            "--set", f"train_input.micro_batch_size={micro}",
            "--set", f"eval_input.batch_size={n}", "--set", "eval_input.micro_batch_size=1",
            "--set", f"runconfig.strategy={strategy}", "--set", f"runconfig.log_steps={args.log_steps}",
@@ -57,7 +61,8 @@ def run_point(args, n: int, strategy: str, micro: int) -> dict:
     mem = max((r.get("max_memory_gib") or 0.0) for r in train) or None
     return {"devices": n, "strategy": strategy, "tokens_per_s": tok_s,
             "tokens_per_s_per_device": tok_s / n, "mfu": timed[-1].get("mfu"),
-            "peak_memory_gib": mem, "global_batch": micro * n, "micro_batch": micro}
+            "peak_memory_gib": mem, "global_batch": batch, "micro_batch": micro,
+            "accumulation": batch // (micro * n)}
 
 
 def main() -> int:
@@ -66,6 +71,9 @@ def main() -> int:
     p.add_argument("--devices", default="1,2")
     p.add_argument("--strategies", default="ddp,fsdp")
     p.add_argument("--micro_batch", type=int, help="per device (default: the params file's)")
+    p.add_argument("--global_batch", type=int,
+                   help="fixed global batch for every point, reached by accumulation (default: "
+                        "micro-batch x devices, no accumulation)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--log_steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="logged intervals to skip")
@@ -81,21 +89,26 @@ def main() -> int:
 
         cfg = load_config(args.params, args.set)
         args.micro_batch = cfg.train_input.micro_batch_size or cfg.train_input.batch_size
+    if args.global_batch:
+        for n in args.devices.split(","):
+            if args.global_batch % (args.micro_batch * int(n)):
+                p.error(f"--global_batch {args.global_batch} is not a multiple of micro-batch "
+                        f"{args.micro_batch} x {n} devices")
     points = [run_point(args, int(n), s, args.micro_batch)
               for s in args.strategies.split(",") for n in args.devices.split(",")]
     base = {pt["strategy"]: pt for pt in points if pt["devices"] == 1 and "error" not in pt}
-    print("| strategy | devices | global batch | tokens/s | tokens/s per device | "
-          "efficiency vs 1 | MFU | peak mem GiB |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| strategy | devices | global batch | accumulation | tokens/s | tokens/s per device | "
+          "efficiency vs 1 | MFU | peak mem GiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for pt in points:
         if "error" in pt:
-            print(f"| {pt['strategy']} | {pt['devices']} | failed: {pt['error']} | | | | | |")
+            print(f"| {pt['strategy']} | {pt['devices']} | failed: {pt['error']} | | | | | | |")
             continue
         b = base.get(pt["strategy"])
         eff = pt["tokens_per_s_per_device"] / b["tokens_per_s_per_device"] if b else None
         pt["efficiency"] = eff
         mfu = "-" if pt["mfu"] is None else f"{100 * pt['mfu']:.1f}%"
         mem = "-" if pt["peak_memory_gib"] is None else f"{pt['peak_memory_gib']:.1f}"
-        print(f"| {pt['strategy']} | {pt['devices']} | {pt['global_batch']} | "
+        print(f"| {pt['strategy']} | {pt['devices']} | {pt['global_batch']} | {pt['accumulation']} | "
               f"{pt['tokens_per_s']:,.0f} | {pt['tokens_per_s_per_device']:,.0f} | "
               f"{'-' if eff is None else f'{100 * eff:.1f}%'} | {mfu} | {mem} |")
     (Path(args.out) / "scaling.json").write_text(json.dumps(points, indent=1))

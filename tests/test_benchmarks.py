@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import CONFIGS, REPO
 
 
@@ -54,13 +56,18 @@ def test_compare_curves_reports_differences(tiny_data, tmp_path):
     assert float(last.split("max |diff| ")[1].split(",")[0]) > 0  # lr 0 leaves the loss flat
 
 
-def test_scaling_script_on_cpu_with_gloo(tiny_data, tmp_path):
+@pytest.mark.parametrize("global_batch", [None, 8])
+def test_scaling_script_on_cpu_with_gloo(tiny_data, tmp_path, global_batch):
+    """Weak scaling (global batch = micro x devices) and a fixed global batch reached by
+    accumulation (8 = 4 x 2 micro-batches on one device, 4 x 1 on each of two)."""
     from .conftest import tiny_overrides
 
     cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"),
            "--params", str(CONFIGS / "train" / "tiny.yaml"), "--devices", "1,2",
            "--strategies", "ddp", "--steps", "4", "--log_steps", "1", "--warmup", "1",
            "--micro_batch", "4", "--out", str(tmp_path / "scaling")]
+    if global_batch:
+        cmd += ["--global_batch", str(global_batch)]
     for s in tiny_overrides(tiny_data):
         if not s.startswith(("train_input.batch_size", "train_input.micro_batch_size")):
             cmd += ["--set", s]
@@ -68,8 +75,10 @@ def test_scaling_script_on_cpu_with_gloo(tiny_data, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     points = json.loads((tmp_path / "scaling" / "scaling.json").read_text())
-    assert [(p["strategy"], p["devices"], p["global_batch"]) for p in points] == [
-        ("ddp", 1, 4), ("ddp", 2, 8)]
+    got = [(p["strategy"], p["devices"], p["global_batch"], p["accumulation"]) for p in points]
+    assert got == ([("ddp", 1, 4, 1), ("ddp", 2, 8, 1)] if global_batch is None
+                   else [("ddp", 1, 8, 2), ("ddp", 2, 8, 1)])
+
     assert all(p["tokens_per_s"] > 0 for p in points)
     assert not (tmp_path / "scaling" / "ddp-2" / "checkpoints").exists()  # not saved by default
     assert (tmp_path / "scaling" / "scaling.png").stat().st_size > 0
