@@ -11,13 +11,17 @@
 #         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
 #                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
 #                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~5 min)
+#         ddp13b   why 1.3B loses 4% at a fixed global batch (96: 4 micro-batches per GPU per
+#                  all-reduce): 1 GPU, then 2 GPUs as shipped, with ddp_split_graph=false (one
+#                  compiled graph) and with 200 MB buckets (fewer cuts)      (~8 min)
+#         fsdp13b  the same batch with FSDP2, resharding after forward or not   (~5 min)
 #         big      Cerebras-GPT-13B: plain DDP on one GPU (runs out of memory, with lmfab's
 #                  advice), then FSDP2 on 2 GPUs, the YAML as shipped (strategy: fsdp)
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b, host124, accum or big}
+part=${4:?part: tests, curves, scale124, scale13b, host124, accum, ddp13b, fsdp13b or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -55,6 +59,22 @@ case $part in
     $py benchmarks/scaling.py --params configs/train/cerebras-gpt-1.3b.yaml --devices 1,2 \
         --strategies ddp --global_batch 96 --steps 12 --log_steps 2 \
         --set train_input.data_dir="$d2048" --out "$out/accum13b" 2>&1 | grep "^| ddp" | sed "s/^/1.3B /" ;;
+  ddp13b|fsdp13b)
+    b13=(--params configs/train/cerebras-gpt-1.3b.yaml --global_batch 96 --steps 10 --log_steps 2
+         --warmup 1 --set train_input.data_dir="$d2048")
+    if [[ $part == ddp13b ]]; then
+      $py benchmarks/scaling.py "${b13[@]}" --devices 1,2 --strategies ddp --out "$out/ddp13b-default" \
+          2>&1 | grep "^| ddp" | sed "s/^/default /"
+      for v in nosplit:ddp_split_graph=false bucket200:ddp_bucket_mb=200; do
+        $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies ddp --set "runconfig.${v#*:}" \
+            --out "$out/ddp13b-${v%%:*}" 2>&1 | grep "^| ddp" | sed "s/^/${v%%:*} /"
+      done
+    else
+      for v in reshard:fsdp_reshard_after_forward=true keep:fsdp_reshard_after_forward=false; do
+        $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies fsdp --set "runconfig.${v#*:}" \
+            --out "$out/fsdp13b-${v%%:*}" 2>&1 | grep "^| fsdp" | sed "s/^/${v%%:*} /"
+      done
+    fi ;;
   big)
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     small=(--set train_input.data_dir="$d2048" --set runconfig.checkpoint_at_end=false

@@ -90,10 +90,13 @@ def test_plan_counts_logits_by_loss_kind():
     v = cfg.model.vocab_size
     fused = plan_run(cfg, device_type="cuda")
     assert fused.fused_loss and fused.logit_bytes == rows * v * 2
-    assert "logits with the fused loss" in format_plan(fused)
+    assert "in the fused loss's logits)" in format_plan(fused)
     standard = plan_run(cfg, device_type="cpu")  # loss: auto is standard off CUDA
     assert not standard.fused_loss and standard.logit_bytes == rows * v * 10
     assert standard.activation_bytes - fused.activation_bytes == rows * v * 8
     chunked = plan_run(load_config(TINY, ["runconfig.loss=fused", "runconfig.loss_chunk=64"]),
                        device_type="cpu")
-    assert chunked.logit_bytes == 64 * v * 2
+    d = cfg.model.d_model  # chunked: the output weight's fp32 gradient and one bf16 product,
+    # and the hidden states' gradient, made in forward and kept for backward
+    assert chunked.logit_bytes == 64 * v * 2 + v * d * 6 + rows * d * 2
+    assert "in the fused loss's logits and gradients)" in format_plan(chunked)

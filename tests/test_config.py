@@ -57,6 +57,7 @@ def _tiny_raw() -> dict:
         (lambda r: r["runconfig"].update(loss_chunk=-1), r"runconfig\.loss_chunk: must be >= 0"),
         (lambda r: r["runconfig"].update(attention_backend="fa3"), r"runconfig\.attention_backend: 'fa3' is not one of"),
         (lambda r: r["runconfig"].update(residual_dtype="fp16"), r"runconfig\.residual_dtype: 'fp16' is not one of"),
+        (lambda r: r["runconfig"].update(ddp_bucket_mb=0), r"runconfig\.ddp_bucket_mb: must be > 0"),
     ],
 )
 def test_bad_config_fails_with_key_path(tmp_path, mutate, message):
@@ -120,6 +121,13 @@ def test_config_notes_name_settings_without_effect():
     assert "residual_dtype" in notes[2]
     # On CUDA the loss is fused and precision bf16: only compile_mode stays inert.
     assert [n.split("=")[0] for n in config_notes(cfg, "cuda")] == ["runconfig.compile_mode"]
+    notes = config_notes(load_config(path, ["runconfig.ddp_split_graph=false",
+                                            "runconfig.strategy=ddp",
+                                            "runconfig.fsdp_reshard_after_forward=false"]), "cpu")
+    assert [n.split("=")[0] for n in notes] == ["runconfig.ddp_split_graph",
+                                                "runconfig.fsdp_reshard_after_forward"]
+    assert config_notes(load_config(path, ["runconfig.ddp_split_graph=false",
+                                           "runconfig.compile=true"]), "cpu") == []
 
 
 def test_yaml_off_and_on_mean_the_words_where_a_key_takes_them(tmp_path):

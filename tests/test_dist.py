@@ -124,3 +124,83 @@ def test_float8_under_fsdp_on_two_processes_matches_one(tiny_data, tmp_path):
     assert sorted(sharded) == sorted(one) == list(range(1, 6))
     for step in one:
         assert abs(one[step] - sharded[step]) < 1e-4, (step, one[step], sharded[step])
+
+
+def _parallelize_worker(rank: int, port: int, sets: list[str], out: str) -> None:
+    """One of 2 gloo ranks: parallelize the tiny model as `sets` say, run one forward and
+    backward, and record what the data-parallel wrapper was built with."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from torch.distributed.tensor import DTensor
+
+    from lmfab.dist import init_world, parallelize, shutdown
+    from lmfab.dist.parallel import sharded_fill
+    from lmfab.models.gpt import build_model, materialize
+
+    cfg = load_config(TINY, sets)
+    world = init_world("cpu", "gloo")
+    torch._dynamo.config.optimize_ddp = "unset"  # parallelize must set it either way
+    model = build_model(cfg.model)
+    if cfg.runconfig.strategy == "fsdp":
+        wrapped = parallelize(model, world, cfg.runconfig)
+        model.to_empty(device=world.device)
+        model.init_weights(torch.Generator().manual_seed(0), fill=sharded_fill)
+    else:
+        model = materialize(model, world.device, seed=0)
+        wrapped = parallelize(model, world, cfg.runconfig)
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 17))
+    loss = wrapped(idx[:, :-1], idx[:, 1:])
+    # After forward, before backward: gathered (plain tensors) or resharded (DTensors)?
+    weight = model.blocks[0].mlp.fc.weight
+    between = "sharded" if isinstance(weight, DTensor) else "gathered"
+    loss.backward()
+    if rank == 0:
+        Path(out).write_text(json.dumps({
+            "optimize_ddp": torch._dynamo.config.optimize_ddp,
+            "bucket_bytes_cap": getattr(wrapped, "bucket_bytes_cap", None),
+            "between_forward_and_backward": between}))
+    torch.distributed.barrier()
+    del wrapped, model, loss  # DDP's reducer and FSDP's state go before their group
+    shutdown(world)
+
+
+def _parallelize_on_two(tmp_path: Path, sets: list[str]) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "seen.json"
+    mp.spawn(_parallelize_worker, args=(port, sets, str(out)), nprocs=2, join=True)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_ddp_settings_reach_ddp_and_dynamo(tmp_path, split):
+    """runconfig.ddp_bucket_mb becomes DDP's bucket cap; ddp_split_graph becomes dynamo's
+    optimize_ddp, which decides at the first compiled forward whether the graph is cut at
+    the buckets."""
+    seen = _parallelize_on_two(tmp_path, ["runconfig.strategy=ddp", "runconfig.ddp_bucket_mb=2.5",
+                                          f"runconfig.ddp_split_graph={str(split).lower()}"])
+    assert seen["bucket_bytes_cap"] == int(2.5 * 1024 * 1024)
+    assert seen["optimize_ddp"] is split
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp_reshard_after_forward_keeps_or_frees_the_gathered_block(tmp_path, reshard):
+    seen = _parallelize_on_two(tmp_path, ["runconfig.strategy=fsdp",
+                                          f"runconfig.fsdp_reshard_after_forward={str(reshard).lower()}"])
+    assert seen["between_forward_and_backward"] == ("sharded" if reshard else "gathered")
+
+
+def test_plan_counts_gathered_parameters_without_reshard():
+    from lmfab.train.plan import plan_run
+
+    def state(*sets):
+        return plan_run(load_config(TINY, ["runconfig.strategy=fsdp", *sets]), world_size=2).state_bytes
+
+    n = plan_run(load_config(TINY)).n_params
+    assert state() == 16 * n // 2
+    assert state("runconfig.fsdp_reshard_after_forward=false") == 16 * n // 2 + 2 * n // 2

@@ -411,6 +411,12 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     if r.float8 != "off" and not r.compile:
         notes.append(f"runconfig.float8={r.float8} without runconfig.compile: the scaling "
                      "casts run as separate kernels, usually slower than bf16")
+    if not r.ddp_split_graph and (not r.compile or r.strategy == "fsdp"):
+        notes.append("runconfig.ddp_split_graph=false has no effect: it concerns DDP under "
+                     "torch.compile")
+    if not r.fsdp_reshard_after_forward and r.strategy == "ddp":
+        notes.append("runconfig.fsdp_reshard_after_forward=false has no effect with "
+                     "runconfig.strategy=ddp")
     if r.profile_steps and r.profile_start >= r.max_steps:
         notes.append(f"runconfig.profile_steps has no effect: profile_start={r.profile_start} "
                      f"is not before max_steps={r.max_steps}")
@@ -474,6 +480,8 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError("runconfig.profile_steps, profile_start, gc_steps: >= 0")
     if r.checkpoint_every < 1:
         raise ConfigError(f"runconfig.checkpoint_every: must be >= 1, got {r.checkpoint_every}")
+    if not r.ddp_bucket_mb > 0:
+        raise ConfigError(f"runconfig.ddp_bucket_mb: must be > 0, got {r.ddp_bucket_mb}")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -186,6 +186,16 @@ class RunConfig:
     # optimizer state (FSDP2); auto picks fsdp when the 16 bytes/parameter of weights,
     # gradients and AdamW state would take over half of one GPU's memory.
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # DDP's gradient bucket size in MB (PyTorch's default 25): an all-reduce per bucket
+    ddp_bucket_mb: float = 25.0
+    # DDP under torch.compile: true splits the compiled graph at the gradient buckets so each
+    # bucket's all-reduce starts during backward (PyTorch's DDP optimizer); false keeps one
+    # graph and all-reduces after backward (no fusion lost at the cuts, no overlap either:
+    # for runs whose accumulation makes the all-reduce rare)
+    ddp_split_graph: bool = True
+    # FSDP2: free each block's gathered parameters after its forward (true, least memory) or
+    # keep them for backward (false: one all-gather per block fewer, ZeRO-2-like memory)
+    fsdp_reshard_after_forward: bool = True
     activation_checkpointing: bool = False  # recompute each block in backward: long context
     # with activation_checkpointing: recompute every N-th block only (1: all). The others keep
     # their activations: less recompute for more memory (selective checkpointing by layer)

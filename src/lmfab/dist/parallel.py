@@ -8,8 +8,11 @@ Order (DESIGN.md, as torchtitan): activation checkpointing -> torch.compile -> D
 - Compile happens in place (``Module.compile``): the whole model under DDP, each block
   under FSDP2 (so the collectives stay outside the compiled graphs). Parameter names and
   the module object the loop saves do not change.
-- DDP replicates; FSDP2 (``fully_shard``) shards parameters, gradients and optimizer state
-  per block, with bf16 parameters and fp32 gradient reduction on GPUs.
+- DDP replicates (``runconfig.ddp_bucket_mb`` per all-reduce; ``ddp_split_graph``: whether
+  dynamo cuts the compiled graph at the buckets so the all-reduces overlap backward). FSDP2
+  (``fully_shard``) shards parameters, gradients and optimizer state per block, with bf16
+  parameters and fp32 gradient reduction on GPUs (``fsdp_reshard_after_forward``: free each
+  block's gathered parameters after forward, or keep them for backward).
 
 The module returned is what the loop calls; the model object itself is what checkpoints
 save (FSDP2 turns it into a sharded module in place).
@@ -115,18 +118,22 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
         for block in model.blocks:
             if run.compile:
                 compile_module(block, run)
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mp_policy=mp, reshard_after_forward=run.fsdp_reshard_after_forward)
+        fully_shard(model, mp_policy=mp)  # FSDP2 keeps the root gathered after forward itself
         model.lmfab_strategy = "fsdp"
         return model
     if run.compile:
         compile_module(model, run)
     model.lmfab_strategy = "ddp"
     if world.distributed:
+        # Read by dynamo when it first compiles the forward (lazily, inside DDP's forward):
+        # cut the graph at the gradient buckets, or keep it whole. One model per process.
+        torch._dynamo.config.optimize_ddp = bool(run.ddp_split_graph)
         return DDP(
             model,
             device_ids=[world.device.index] if world.device.type == "cuda" else None,
             gradient_as_bucket_view=True,
+            bucket_cap_mb=run.ddp_bucket_mb,
         )
     return model
 

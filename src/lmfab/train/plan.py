@@ -7,7 +7,10 @@ activation checkpointing: each block's input plus one block's activations), usin
 count of Korthikanti et al. 2022 (arXiv 2205.05198, "34·s·b·h" bytes in 16-bit precision
 with fused attention, which never stores the T×T scores) and the logits: 10 bytes per logit
 with the standard loss (bf16 logits, their fp32 copy and its gradient), 2 with the fused loss,
-whose bf16 logits become their own gradient, over ``loss_chunk`` rows at a time if set.
+whose bf16 logits become their own gradient, over ``loss_chunk`` rows at a time if set
+(then also the output weight's fp32 gradient and the hidden states' gradient, made in
+forward and kept for backward). Under FSDP2 without resharding after forward, the gathered
+bf16 parameters are added to the weights' share.
 Against peaks measured on H200s (docs/benchmarks.md, shipped configs): 124M 14.5 GiB
 estimated, 14.4 measured; 1.3B 60.2 and 57.0; 13B on 2 GPUs under FSDP2 102 and 99.6.
 """
@@ -40,6 +43,7 @@ class RunPlan:
     checkpoint_every: int = 1
     logit_bytes: int = 0  # part of activation_bytes
     fused_loss: bool = False
+    loss_chunked: bool = False  # fused loss over loss_chunk rows at a time
 
     @property
     def memory_bytes(self) -> int:
@@ -63,8 +67,13 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
     r = cfg.runconfig
     rows = micro * t.seq_len
     fused = uses_fused_loss(r, device_type)
+    chunked = fused and 0 < r.loss_chunk < rows
     if fused:
         logits = min(rows, r.loss_chunk or rows) * m.vocab_size * bytes_per_activation
+        if chunked:  # gradients made in forward, kept for backward:
+            # the output weight's in fp32 plus one block's bf16 product, the hidden states'
+            logits += m.vocab_size * m.d_model * (4 + bytes_per_activation)
+            logits += rows * m.d_model * bytes_per_activation
     else:
         logits = rows * m.vocab_size * (bytes_per_activation + 8)
     if r.activation_checkpointing:  # a recomputed block keeps its input; one is live at a time
@@ -74,6 +83,10 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
     else:
         acts = act_per_layer * m.n_layer
     sharded = r.strategy == "fsdp" and world_size > 1
+    # Without resharding after forward every block's gathered bf16 parameters stay until its
+    # backward: the other ranks' shards of the whole model, at 2 bytes a parameter.
+    gathered = 2 * n * (world_size - 1) // world_size \
+        if sharded and not r.fsdp_reshard_after_forward else 0
     return RunPlan(
         world_size=world_size,
         global_batch=t.batch_size,
@@ -85,13 +98,14 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
         n_params_no_pos=n_no_pos,
         flops_per_token=fpt,
         flops_per_step=fpt * tokens,
-        state_bytes=16 * n // (world_size if sharded else 1),
+        state_bytes=16 * n // (world_size if sharded else 1) + gathered,
         activation_bytes=acts + logits,
         strategy=r.strategy,
         activation_checkpointing=r.activation_checkpointing,
         checkpoint_every=r.checkpoint_every,
         logit_bytes=logits,
         fused_loss=fused,
+        loss_chunked=chunked,
     )
 
 
@@ -129,8 +143,9 @@ def format_plan(plan: RunPlan) -> str:
         ("memory/device", f"~{human_bytes(plan.memory_bytes)} (estimate: "
                           f"{human_bytes(plan.state_bytes)} weights+grads+AdamW, "
                           f"{human_bytes(plan.activation_bytes)} activations, of which "
-                          f"{human_bytes(plan.logit_bytes)} logits with the "
-                          f"{'fused' if plan.fused_loss else 'standard'} loss)"),
+                          f"{human_bytes(plan.logit_bytes)} in the "
+                          f"{'fused' if plan.fused_loss else 'standard'} loss's logits"
+                          f"{' and gradients' if plan.fused_loss and plan.loss_chunked else ''})"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
