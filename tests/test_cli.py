@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,27 @@ def test_bad_params_exit_2_with_key_path(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "model.n_layers: unknown key (did you mean 'n_layer'?)" in err
+
+
+def test_bad_params_exit_2_under_num_devices_too(tmp_path):
+    """torchrun exits 1 whatever stopped a rank; lmfab's launcher passes the ranks' own
+    code on, so a script sees 2 for bad input on 2 processes as on one."""
+    cmd = [sys.executable, "-m", "lmfab", "run", "--params", TINY, "--num_devices", "2",
+           "--model_dir", str(tmp_path / "r"), "--set", "runconfig.ddp_bucket_mb=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "runconfig.ddp_bucket_mb: must be > 0" in proc.stderr
+
+
+def test_rank_exit_code_is_the_lowest_rank_s(tmp_path):
+    from lmfab.dist.launch import rank_exit_code
+
+    assert rank_exit_code(tmp_path, 0) == 0
+    assert rank_exit_code(tmp_path, 1) == 1  # no rank left a code: torchrun's
+    (tmp_path / "rank3").write_text("2")
+    (tmp_path / "rank1").write_text("3")
+    assert rank_exit_code(tmp_path, 1) == 3
 
 
 def test_run_and_generate_via_cli(tiny_data, tmp_path, capsys):

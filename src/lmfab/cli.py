@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 # Flags consumed by the launcher and not passed on to the relaunched processes.
 _LAUNCH_FLAGS = {"--num_devices", "--num_nodes", "--node_rank", "--master_addr", "--master_port"}
@@ -326,6 +327,14 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    exit_dir = os.environ.get("LMFAB_EXIT_DIR")
+    if code and exit_dir:  # a rank started by `--num_devices`: tell the launcher why it stopped
+        Path(exit_dir, f"rank{os.environ.get('RANK', '0')}").write_text(str(code))
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     from lmfab.config import ConfigError

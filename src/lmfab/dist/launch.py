@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 
 def already_launched() -> bool:
@@ -41,4 +43,18 @@ def relaunch(
     if num_devices > 1 and "OMP_NUM_THREADS" not in env:
         # CPU processes share the cores instead of oversubscribing them.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_devices))
-    return subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory(prefix="lmfab-exit-") as exit_dir:
+        env["LMFAB_EXIT_DIR"] = exit_dir
+        code = subprocess.call(cmd, env=env)
+        return rank_exit_code(Path(exit_dir), code)
+
+
+def rank_exit_code(exit_dir: Path, launcher_code: int) -> int:
+    """torchrun exits 1 whatever stopped a rank. A rank that stopped on an error lmfab
+    handled (2: bad input, 3: out of memory) left its code in ``exit_dir``: the lowest such
+    rank's code is this run's, so scripts see the same codes as on one device."""
+    if launcher_code == 0:
+        return 0
+    codes = sorted((int(f.name[4:]), int(f.read_text())) for f in exit_dir.glob("rank*")
+                   if f.name[4:].isdigit() and f.read_text().strip().isdigit())
+    return codes[0][1] if codes else launcher_code
