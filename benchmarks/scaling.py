@@ -60,6 +60,7 @@ def run_point(args, n: int, strategy: str, micro: int) -> dict:
     tok_s = statistics.median(r["tokens_per_s"] for r in timed)
     mem = max((r.get("max_memory_gib") or 0.0) for r in train) or None
     return {"devices": n, "strategy": strategy, "tokens_per_s": tok_s,
+            "losses": {r["step"]: r["loss"] for r in train},
             "tokens_per_s_per_device": tok_s / n, "mfu": timed[-1].get("mfu"),
             "peak_memory_gib": mem, "global_batch": batch, "micro_batch": micro,
             "accumulation": batch // (micro * n)}
@@ -97,11 +98,14 @@ def main() -> int:
     points = [run_point(args, int(n), s, args.micro_batch)
               for s in args.strategies.split(",") for n in args.devices.split(",")]
     base = {pt["strategy"]: pt for pt in points if pt["devices"] == 1 and "error" not in pt}
+    same_batch = args.global_batch is not None  # then the same run: losses comparable
     print("| strategy | devices | global batch | accumulation | tokens/s | tokens/s per device | "
-          "efficiency vs 1 | MFU | peak mem GiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "efficiency vs 1 | MFU | peak mem GiB |" + (" max abs loss diff vs 1 |" if same_batch else "")
+          + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if same_batch else ""))
     for pt in points:
         if "error" in pt:
-            print(f"| {pt['strategy']} | {pt['devices']} | failed: {pt['error']} | | | | | | |")
+            print(f"| {pt['strategy']} | {pt['devices']} | failed: {pt['error']} | | | | | | |"
+                  + (" |" if same_batch else ""))
             continue
         b = base.get(pt["strategy"])
         eff = pt["tokens_per_s_per_device"] / b["tokens_per_s_per_device"] if b else None
@@ -110,10 +114,23 @@ def main() -> int:
         mem = "-" if pt["peak_memory_gib"] is None else f"{pt['peak_memory_gib']:.1f}"
         print(f"| {pt['strategy']} | {pt['devices']} | {pt['global_batch']} | {pt['accumulation']} | "
               f"{pt['tokens_per_s']:,.0f} | {pt['tokens_per_s_per_device']:,.0f} | "
-              f"{'-' if eff is None else f'{100 * eff:.1f}%'} | {mfu} | {mem} |")
+              f"{'-' if eff is None else f'{100 * eff:.1f}%'} | {mfu} | {mem} |"
+              + (f" {loss_diff(pt, b)} |" if same_batch else ""))
     (Path(args.out) / "scaling.json").write_text(json.dumps(points, indent=1))
     plot(points, Path(args.out) / "scaling.png")
     return 0 if all("error" not in pt for pt in points) else 1
+
+
+def loss_diff(pt: dict, base: dict | None) -> str:
+    """Largest |loss difference| against the 1-device point at the steps both logged: at one
+    global batch the runs train the same model on the same data, to rounding."""
+    if base is None or base is pt:
+        return "-"
+    steps = sorted(set(pt["losses"]) & set(base["losses"]))
+    if not steps:
+        return "-"
+    pt["max_abs_loss_diff"] = max(abs(pt["losses"][k] - base["losses"][k]) for k in steps)
+    return f"{pt['max_abs_loss_diff']:.2e} ({len(steps)} steps)"
 
 
 def plot(points: list[dict], path: Path) -> None:
