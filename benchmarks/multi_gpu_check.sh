@@ -15,6 +15,8 @@
 #                  all-reduce): 1 GPU, then 2 GPUs as shipped, with ddp_split_graph=false (one
 #                  compiled graph) and with 200 MB buckets (fewer cuts)      (~8 min)
 #         fsdp13b  the same batch with FSDP2, resharding after forward or not   (~5 min)
+#                  Only ddp13b's first row set has a 1-GPU point: read the other rows'
+#                  tokens/s per device against it (their efficiency column says "-")
 #         big      Cerebras-GPT-13B: plain DDP on one GPU (runs out of memory, with lmfab's
 #                  advice), then FSDP2 on 2 GPUs, the YAML as shipped (strategy: fsdp)
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.

@@ -98,7 +98,7 @@ def main() -> int:
     points = [run_point(args, int(n), s, args.micro_batch)
               for s in args.strategies.split(",") for n in args.devices.split(",")]
     base = {pt["strategy"]: pt for pt in points if pt["devices"] == 1 and "error" not in pt}
-    same_batch = args.global_batch is not None  # then the same run: losses comparable
+    same_batch = bool(args.global_batch)  # then the same training: losses comparable
     print("| strategy | devices | global batch | accumulation | tokens/s | tokens/s per device | "
           "efficiency vs 1 | MFU | peak mem GiB |" + (" max abs loss diff vs 1 |" if same_batch else "")
           + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if same_batch else ""))

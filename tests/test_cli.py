@@ -118,7 +118,7 @@ def test_plan_counts_logits_by_loss_kind():
     assert standard.activation_bytes - fused.activation_bytes == rows * v * 8
     chunked = plan_run(load_config(TINY, ["runconfig.loss=fused", "runconfig.loss_chunk=64"]),
                        device_type="cpu")
-    d = cfg.model.d_model  # chunked: the output weight's fp32 gradient and one bf16 product,
-    # and the hidden states' gradient, made in forward and kept for backward
-    assert chunked.logit_bytes == 64 * v * 2 + v * d * 6 + rows * d * 2
+    d = cfg.model.d_model  # chunked: the output weight's fp32 gradient, one bf16 product and
+    # its fp32 copy, and the hidden states' gradient, made in forward and kept for backward
+    assert chunked.logit_bytes == 64 * v * 2 + v * d * 10 + rows * d * 2
     assert "in the fused loss's logits and gradients)" in format_plan(chunked)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import shutil
@@ -209,8 +210,6 @@ def manual_gc(every: int):
     if not every:
         yield lambda step: None
         return
-    import gc
-
     was_enabled = gc.isenabled()
     gc.collect()
     froze = gc.get_freeze_count() == 0  # leave a caller's own frozen objects as they are
@@ -437,4 +436,11 @@ def run_mode(
     finally:
         run.log.close()
         barrier(run.world)
-        shutdown(run.world)
+        world = run.world
+        # DDP's reducer and FSDP2's state hold the process group. Free them now, while every
+        # rank is past the barrier: left to the garbage collector, the group's destructor
+        # ran after a peer had exited and could wait forever (gloo, seen on a loaded CPU).
+        run.wrapped = run.model = None
+        del run
+        gc.collect()
+        shutdown(world)

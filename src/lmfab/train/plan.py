@@ -70,9 +70,9 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
     chunked = fused and 0 < r.loss_chunk < rows
     if fused:
         logits = min(rows, r.loss_chunk or rows) * m.vocab_size * bytes_per_activation
-        if chunked:  # gradients made in forward, kept for backward:
-            # the output weight's in fp32 plus one block's bf16 product, the hidden states'
-            logits += m.vocab_size * m.d_model * (4 + bytes_per_activation)
+        if chunked:  # gradients made in forward, kept for backward: the output weight's
+            # in fp32, plus one block's bf16 product and its fp32 copy; the hidden states'
+            logits += m.vocab_size * m.d_model * (8 + bytes_per_activation)
             logits += rows * m.d_model * bytes_per_activation
     else:
         logits = rows * m.vocab_size * (bytes_per_activation + 8)
@@ -84,9 +84,9 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
         acts = act_per_layer * m.n_layer
     sharded = r.strategy == "fsdp" and world_size > 1
     # Without resharding after forward every block's gathered bf16 parameters stay until its
-    # backward: the other ranks' shards of the whole model, at 2 bytes a parameter.
-    gathered = 2 * n * (world_size - 1) // world_size \
-        if sharded and not r.fsdp_reshard_after_forward else 0
+    # backward: the whole model at 2 bytes a parameter (FSDP2 gathers into a full buffer; the
+    # local shard is a separate one).
+    gathered = 2 * n if sharded and not r.fsdp_reshard_after_forward else 0
     return RunPlan(
         world_size=world_size,
         global_batch=t.batch_size,
