@@ -9,11 +9,12 @@ Each point is a real ``lmfab run --num_devices N`` (torchrun underneath) at a fi
 scaling, and the hardest case: gradients cross the link after every micro-batch). With
 ``--global_batch G`` every point trains at global batch G instead, through gradient
 accumulation (G / (micro x N) micro-batches per step, gradients reduced once per step): what
-happens when the same params file, global batch and all, moves from 1 device to N. Throughput is the median of the logged tokens/s
-after the first ``--warmup`` logged intervals (compilation happens there); per-GPU
-throughput, efficiency against the 1-device point of the same strategy, and peak memory
-(from ``torch.cuda.max_memory_allocated`` logged by the run, GPUs only) go in a table, a
-JSON file and a PNG plot. Works on CPUs with gloo too (tiny configs), which is how CI and
+happens when the same params file, global batch and all, moves from 1 device to N; the table
+then also gives the largest loss difference against the 1-device run. Throughput is the
+median of the logged tokens/s after the first ``--warmup`` logged intervals (compilation
+happens there); per-GPU throughput, efficiency against the 1-device point of the same
+strategy, and peak memory (from ``torch.cuda.max_memory_allocated`` logged by the run, GPUs
+only) go in a table, a JSON file and a PNG plot. Works on CPUs with gloo too (tiny configs), which is how CI and
 machines without GPUs check the script.
 """
 
