@@ -2,7 +2,7 @@
 # The issue-2 GPU check on one GPU: GPU tests, real-data training runs of the 124M and 1.3B
 # shapes (bf16, compiled, a few dozen steps), then the throughput benchmark beside HF GPT-2.
 # Usage: benchmarks/gpu_check.sh OUTDIR DATA1024 DATA2048 [part]
-#   part: all (default) | runs | bench124 | bench13b | fp8 | long | alibi
+#   part: all (default) | runs | bench124 | bench13b | fp8 | graphs | long | alibi
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
@@ -44,6 +44,13 @@ if [[ $part == fp8 ]]; then
         configs/train/$c.yaml 20 8 "bf16=lmfab" "fp8_tensorwise=lmfab;--set runconfig.float8=tensorwise" \
         "fp8_rowwise=lmfab;--set runconfig.float8=rowwise" | tee "$out/fp8-$c.md"
   done
+fi
+if [[ $part == graphs ]]; then
+  # CUDA graphs (compile_mode reduce-overhead) against the default compile at 124M, where the
+  # host leaves the GPU idle 1.6 ms of a 60.7 ms step (session 2's profile). ~2 min.
+  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-200} benchmarks/throughput_sweep.sh "$out/graphs" \
+      configs/train/gpt2-124m.yaml 30 10 "default=lmfab" \
+      "cudagraphs=lmfab;--set runconfig.compile_mode=reduce-overhead" | tee "$out/graphs.md"
 fi
 if [[ $part == long ]]; then
   # 1.3B at T=32768, one sequence per step: full activation checkpointing, every 2nd block,
