@@ -10,7 +10,7 @@
 #                  it with session 3's figures from before them (docs/benchmarks.md)
 #         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
 #                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
-#                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~5 min)
+#                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~7 min)
 #         ddp13b   why 1.3B loses 4% at a fixed global batch (96: 4 micro-batches per GPU per
 #                  all-reduce): 1 GPU, then 2 GPUs as shipped, with ddp_split_graph=false (one
 #                  compiled graph) and with 200 MB buckets (fewer cuts)      (~8 min)
