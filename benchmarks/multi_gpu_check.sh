@@ -15,8 +15,8 @@
 #                  all-reduce): 1 GPU, then 2 GPUs as shipped, with ddp_split_graph=false (one
 #                  compiled graph) and with 200 MB buckets (fewer cuts)      (~8 min)
 #         fsdp13b  the same batch with FSDP2, resharding after forward or not   (~5 min)
-#                  Only ddp13b's first row set has a 1-GPU point: read the other rows'
-#                  tokens/s per device against it (their efficiency column says "-")
+#                  The variants run on 2 GPUs only; their efficiency is against ddp13b's
+#                  1-GPU point (scaling.py --baseline): run ddp13b first, same OUTDIR
 #         big      Cerebras-GPT-13B: plain DDP on one GPU (runs out of memory, with lmfab's
 #                  advice), then FSDP2 on 2 GPUs, the YAML as shipped (strategy: fsdp)
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
@@ -69,12 +69,14 @@ case $part in
           2>&1 | grep "^| ddp" | sed "s/^/default /"
       for v in nosplit:ddp_split_graph=false bucket200:ddp_bucket_mb=200; do
         $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies ddp --set "runconfig.${v#*:}" \
-            --out "$out/ddp13b-${v%%:*}" 2>&1 | grep "^| ddp" | sed "s/^/${v%%:*} /"
+            --baseline "$out/ddp13b-default/scaling.json" --out "$out/ddp13b-${v%%:*}" 2>&1 \
+            | grep "^| ddp" | sed "s/^/${v%%:*} /"
       done
     else
       for v in reshard:fsdp_reshard_after_forward=true keep:fsdp_reshard_after_forward=false; do
+        base=(); [[ -f $out/ddp13b-default/scaling.json ]] && base=(--baseline "$out/ddp13b-default/scaling.json")
         $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies fsdp --set "runconfig.${v#*:}" \
-            --out "$out/fsdp13b-${v%%:*}" 2>&1 | grep "^| fsdp" | sed "s/^/${v%%:*} /"
+            ${base[@]+"${base[@]}"} --out "$out/fsdp13b-${v%%:*}" 2>&1 | grep "^| fsdp" | sed "s/^/${v%%:*} /"
       done
     fi ;;
   big)

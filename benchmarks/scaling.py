@@ -81,6 +81,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="logged intervals to skip")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default="runs/scaling")
+    p.add_argument("--baseline", help="scaling.json of an earlier run whose 1-device points "
+                                      "serve as the efficiency base when this run has none")
     p.add_argument("--checkpoint", action="store_true",
                    help="save each point's end-of-run checkpoint (skipped by default)")
     args = p.parse_args()
@@ -98,7 +100,18 @@ def main() -> int:
                         f"{args.micro_batch} x {n} devices")
     points = [run_point(args, int(n), s, args.micro_batch)
               for s in args.strategies.split(",") for n in args.devices.split(",")]
-    base = {pt["strategy"]: pt for pt in points if pt["devices"] == 1 and "error" not in pt}
+    ones = [pt for pt in points if pt["devices"] == 1 and "error" not in pt]
+    if args.baseline:  # 1-device points of an earlier run, for variants measured on N only
+        for pt in json.loads(Path(args.baseline).read_text()):
+            if pt["devices"] == 1 and "error" not in pt:
+                pt["losses"] = {int(k): v for k, v in pt.get("losses", {}).items()}  # JSON keys
+                ones.append(pt)
+    base = {}
+    for pt in ones:  # first of each strategy wins; one device is the same run under any
+        base.setdefault(pt["strategy"], pt)
+    for strategy in {pt["strategy"] for pt in points}:
+        if strategy not in base and ones:
+            base[strategy] = ones[0]
     same_batch = bool(args.global_batch)  # then the same training: losses comparable
     print("| strategy | devices | global batch | accumulation | tokens/s | tokens/s per device | "
           "efficiency vs 1 | MFU | peak mem GiB |" + (" max abs loss diff vs 1 |" if same_batch else "")

@@ -62,29 +62,37 @@ def test_scaling_script_on_cpu_with_gloo(tiny_data, tmp_path, global_batch):
     accumulation (8 = 4 x 2 micro-batches on one device, 4 x 1 on each of two)."""
     from .conftest import tiny_overrides
 
-    cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"),
-           "--params", str(CONFIGS / "train" / "tiny.yaml"), "--devices", "1,2",
-           "--strategies", "ddp", "--steps", "4", "--log_steps", "1", "--warmup", "1",
-           "--micro_batch", "4", "--out", str(tmp_path / "scaling")]
-    if global_batch:
-        cmd += ["--global_batch", str(global_batch)]
-    for s in tiny_overrides(tiny_data):
-        if not s.startswith(("train_input.batch_size", "train_input.micro_batch_size")):
-            cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    def scaling(devices: str, out: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(REPO / "benchmarks" / "scaling.py"),
+               "--params", str(CONFIGS / "train" / "tiny.yaml"), "--devices", devices,
+               "--strategies", "ddp", "--steps", "4", "--log_steps", "1", "--warmup", "1",
+               "--micro_batch", "4", "--out", str(tmp_path / out), *extra]
+        if global_batch:
+            cmd += ["--global_batch", str(global_batch)]
+        for s in tiny_overrides(tiny_data):
+            if not s.startswith(("train_input.batch_size", "train_input.micro_batch_size")):
+                cmd += ["--set", s]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc
+
+    proc = scaling("1,2", "scaling")
     points = json.loads((tmp_path / "scaling" / "scaling.json").read_text())
     got = [(p["strategy"], p["devices"], p["global_batch"], p["accumulation"]) for p in points]
     assert got == ([("ddp", 1, 4, 1), ("ddp", 2, 8, 1)] if global_batch is None
                    else [("ddp", 1, 8, 2), ("ddp", 2, 8, 1)])
-
     assert all(p["tokens_per_s"] > 0 for p in points)
+    assert not (tmp_path / "scaling" / "ddp-2" / "checkpoints").exists()  # not saved by default
+    assert (tmp_path / "scaling" / "scaling.png").stat().st_size > 0
     if global_batch:  # one global batch: the same training on 1 and 2 processes (fp32, CPU)
         assert points[1]["max_abs_loss_diff"] < 1e-4
         assert "max abs loss diff vs 1" in proc.stdout
-    assert not (tmp_path / "scaling" / "ddp-2" / "checkpoints").exists()  # not saved by default
-    assert (tmp_path / "scaling" / "scaling.png").stat().st_size > 0
+        # A 2-device variant alone: efficiency and losses against the earlier 1-device point.
+        scaling("2", "variant", "--baseline", str(tmp_path / "scaling" / "scaling.json"))
+        (point,) = json.loads((tmp_path / "variant" / "scaling.json").read_text())
+        assert point["devices"] == 2 and point["efficiency"] > 0
+        assert point["max_abs_loss_diff"] < 1e-4
 
 
 def test_throughput_sweep_prints_one_row_per_variant(tmp_path):
