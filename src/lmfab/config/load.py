@@ -387,6 +387,13 @@ def train_stages(cfg: Config, world_size: int = 1) -> list[TrainStage]:
     return stages
 
 
+def resolved_precision(r: RunConfig, device_type: str) -> str:
+    """``runconfig.precision`` on this device: bf16 or fp32 (auto: bf16 on CUDA)."""
+    if r.precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return r.precision
+
+
 def uses_fused_loss(r: RunConfig, device_type: str) -> bool:
     """``runconfig.loss``: fused, or auto on CUDA."""
     return r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
@@ -402,8 +409,7 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     if r.compile_mode != "default" and not r.compile:
         notes.append(f"runconfig.compile_mode={r.compile_mode} has no effect without "
                      "runconfig.compile: true")
-    bf16 = r.precision == "bf16" or (r.precision == "auto" and device_type == "cuda")
-    if r.residual_dtype == "bf16" and not bf16:
+    if r.residual_dtype == "bf16" and resolved_precision(r, device_type) != "bf16":
         notes.append("runconfig.residual_dtype=bf16 has no effect: precision is fp32 here")
     if r.checkpoint_every != 1 and not r.activation_checkpointing:
         notes.append(f"runconfig.checkpoint_every={r.checkpoint_every} has no effect without "

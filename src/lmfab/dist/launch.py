@@ -55,6 +55,9 @@ def rank_exit_code(exit_dir: Path, launcher_code: int) -> int:
     rank's code is this run's, so scripts see the same codes as on one device."""
     if launcher_code == 0:
         return 0
-    codes = sorted((int(f.name[4:]), int(f.read_text())) for f in exit_dir.glob("rank*")
-                   if f.name[4:].isdigit() and f.read_text().strip().isdigit())
-    return codes[0][1] if codes else launcher_code
+    codes = {}
+    for f in exit_dir.glob("rank*"):
+        text = f.read_text().strip()
+        if f.name[4:].isdigit() and text.isdigit():
+            codes[int(f.name[4:])] = int(text)
+    return codes[min(codes)] if codes else launcher_code

@@ -28,13 +28,14 @@ from lmfab.config.load import (
     config_notes,
     config_to_dict,
     micro_batching,
+    resolved_precision,
     train_stages,
     write_config,
 )
 from lmfab.config.schema import Config, ModelConfig
 from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, barrier, init_world, parallelize, shutdown
-from lmfab.dist.parallel import no_sync, resolve_strategy, sharded_fill
+from lmfab.dist.parallel import is_fsdp, no_sync, resolve_strategy, sharded_fill
 from lmfab.eval.loss import evaluate_loss
 from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train import checkpoint as ckpt
@@ -66,10 +67,7 @@ class Run:
 
 def precision_of(cfg: Config, device: torch.device) -> str:
     """runconfig.precision resolved for device: bf16 or fp32."""
-    precision = cfg.runconfig.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    return resolved_precision(cfg.runconfig, device.type)
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -249,7 +247,7 @@ def _write_profile(run: Run, summary: dict, first: int, last: int) -> None:
 def oom_advice(run: Run, micro: int, step: int) -> str:
     """What to change when a training step runs out of device memory."""
     r, n = run.cfg.runconfig, run.model.num_params()
-    sharded = any(isinstance(p, DTensor) for p in run.model.parameters())  # FSDP2
+    sharded = is_fsdp(run.model)
     per_gpu = 16 * n / (run.world.world_size if sharded else 1) / 2**30
     tips = []
     if not sharded:
@@ -441,6 +439,5 @@ def run_mode(
         # rank is past the barrier: left to the garbage collector, the group's destructor
         # ran after a peer had exited and could wait forever (gloo, seen on a loaded CPU).
         run.wrapped = run.model = None
-        del run
         gc.collect()
         shutdown(world)

@@ -35,7 +35,7 @@ def categorize(name: str) -> str:
 
 class StepProfiler:
     """``start()`` before the first profiled step, ``stop(n)`` after the n-th: returns the
-    summary dict (and ``format()`` prints it). Synchronises the GPU at both ends so the wall
+    summary dict (``format_summary`` prints it). Synchronises the GPU at both ends so the wall
     time per step is the steps' own."""
 
     def __init__(self, device: torch.device, trace: Path | None = None):
@@ -44,7 +44,7 @@ class StepProfiler:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         self.device, self.trace = device, trace
         self.prof = profile(activities=acts)
-        self.t0 = 0.0
+        self.t0, self.running = 0.0, False
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -58,7 +58,7 @@ class StepProfiler:
 
     def abort(self) -> None:
         """Stop without a summary (the run failed inside the window)."""
-        if getattr(self, "running", False):
+        if self.running:
             self.running = False
             self.prof.stop()
 
@@ -86,7 +86,8 @@ def summarize(prof, n: int, wall_ms: float, top: int = 40) -> dict:
             kernels[evt.key] = kernels.get(evt.key, 0.0) + dev_us / 1e3 / n
     by_cat: dict[str, float] = {}
     for name, ms in kernels.items():
-        by_cat[categorize(name)] = by_cat.get(categorize(name), 0.0) + ms
+        cat = categorize(name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     return {"wall_ms": wall_ms, "busy_ms": sum(kernels.values()), "categories_ms": by_cat,
             "top_kernels_ms": dict(ranked)}
