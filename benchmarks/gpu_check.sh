@@ -2,7 +2,7 @@
 # The issue-2 GPU check on one GPU: GPU tests, real-data training runs of the 124M and 1.3B
 # shapes (bf16, compiled, a few dozen steps), then the throughput benchmark beside HF GPT-2.
 # Usage: benchmarks/gpu_check.sh OUTDIR DATA1024 DATA2048 [part]
-#   part: all (default) | runs | bench124 | bench13b | fp8 | graphs | long | alibi
+#   part: all (default) | runs | bench124 | bench13b | fp8 | graphs | long | alibi | mlp
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
@@ -51,6 +51,17 @@ if [[ $part == graphs ]]; then
   VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-200} benchmarks/throughput_sweep.sh "$out/graphs" \
       configs/train/gpt2-124m.yaml 30 10 "default=lmfab" \
       "cudagraphs=lmfab;--set runconfig.compile_mode=reduce-overhead" | tee "$out/graphs.md"
+fi
+if [[ $part == mlp ]]; then
+  # runconfig.mlp_kernel: the bias + GELU kernels alone against inductor's, then whole steps
+  # fused vs standard at 124M and 1.3B, profiled (~6 min).
+  $py benchmarks/mlp_activation.py --json "$out/mlp.json" 2>"$out/mlp.err" | tee "$out/mlp.md"
+  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-150} benchmarks/throughput_sweep.sh "$out/mlp124" \
+      configs/train/gpt2-124m.yaml 30 10 "fused=lmfab;--profile 3" \
+      "standard=lmfab;--set runconfig.mlp_kernel=standard;--profile 3" | tee "$out/mlp124.md"
+  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-150} benchmarks/throughput_sweep.sh "$out/mlp13b" \
+      configs/train/cerebras-gpt-1.3b.yaml 12 6 "fused=lmfab;--profile 2" \
+      "standard=lmfab;--set runconfig.mlp_kernel=standard;--profile 2" | tee "$out/mlp13b.md"
 fi
 if [[ $part == long ]]; then
   # 1.3B at T=32768, one sequence per step: full activation checkpointing, every 2nd block,

@@ -66,7 +66,7 @@ from lmfab.dist.world import select_device  # noqa: E402
 from lmfab.models.gpt import build_model, materialize  # noqa: E402
 from lmfab.train.loop import autocast_for, precision_of  # noqa: E402
 from lmfab.train.metrics import peak_flops  # noqa: E402
-from lmfab.train.optim import build_optimizer, set_lr  # noqa: E402
+from lmfab.train.optim import build_optimizer, clip_and_step, set_lr  # noqa: E402
 
 IMPLS = ("lmfab", "lmfab-eager", "hf-eager", "hf-compile")
 GIB = 1024**3
@@ -180,8 +180,11 @@ def run_impl(impl: str, cfg: Config, args, device: torch.device, flops_per_token
         with autocast:
             loss = built.loss(batches[i % len(batches)])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(built.params, max_norm)
-        built.optimizer.step()
+        if impl.startswith("lmfab"):  # as lmfab's loop steps (clip folded into fused AdamW)
+            clip_and_step(built.optimizer, built.params, cfg.optimizer.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(built.params, max_norm)
+            built.optimizer.step()
         built.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 

@@ -46,9 +46,9 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tiny_data, tmp_path):
                                         "runconfig.checkpoint_steps": 3})
     run_mode(load_config(TINY, sets), mode="train", model_dir=tmp_path / "one")
 
-    # The sharded side also takes the fused loss (its CPU path), so the fused autograd
-    # function is checked against the standard loss with FSDP2's gathered root parameters.
-    fsdp = sets + ["runconfig.strategy=fsdp", "runconfig.loss=fused"]
+    # The sharded side also takes the fused loss and the fused MLP op (their CPU paths), so
+    # both are checked against the standard ones under FSDP2's gathered parameters.
+    fsdp = sets + ["runconfig.strategy=fsdp", "runconfig.loss=fused", "runconfig.mlp_kernel=fused"]
     # Stop after 3 steps (checkpoint), then resume the sharded checkpoint on ONE process.
     _launch(tmp_path / "fsdp", fsdp + ["runconfig.max_steps=3"])
     saved = ckpt.latest_checkpoint(tmp_path / "fsdp")

@@ -39,6 +39,10 @@ def _hint(key: str, choices: typing.Iterable[str]) -> str:
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
+    if tp is bool:
+        return "true or false"
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
@@ -399,6 +403,11 @@ def uses_fused_loss(r: RunConfig, device_type: str) -> bool:
     return r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
 
 
+def uses_fused_mlp(r: RunConfig, device_type: str) -> bool:
+    """``runconfig.mlp_kernel``: fused, or auto on CUDA."""
+    return r.mlp_kernel == "fused" or (r.mlp_kernel == "auto" and device_type == "cuda")
+
+
 def config_notes(cfg: Config, device_type: str) -> list[str]:
     """Settings that are valid but have no effect in this combination (said, not refused)."""
     r, notes = cfg.runconfig, []
@@ -406,6 +415,10 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     if r.loss_chunk and not fused:
         notes.append(f"runconfig.loss_chunk={r.loss_chunk} has no effect: the loss is the "
                      "standard one here (runconfig.loss=fused to use it)")
+    if r.mlp_kernel == "fused" and (cfg.model.mlp not in ("gelu", "gelu_tanh")
+                                    or not cfg.model.bias):
+        notes.append(f"runconfig.mlp_kernel=fused has no effect: it fuses bias + GELU, and "
+                     f"this model has mlp={cfg.model.mlp}, bias={cfg.model.bias}")
     if r.compile_mode != "default" and not r.compile:
         notes.append(f"runconfig.compile_mode={r.compile_mode} has no effect without "
                      "runconfig.compile: true")
@@ -417,7 +430,7 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     if r.float8 != "off" and not r.compile:
         notes.append(f"runconfig.float8={r.float8} without runconfig.compile: the scaling "
                      "casts run as separate kernels, usually slower than bf16")
-    if not r.ddp_split_graph and (not r.compile or r.strategy == "fsdp"):
+    if r.ddp_split_graph is False and (not r.compile or r.strategy == "fsdp"):
         notes.append("runconfig.ddp_split_graph=false has no effect: it concerns DDP under "
                      "torch.compile")
     if not r.fsdp_reshard_after_forward and r.strategy == "ddp":

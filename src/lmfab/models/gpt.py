@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfab.config.schema import ModelConfig
+from lmfab.models.activation import bias_gelu
 from lmfab.models.attention import Attention, causal_block_mask
 from lmfab.models.loss import fused_linear_cross_entropy
 from lmfab.mup import fan_in_multiplier, multipliers
@@ -35,8 +36,16 @@ class MLP(nn.Module):
         d_in = 2 * cfg.ffn_dim if cfg.mlp == "swiglu" else cfg.ffn_dim  # swiglu: [gate | up]
         self.fc = nn.Linear(cfg.d_model, d_in, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        # bias + GELU as one op with its bias gradient (models/activation.py); set by
+        # lmfab.dist.parallelize from runconfig.mlp_kernel. A plain nn.Linear only: float8
+        # swaps fc for torchao's Float8Linear, which then adds the bias itself.
+        self.fused_act = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.fused_act and self.kind in ("gelu", "gelu_tanh") and self.fc.bias is not None
+                and type(self.fc) is nn.Linear):
+            approximate = "tanh" if self.kind == "gelu_tanh" else "none"
+            return self.proj(bias_gelu(F.linear(x, self.fc.weight), self.fc.bias, approximate))
         h = self.fc(x)  # (B, T, d_in)
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)

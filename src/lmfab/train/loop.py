@@ -41,7 +41,7 @@ from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train import checkpoint as ckpt
 from lmfab.train.data import make_loader, open_dataset, run_tokenizer, stage_at
 from lmfab.train.metrics import MetricsLogger, console, format_duration, peak_flops
-from lmfab.train.optim import build_optimizer, set_lr
+from lmfab.train.optim import build_optimizer, clip_and_step, set_lr
 from lmfab.train.plan import format_plan, plan_run
 from lmfab.train.profile import StepProfiler, format_summary
 from lmfab.train.schedule import LRSchedule
@@ -104,17 +104,22 @@ def setup(cfg: Config, model_dir: str | Path) -> Run:
     torch.manual_seed(cfg.runconfig.seed + world.rank)
     model_dir = Path(model_dir)
     bf16 = precision_of(cfg, world.device) == "bf16"
+    t = cfg.train_input  # accumulation is the same in every seq_len stage (tokens fixed)
+    try:
+        _, accum = micro_batching(t.batch_size, t.micro_batch_size, world.world_size)
+    except ConfigError:  # an eval-only run need not divide the training batch; train() says so
+        accum = 1
     model = build_model(cfg.model)  # meta device
     if world.distributed and resolve_strategy(cfg.runconfig, world, model.num_params()) == "fsdp":
         # Shard first, then allocate and initialise only this rank's shards (FSDP2 on meta):
         # no rank ever holds the whole model.
-        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16)
+        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16, grad_accum=accum)
         model.to_empty(device=world.device)
         gen = torch.Generator(device=world.device).manual_seed(cfg.runconfig.seed)
         model.init_weights(gen, fill=sharded_fill)
     else:
         model = materialize(model, world.device, seed=cfg.runconfig.seed)
-        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16)
+        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16, grad_accum=accum)
     log = MetricsLogger(model_dir, enabled=world.is_main, tensorboard=cfg.runconfig.tensorboard)
     return Run(cfg, world, model_dir, model, wrapped, autocast_for(cfg, world.device), log)
 
@@ -186,13 +191,10 @@ def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int)
                 loss = run.wrapped(x, y)
             (loss / accum).backward()
         loss_sum += loss.detach()
-    max_norm = run.cfg.optimizer.max_grad_norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        run.model.parameters(), max_norm if max_norm is not None else float("inf")
-    )
+    grad_norm = clip_and_step(optimizer, list(run.model.parameters()),
+                              run.cfg.optimizer.max_grad_norm)
     if isinstance(grad_norm, DTensor):  # FSDP2: a replicated DTensor
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / accum, grad_norm
 
