@@ -111,6 +111,10 @@ def _gelu_grad(z: torch.Tensor, approximate: str) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(z * _SQRT_HALF)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and _triton_kernels() is not None
 
@@ -143,7 +147,7 @@ def _bias_gelu_op(h: torch.Tensor, b: torch.Tensor, approximate: str) -> torch.T
     y = torch.empty_like(h2)
     m = h2.shape[0]
     c = FWD_CONFIG
-    grid = (triton_cdiv(m, c["block_m"]), triton_cdiv(n, c["block_n"]))
+    grid = (_cdiv(m, c["block_m"]), _cdiv(n, c["block_n"]))
     fwd[grid](h2, b, y, m, n, TANH=approximate == "tanh", BLOCK_M=c["block_m"],
               BLOCK_N=c["block_n"], num_warps=c["num_warps"])
     return y.view(h.shape)
@@ -166,10 +170,10 @@ def _bias_gelu_backward_op(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor,
     m = h2.shape[0]
     c = BWD_CONFIG
     block_m, block_n = c["block_m"], c["block_n"]
-    n_col_blocks = triton_cdiv(n, block_n)
+    n_col_blocks = _cdiv(n, block_n)
     slices = _slices(m, n_col_blocks, block_m, c["programs_per_sm"], h.device)
-    rows_per_slice = triton_cdiv(triton_cdiv(m, slices), block_m) * block_m
-    slices = triton_cdiv(m, rows_per_slice)
+    rows_per_slice = _cdiv(_cdiv(m, slices), block_m) * block_m
+    slices = _cdiv(m, rows_per_slice)
     dz = torch.empty_like(h2)
     part = torch.empty((slices, n), dtype=torch.float32, device=h.device)
     bwd[(n_col_blocks, slices)](dy2, h2, b, dz, part, m, n, rows_per_slice,
@@ -196,10 +200,6 @@ def _backward(ctx, dy):
 
 
 _bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def bias_gelu(h: torch.Tensor, b: torch.Tensor, approximate: str = "none") -> torch.Tensor:
