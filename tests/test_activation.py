@@ -132,3 +132,11 @@ def test_clip_and_step_without_a_limit_steps_on_the_raw_gradients():
     (True, 8, True), (False, 1, False)])
 def test_ddp_graph_is_cut_only_when_every_micro_batch_reduces(setting, accum, split):
     assert split_ddp_graph(RunConfig(ddp_split_graph=setting), accum) is split
+
+
+def test_mlp_kernel_auto_is_fused_only_on_cuda():
+    from lmfab.config.load import uses_fused_mlp
+
+    assert uses_fused_mlp(RunConfig(), "cpu") is False
+    assert uses_fused_mlp(RunConfig(mlp_kernel="fused"), "cpu") is True
+    assert uses_fused_mlp(RunConfig(mlp_kernel="standard"), "cuda") is False

@@ -128,6 +128,11 @@ def test_config_notes_name_settings_without_effect():
                                                 "runconfig.fsdp_reshard_after_forward"]
     assert config_notes(load_config(path, ["runconfig.ddp_split_graph=false",
                                            "runconfig.compile=true"]), "cpu") == []
+    # the fused MLP op needs a GELU MLP with biases and plain (not float8) linear layers
+    assert config_notes(load_config(path, ["runconfig.mlp_kernel=fused"]), "cuda") == []
+    for sets in (["model.mlp=swiglu"], ["model.bias=false"], ["runconfig.float8=tensorwise"]):
+        notes = config_notes(load_config(path, ["runconfig.mlp_kernel=fused", *sets]), "cuda")
+        assert [n.split("=")[0] for n in notes if "mlp_kernel" in n] == ["runconfig.mlp_kernel"]
 
 
 def test_yaml_off_and_on_mean_the_words_where_a_key_takes_them(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import sys
 import types
@@ -404,8 +405,11 @@ def uses_fused_loss(r: RunConfig, device_type: str) -> bool:
 
 
 def uses_fused_mlp(r: RunConfig, device_type: str) -> bool:
-    """``runconfig.mlp_kernel``: fused, or auto on CUDA."""
-    return r.mlp_kernel == "fused" or (r.mlp_kernel == "auto" and device_type == "cuda")
+    """``runconfig.mlp_kernel``: fused, or auto on CUDA where Triton is installed (without it
+    the op runs its PyTorch fallback, which inductor cannot fuse: slower than standard)."""
+    if r.mlp_kernel == "auto":
+        return device_type == "cuda" and importlib.util.find_spec("triton") is not None
+    return r.mlp_kernel == "fused"
 
 
 def config_notes(cfg: Config, device_type: str) -> list[str]:
@@ -419,6 +423,9 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
                                     or not cfg.model.bias):
         notes.append(f"runconfig.mlp_kernel=fused has no effect: it fuses bias + GELU, and "
                      f"this model has mlp={cfg.model.mlp}, bias={cfg.model.bias}")
+    elif r.mlp_kernel == "fused" and r.float8 != "off":
+        notes.append("runconfig.mlp_kernel=fused has no effect with runconfig.float8: the "
+                     "float8 layer adds its bias itself")
     if r.compile_mode != "default" and not r.compile:
         notes.append(f"runconfig.compile_mode={r.compile_mode} has no effect without "
                      "runconfig.compile: true")

@@ -139,11 +139,11 @@ def _slices(m: int, n_col_blocks: int, block_m: int, programs_per_sm: int,
 
 @torch.library.custom_op("lmfab::bias_gelu", mutates_args=())
 def _bias_gelu_op(h: torch.Tensor, b: torch.Tensor, approximate: str) -> torch.Tensor:
-    if not _use_triton(h):
+    if not _use_triton(h) or h.numel() == 0:
         return _reference(h, b, approximate).to(h.dtype)
     fwd, _ = _triton_kernels()
     n = h.shape[-1]
-    h2 = h.reshape(-1, n)
+    h2 = h.reshape(-1, n).contiguous()  # the kernels index rows with stride n
     y = torch.empty_like(h2)
     m = h2.shape[0]
     c = FWD_CONFIG
@@ -161,12 +161,12 @@ def _(h, b, approximate):
 @torch.library.custom_op("lmfab::bias_gelu_backward", mutates_args=())
 def _bias_gelu_backward_op(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor,
                            approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _use_triton(h):
+    if not _use_triton(h) or h.numel() == 0:
         dz = dy.float() * _gelu_grad(h.float() + b.float(), approximate)
         return dz.to(h.dtype), dz.flatten(0, -2).sum(0).to(b.dtype)
     _, bwd = _triton_kernels()
     n = h.shape[-1]
-    h2, dy2 = h.reshape(-1, n), dy.reshape(-1, n).contiguous()
+    h2, dy2 = h.reshape(-1, n).contiguous(), dy.reshape(-1, n).contiguous()
     m = h2.shape[0]
     c = BWD_CONFIG
     block_m, block_n = c["block_m"], c["block_n"]
