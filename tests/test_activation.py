@@ -1,5 +1,6 @@
-"""The MLP's fused bias + GELU op and the clip folded into fused AdamW (CPU paths; the Triton
-kernels are checked against the same references in tests/test_gpu.py)."""
+"""Session-5 speed levers on CPU: the MLP's fused bias + GELU op (its Triton kernels are checked
+against the same references in tests/test_gpu.py), the clip folded into fused AdamW, and
+``ddp_split_graph: auto`` as resolved and as the run plan reports it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfab.config import ModelConfig
+from lmfab.config.load import split_ddp_graph
 from lmfab.config.schema import RunConfig
-from lmfab.dist.parallel import split_ddp_graph
 from lmfab.models.activation import bias_gelu
 from lmfab.models.gpt import MLP
 from lmfab.train.optim import clip_and_step
@@ -140,3 +141,22 @@ def test_mlp_kernel_auto_is_fused_only_on_cuda():
     assert uses_fused_mlp(RunConfig(), "cpu") is False
     assert uses_fused_mlp(RunConfig(mlp_kernel="fused"), "cpu") is True
     assert uses_fused_mlp(RunConfig(mlp_kernel="standard"), "cuda") is False
+
+
+def test_the_run_plan_says_how_ddp_meets_compile():
+    from lmfab.config import load_config
+    from lmfab.train.plan import format_plan, plan_run
+
+    from .conftest import CONFIGS
+
+    path = CONFIGS / "train" / "tiny.yaml"  # global batch 16, micro-batch 8
+    ddp = ["runconfig.compile=true", "runconfig.strategy=ddp"]
+    assert plan_run(load_config(path, ddp), world_size=1).ddp_graph == ""  # no DDP
+    assert plan_run(load_config(path, ddp[1:]), world_size=2).ddp_graph == ""  # not compiled
+    fsdp = ["runconfig.compile=true", "runconfig.strategy=fsdp"]
+    assert plan_run(load_config(path, fsdp), world_size=2).ddp_graph == ""
+    # 2 devices x micro-batch 8 = the global batch: every micro-batch all-reduces
+    assert "cut at the gradient buckets" in format_plan(plan_run(load_config(path, ddp), 2))
+    # micro-batch 4: two per device per all-reduce
+    accum = load_config(path, [*ddp, "train_input.micro_batch_size=4"])
+    assert "DDP: one compiled graph" in format_plan(plan_run(accum, 2))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lmfab.config.load import ConfigError, uses_fused_loss, uses_fused_mlp
+from lmfab.config.load import ConfigError, split_ddp_graph, uses_fused_loss, uses_fused_mlp
 from lmfab.config.schema import RunConfig
 from lmfab.dist.world import World
 from lmfab.models.attention import set_attention_backend
@@ -93,17 +93,6 @@ def compile_module(module: nn.Module, run: RunConfig) -> None:
         module.compile(options={"coordinate_descent_tuning": True})
     else:
         module.compile(mode=run.compile_mode)
-
-
-def split_ddp_graph(run: RunConfig, grad_accum: int) -> bool:
-    """``runconfig.ddp_split_graph``, with auto resolved: cut the compiled graph at DDP's
-    buckets (overlap each all-reduce with backward) only when every micro-batch reduces.
-    With accumulation the cut graph runs on every micro-batch and its lost fusion costs more
-    than the overlap wins (2 H200s, 1.3B shape, 4 micro-batches: 96.4% scaling cut, 98.3%
-    whole; docs/benchmarks.md)."""
-    if run.ddp_split_graph == "auto":
-        return grad_accum < 2
-    return bool(run.ddp_split_graph)
 
 
 def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = False,

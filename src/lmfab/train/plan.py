@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lmfab.config.load import micro_batching, uses_fused_loss
+from lmfab.config.load import micro_batching, split_ddp_graph, uses_fused_loss
 from lmfab.config.schema import Config
 from lmfab.models.gpt import build_model
 
@@ -44,6 +44,7 @@ class RunPlan:
     logit_bytes: int = 0  # part of activation_bytes
     fused_loss: bool = False
     loss_chunked: bool = False  # fused loss over loss_chunk rows at a time
+    ddp_graph: str = ""  # how DDP meets torch.compile here ("" where it does not apply)
 
     @property
     def memory_bytes(self) -> int:
@@ -87,6 +88,11 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
     # backward: the whole model at 2 bytes a parameter (FSDP2 gathers into a full buffer; the
     # local shard is a separate one).
     gathered = 2 * n if sharded and not r.fsdp_reshard_after_forward else 0
+    ddp_graph = ""
+    if world_size > 1 and r.strategy != "fsdp" and r.compile:
+        ddp_graph = ("compiled graph cut at the gradient buckets (all-reduce overlaps backward)"
+                     if split_ddp_graph(r, accum) else
+                     "one compiled graph (all-reduce after backward)")
     return RunPlan(
         world_size=world_size,
         global_batch=t.batch_size,
@@ -106,6 +112,7 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
         logit_bytes=logits,
         fused_loss=fused,
         loss_chunked=chunked,
+        ddp_graph=ddp_graph,
     )
 
 
@@ -135,7 +142,8 @@ def format_plan(plan: RunPlan) -> str:
                                            if plan.strategy == "auto" else "")
          + (", activation checkpointing" if plan.activation_checkpointing else "")
          + (f" (1 block in {plan.checkpoint_every})"
-            if plan.activation_checkpointing and plan.checkpoint_every > 1 else "")),
+            if plan.activation_checkpointing and plan.checkpoint_every > 1 else "")
+         + (f"; DDP: {plan.ddp_graph}" if plan.ddp_graph else "")),
         ("parameters", f"{plan.n_params:,} ({human(plan.n_params)}; "
                        f"{plan.n_params_no_pos:,} without position embeddings)"),
         ("FLOPs/token", f"{human(plan.flops_per_token)} (6N + 12·L·d·T, forward+backward)"),
