@@ -47,6 +47,8 @@ def test_profile_steps_on_gpu_counts_gemm_time(tiny_data, tmp_path):
     s = json.loads((tmp_path / "r" / "profile" / "kernels_rank0.json").read_text())
     assert s["steps"] == [4, 5] and s["categories_ms"]["gemm"] > 0
     assert 0 < s["busy_ms"] and s["wall_ms"] > 0
+    # the timeline: kernels ran part of the wall time; one GPU has no NCCL
+    assert 0 < s["active_ms"] <= s["wall_ms"] * 1.05 and s["comm_ms"] == 0
 
 
 @pytest.mark.gpu

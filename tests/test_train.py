@@ -218,6 +218,22 @@ def test_kernel_categories():
     assert categorize("some_other_kernel") == "other"
 
 
+def test_timeline_measures_active_time_and_exposed_communication():
+    from lmfab.train.profile import format_summary, timeline
+
+    # 2 steps (ms): compute 0-100 and 150-300 (two streams overlapping 180-200), NCCL 80-120
+    # (20 under compute, 20 exposed) and 290-330 (10 under, 30 exposed)
+    ms = [(0, 100, False), (150, 200, False), (180, 300, False), (80, 120, True),
+          (290, 330, True)]
+    t = timeline([(1e3 * a, 1e3 * b, c) for a, b, c in ms], n=2)  # spans in µs
+    assert t == {"active_ms": (120 + 180) / 2, "comm_ms": 80 / 2, "comm_exposed_ms": 50 / 2}
+    assert timeline([], n=1) == {"active_ms": 0.0, "comm_ms": 0.0, "comm_exposed_ms": 0.0}
+    line = format_summary({"wall_ms": 160.0, "busy_ms": 250.0, "categories_ms": {},
+                           "top_kernels_ms": {}, **t}).splitlines()[1]
+    assert line == ("  timeline: GPU active 150.0 ms (idle 10.0); NCCL 40.0 ms, exposed 25.0 ms "
+                    "(no compute beside it)")
+
+
 def test_resume_accepts_a_checkpoint_from_before_a_new_model_field(tiny_data, tmp_path):
     """A checkpoint written before ModelConfig gained a field (the key is absent from its
     config.yaml) resumes when the field is at its default, and is refused otherwise."""

@@ -4,7 +4,10 @@ Used by ``runconfig.profile_steps`` (every rank of ``lmfab run`` profiles the sa
 writes a table and a Chrome/Perfetto trace under ``model_dir/profile/``) and by
 ``benchmarks/train_throughput.py --profile``. Kernel times are summed per category; on a
 GPU that overlaps communication with compute the sum can exceed the wall time, and the
-``communication`` row says how much of it was NCCL.
+``communication`` row says how much of it was NCCL. The timeline line measures what the sums
+cannot: how long some kernel was running (the GPU's active time; wall minus that is idle),
+and how much NCCL time no compute kernel ran beside (exposed communication: what a
+data-parallel step loses to its all-reduces).
 """
 
 from __future__ import annotations
@@ -73,6 +76,33 @@ class StepProfiler:
         return summarize(self.prof, n, wall_ms)
 
 
+def _union_us(spans: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) spans."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(spans):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def timeline(kernels: list[tuple[float, float, bool]], n: int) -> dict:
+    """Per-step ms from kernel spans (start µs, end µs, is communication): ``active_ms``, the
+    time any kernel ran; ``comm_ms``, the time an NCCL kernel ran; ``comm_exposed_ms``, the
+    part of that with no compute kernel running beside it."""
+    comm = [(s, e) for s, e, c in kernels if c]
+    compute = [(s, e) for s, e, c in kernels if not c]
+    active, m, c = _union_us(comm + compute), _union_us(comm), _union_us(compute)
+    both = m + c - active  # |comm ∩ compute|
+    return {"active_ms": active / 1e3 / n, "comm_ms": m / 1e3 / n,
+            "comm_exposed_ms": (m - both) / 1e3 / n}
+
+
 def summarize(prof, n: int, wall_ms: float, top: int = 40) -> dict:
     """Per-step GPU kernel time per category and per kernel from a finished profiler."""
     kernels: dict[str, float] = {}
@@ -89,13 +119,22 @@ def summarize(prof, n: int, wall_ms: float, top: int = 40) -> dict:
         cat = categorize(name)
         by_cat[cat] = by_cat.get(cat, 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    spans = [(e.time_range.start, e.time_range.end, categorize(e.name) == "communication")
+             for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA
+             and not getattr(e, "is_user_annotation", False) and "#" not in e.name
+             and e.time_range.end > e.time_range.start]
     return {"wall_ms": wall_ms, "busy_ms": sum(kernels.values()), "categories_ms": by_cat,
-            "top_kernels_ms": dict(ranked)}
+            "top_kernels_ms": dict(ranked), **timeline(spans, n)}
 
 
 def format_summary(s: dict) -> str:
     busy = s["busy_ms"]
     lines = [f"  GPU kernels {busy:.1f} ms per step, wall {s['wall_ms']:.1f} ms (profiled)"]
+    if s.get("active_ms"):
+        lines.append(f"  timeline: GPU active {s['active_ms']:.1f} ms (idle "
+                     f"{max(0.0, s['wall_ms'] - s['active_ms']):.1f}); NCCL {s['comm_ms']:.1f} ms, "
+                     f"exposed {s['comm_exposed_ms']:.1f} ms (no compute beside it)")
     lines += [f"  {cat:18s} {ms:8.2f} ms {100 * ms / busy if busy else 0.0:5.1f}%"
               for cat, ms in sorted(s["categories_ms"].items(), key=lambda kv: -kv[1])]
     lines += [f"    {ms:7.3f} ms  {name[:110]}" for name, ms in s["top_kernels_ms"].items()]
