@@ -8,6 +8,8 @@
 #         host124  124M DDP on 1 and 2 GPUs, 100 steps, as is and with runconfig.gc_steps=50
 #                  (~3 min). "As is" has the pinned batch copies, which have no switch: compare
 #                  it with session 3's figures from before them (docs/benchmarks.md)
+#         trace124 124M DDP on 1 and 2 GPUs, no accumulation, profiled on every rank: the
+#                  timeline line (GPU active, NCCL, exposed NCCL) per rank      (~3 min)
 #         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
 #                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
 #                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~7 min)
@@ -24,7 +26,7 @@
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b, host124, accum, ddp13b, fsdp13b or big}
+part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, accum, ddp13b, fsdp13b or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -54,6 +56,16 @@ case $part in
       $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
           --steps 100 --log_steps 10 --set train_input.data_dir="$d1024" ${extra[@]+"${extra[@]}"} \
           --out "$out/host124-$v" 2>&1 | grep "^| ddp" | sed "s/^/$v /"
+    done ;;
+  trace124)
+    # The no-accumulation gap (94-96%): 124M on 1 and 2 GPUs, every micro-batch all-reduced,
+    # steps 21-23 profiled on every rank: GPU active time, NCCL time, and the NCCL time no
+    # compute ran beside (exposed). Traces in OUT/trace124/ddp-*/profile/         (~3 min)
+    $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
+        --steps 30 --log_steps 5 --set train_input.data_dir="$d1024" --set runconfig.profile_steps=3 \
+        --set runconfig.profile_start=20 --out "$out/trace124" 2>&1 | grep "^| ddp"
+    for f in "$out"/trace124/ddp-*/profile/kernels_rank*.txt; do
+      echo "== ${f#"$out"/}"; head -8 "$f"
     done ;;
   accum)
     $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
