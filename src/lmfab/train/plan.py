@@ -84,10 +84,13 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
     else:
         acts = act_per_layer * m.n_layer
     sharded = r.strategy == "fsdp" and world_size > 1
-    # Without resharding after forward every block's gathered bf16 parameters stay until its
-    # backward: the whole model at 2 bytes a parameter (FSDP2 gathers into a full buffer; the
-    # local shard is a separate one).
-    gathered = 2 * n if sharded and not r.fsdp_reshard_after_forward else 0
+    # FSDP2 keeps the root module's parameters (embeddings, final norm: those outside the
+    # blocks) gathered from forward to backward, as its root never reshards after forward.
+    # Without resharding after forward every block's gathered bf16 parameters stay too: the
+    # whole model at 2 bytes a parameter (FSDP2 gathers into a full buffer; the local shard
+    # is a separate one).
+    root = n - sum(p.numel() for p in model.blocks.parameters())
+    gathered = (2 * (n if not r.fsdp_reshard_after_forward else root)) if sharded else 0
     ddp_graph = ""
     if world_size > 1 and r.strategy != "fsdp" and r.compile:
         ddp_graph = ("compiled graph cut at the gradient buckets (all-reduce overlaps backward)"
