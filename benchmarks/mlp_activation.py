@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,26 +29,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lmfab.models.activation import bias_gelu  # noqa: E402
+from lmfab.train.profile import cuda_time_ms  # noqa: E402
 
 SHAPES = {"124M": (32768, 768, 3072), "1.3B": (24576, 2048, 8192)}
 
 
-def time_ms(fn, reps: int = 30, inner: int = 10) -> float:
-    """Median over ``reps`` of the mean ms per call of ``inner`` back-to-back calls: the host's
-    per-call dispatch overlaps the GPU's work, as in a training step, instead of being added
-    to each call (session 5's figures were taken with one call per timing, inner=1)."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times)
+def time_ms(fn) -> float:
+    """10 calls in a row per timing, so the op's host dispatch overlaps the GPU's work as in a
+    training step (session 5's figures were taken with one call per timing)."""
+    return cuda_time_ms(fn, inner=10)
 
 
 FWD_SWEEP = [dict(block_m=16, block_n=256, num_warps=4), dict(block_m=32, block_n=256, num_warps=8),

@@ -18,23 +18,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from lmfab.train.profile import cuda_time_ms  # noqa: E402
+
 SHAPES = {"124M": (32, 12, 1024, 64), "1.3B": (12, 16, 2048, 128)}
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "flex": None}
-
-
-def time_ms(fn, reps: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[reps // 2]
 
 
 def main() -> int:
@@ -63,7 +51,7 @@ def main() -> int:
                     return out
             try:
                 out = step()
-                ms = time_ms(step)
+                ms = cuda_time_ms(step)
             except RuntimeError as e:
                 print(f"| {name} | {label} | unavailable: {str(e)[:60]} | |")
                 continue

@@ -107,7 +107,6 @@ def test_out_of_memory_names_what_to_change(tiny_data, tmp_path, monkeypatch, ca
     """A step that runs out of device memory fails with lmfab's advice after torch's message,
     and `lmfab run` prints it without a traceback (exit 3)."""
     from lmfab import cli
-    from lmfab.train import loop
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

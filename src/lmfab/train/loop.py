@@ -241,9 +241,8 @@ def _write_profile(run: Run, summary: dict, first: int, last: int) -> None:
     (out / f"kernels_rank{rank}.txt").write_text(text + "\n")
     (out / f"kernels_rank{rank}.json").write_text(json.dumps({"steps": [first, last], **summary},
                                                              indent=1))
-    cats = len(summary["categories_ms"]) + (2 if summary.get("active_ms") else 1)  # + header(s)
     run.say(f"profile, steps {first}-{last} (rank 0; each rank's table and trace in {out}):\n"
-            + "\n".join(text.splitlines()[:cats]))
+            + format_summary(summary, kernels=False))
 
 
 def oom_advice(run: Run, micro: int, step: int) -> str:

@@ -76,6 +76,24 @@ class StepProfiler:
         return summarize(self.prof, n, wall_ms)
 
 
+def cuda_time_ms(fn, reps: int = 30, inner: int = 1) -> float:
+    """Median ms per call of ``fn`` on the current GPU, CUDA events, after 5 warm-up calls;
+    each of the ``reps`` timings is the mean of ``inner`` calls in a row (inner > 1 lets the
+    host's per-call dispatch overlap the GPU's work, as in a training step)."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(inner):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / inner)
+    return sorted(times)[reps // 2]
+
+
 def _union_us(spans: list[tuple[float, float]]) -> float:
     """Total length of the union of [start, end) spans."""
     total, cur_start, cur_end = 0.0, None, None
@@ -103,13 +121,17 @@ def timeline(kernels: list[tuple[float, float, bool]], n: int) -> dict:
             "comm_exposed_ms": (m - both) / 1e3 / n}
 
 
+def _is_kernel(evt, name: str) -> bool:
+    """A GPU kernel: not a CPU op (those carry their kernels' time too), not a range."""
+    return (evt.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(evt, "is_user_annotation", False) and "#" not in name)
+
+
 def summarize(prof, n: int, wall_ms: float, top: int = 40) -> dict:
     """Per-step GPU kernel time per category and per kernel from a finished profiler."""
     kernels: dict[str, float] = {}
     for evt in prof.key_averages():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:  # CPU ops carry their kernels' time too
-            continue
-        if getattr(evt, "is_user_annotation", False) or "#" in evt.key:  # ranges, not kernels
+        if not _is_kernel(evt, evt.key):
             continue
         dev_us = getattr(evt, "self_device_time_total", 0.0)
         if dev_us > 0:
@@ -121,14 +143,14 @@ def summarize(prof, n: int, wall_ms: float, top: int = 40) -> dict:
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     spans = [(e.time_range.start, e.time_range.end, categorize(e.name) == "communication")
              for e in prof.events()
-             if e.device_type == torch.autograd.DeviceType.CUDA
-             and not getattr(e, "is_user_annotation", False) and "#" not in e.name
-             and e.time_range.end > e.time_range.start]
+             if _is_kernel(e, e.name) and e.time_range.end > e.time_range.start]
     return {"wall_ms": wall_ms, "busy_ms": sum(kernels.values()), "categories_ms": by_cat,
             "top_kernels_ms": dict(ranked), **timeline(spans, n)}
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: dict, kernels: bool = True) -> str:
+    """The summary as text: totals, the timeline, the categories; then (``kernels``) the
+    top kernels."""
     busy = s["busy_ms"]
     lines = [f"  GPU kernels {busy:.1f} ms per step, wall {s['wall_ms']:.1f} ms (profiled)"]
     if s.get("active_ms"):
@@ -137,5 +159,6 @@ def format_summary(s: dict) -> str:
                      f"exposed {s['comm_exposed_ms']:.1f} ms (no compute beside it)")
     lines += [f"  {cat:18s} {ms:8.2f} ms {100 * ms / busy if busy else 0.0:5.1f}%"
               for cat, ms in sorted(s["categories_ms"].items(), key=lambda kv: -kv[1])]
-    lines += [f"    {ms:7.3f} ms  {name[:110]}" for name, ms in s["top_kernels_ms"].items()]
+    if kernels:
+        lines += [f"    {ms:7.3f} ms  {name[:110]}" for name, ms in s["top_kernels_ms"].items()]
     return "\n".join(lines)
