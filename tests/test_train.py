@@ -233,6 +233,37 @@ def test_timeline_measures_active_time_and_exposed_communication():
                     "(no compute beside it)")
 
 
+def test_launch_lead_pairs_launches_with_kernels_by_correlation(tmp_path):
+    import gzip
+
+    from lmfab.train.profile import format_summary, launch_lead, read_trace
+
+    def launch(corr, ts, cat="cuda_runtime"):
+        return {"ph": "X", "cat": cat, "name": "cudaLaunchKernel", "ts": ts, "dur": 5,
+                "args": {"correlation": corr}}
+
+    def kernel(corr, ts):
+        return {"ph": "X", "cat": "kernel", "name": f"k{corr}", "ts": ts, "dur": 50,
+                "args": {"correlation": corr}}
+
+    # three kernels queued 2-3 ms ahead, one (a Triton launch, driver API) started 20 µs
+    # after its launch, one kernel whose launch is outside the window (ignored)
+    events = [launch(1, 0.0), launch(2, 10.0), launch(3, 20.0), launch(4, 5000.0, "cuda_driver"),
+              kernel(1, 2000.0), kernel(2, 2510.0), kernel(3, 3020.0), kernel(4, 5020.0),
+              kernel(9, 6000.0), {"ph": "f", "cat": "ac2g", "id": 1, "ts": 1.0}]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    lead = launch_lead(read_trace(path))
+    assert lead == {"lead_median_ms": (2.0 + 2.5) / 2, "host_behind": 0.25}
+    assert launch_lead([kernel(1, 0.0)]) == {}
+    graph = {**launch(7, 0.0), "name": "cudaGraphLaunch"}
+    assert launch_lead([graph, kernel(7, 900.0), {"cat": "kernel", "ts": 1.0, "args": None}]) == {}
+    line = format_summary({"wall_ms": 10.0, "busy_ms": 9.0, "categories_ms": {},
+                           "top_kernels_ms": {}, **lead}).splitlines()[1]
+    assert line.startswith("  launch lead: median 2.25 ms from launch to start; 25% of kernels")
+
+
 def test_resume_accepts_a_checkpoint_from_before_a_new_model_field(tiny_data, tmp_path):
     """A checkpoint written before ModelConfig gained a field (the key is absent from its
     config.yaml) resumes when the field is at its default, and is refused otherwise."""

@@ -7,11 +7,17 @@ GPU that overlaps communication with compute the sum can exceed the wall time, a
 ``communication`` row says how much of it was NCCL. The timeline line measures what the sums
 cannot: how long some kernel was running (the GPU's active time; wall minus that is idle),
 and how much NCCL time no compute kernel ran beside (exposed communication: what a
-data-parallel step loses to its all-reduces).
+data-parallel step loses to its all-reduces). The launch lead says who sets the pace: how
+long before it started each kernel was launched by the host. A GPU-bound step keeps a deep
+queue (leads of milliseconds); a host-bound one starts kernels as soon as they are launched.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,10 +76,22 @@ class StepProfiler:
         wall_ms = 1e3 * (time.perf_counter() - self.t0) / n
         self.running = False
         self.prof.stop()
+        summary = summarize(self.prof, n, wall_ms)
         if self.trace is not None:
             self.trace.parent.mkdir(parents=True, exist_ok=True)
             self.prof.export_chrome_trace(str(self.trace))
-        return summarize(self.prof, n, wall_ms)
+        if self.device.type == "cuda":  # launch-to-start pairs come from the trace
+            try:
+                if self.trace is not None:
+                    summary.update(launch_lead(read_trace(self.trace)))
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = Path(tmp) / "trace.json"
+                        self.prof.export_chrome_trace(str(path))
+                        summary.update(launch_lead(read_trace(path)))
+            except (OSError, ValueError, KeyError, TypeError, MemoryError):
+                pass  # a diagnostic: the run goes on without the line
+        return summary
 
 
 def cuda_time_ms(fn, reps: int = 30, inner: int = 1) -> float:
@@ -121,6 +139,42 @@ def timeline(kernels: list[tuple[float, float, bool]], n: int) -> dict:
             "comm_exposed_ms": (m - both) / 1e3 / n}
 
 
+def read_trace(path: Path) -> list[dict]:
+    """The events of a Chrome trace written by the profiler (``.json`` or ``.json.gz``)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+HOST_BEHIND_US = 100.0  # a kernel that starts within this of its launch waited for the host
+
+
+def launch_lead(events: list[dict]) -> dict:
+    """How far the host ran ahead of the GPU: for every kernel, the time from its launch call
+    (CUDA runtime or driver API, matched by correlation id) to its start on the GPU.
+    ``lead_median_ms``; ``host_behind``, the share of kernels that started within 0.1 ms of
+    their launch, i.e. the GPU was waiting for the host. A GPU-bound step has a median lead
+    of milliseconds and a share near 0; a host-bound one the reverse. Kernels replayed from
+    a CUDA graph are not counted (empty result when all are)."""
+    launched: dict = {}
+    for e in events:
+        corr = (e.get("args") or {}).get("correlation")
+        # a CUDA graph's kernels all carry its launch's id: their lead is their place in the
+        # graph, not the host's head start, so they are left out
+        if e.get("cat") in LAUNCH_CATEGORIES and corr is not None \
+                and "GraphLaunch" not in e.get("name", ""):
+            launched[corr] = float(e["ts"])
+    leads = [float(e["ts"]) - launched[corr] for e in events
+             if e.get("cat") == "kernel"
+             and (corr := (e.get("args") or {}).get("correlation")) in launched]
+    if not leads:
+        return {}
+    return {"lead_median_ms": statistics.median(leads) / 1e3,
+            "host_behind": sum(x < HOST_BEHIND_US for x in leads) / len(leads)}
+
+
 def _is_kernel(evt, name: str) -> bool:
     """A GPU kernel: not a CPU op (those carry their kernels' time too), not a range."""
     return (evt.device_type == torch.autograd.DeviceType.CUDA
@@ -157,6 +211,10 @@ def format_summary(s: dict, kernels: bool = True) -> str:
         lines.append(f"  timeline: GPU active {s['active_ms']:.1f} ms (idle "
                      f"{max(0.0, s['wall_ms'] - s['active_ms']):.1f}); NCCL {s['comm_ms']:.1f} ms, "
                      f"exposed {s['comm_exposed_ms']:.1f} ms (no compute beside it)")
+    if "lead_median_ms" in s:
+        lines.append(f"  launch lead: median {s['lead_median_ms']:.2f} ms from launch to start; "
+                     f"{100 * s['host_behind']:.0f}% of kernels started within "
+                     f"{HOST_BEHIND_US / 1e3:.1f} ms of their launch (the GPU waited for the host)")
     lines += [f"  {cat:18s} {ms:8.2f} ms {100 * ms / busy if busy else 0.0:5.1f}%"
               for cat, ms in sorted(s["categories_ms"].items(), key=lambda kv: -kv[1])]
     if kernels:
