@@ -10,6 +10,8 @@
 #                  it with session 3's figures from before them (docs/benchmarks.md)
 #         trace124 124M DDP on 1 and 2 GPUs, no accumulation, profiled on every rank: the
 #                  timeline line (GPU active, NCCL, exposed NCCL) per rank      (~3 min)
+#         graph124 124M DDP on 1 and 2 GPUs, no accumulation, 100 steps: as is and with
+#                  runconfig.cuda_graph (the whole step, all-reduces included, one graph)  (~5 min)
 #         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
 #                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
 #                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~7 min)
@@ -26,7 +28,7 @@
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, accum, ddp13b, fsdp13b or big}
+part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, accum, ddp13b, fsdp13b or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -65,7 +67,14 @@ case $part in
         --steps 30 --log_steps 5 --set train_input.data_dir="$d1024" --set runconfig.profile_steps=3 \
         --set runconfig.profile_start=20 --out "$out/trace124" 2>&1 | grep "^| ddp"
     for f in "$out"/trace124/ddp-*/profile/kernels_rank*.txt; do
-      echo "== ${f#"$out"/}"; head -8 "$f"
+      echo "== ${f#"$out"/}"; head -9 "$f"
+    done ;;
+  graph124)
+    for v in default cuda_graph; do
+      extra=(); [[ $v == cuda_graph ]] && extra=(--set runconfig.cuda_graph=true)
+      $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
+          --steps 100 --log_steps 10 --set train_input.data_dir="$d1024" ${extra[@]+"${extra[@]}"} \
+          --out "$out/graph124-$v" 2>&1 | grep "^| ddp" | sed "s/^/$v /"
     done ;;
   accum)
     $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \

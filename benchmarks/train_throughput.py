@@ -64,9 +64,10 @@ from lmfab.config import Config, ConfigError, load_config  # noqa: E402
 from lmfab.dist import World, parallelize  # noqa: E402
 from lmfab.dist.world import select_device  # noqa: E402
 from lmfab.models.gpt import build_model, materialize  # noqa: E402
+from lmfab.train.graph import WARMUP_STEPS, StepGraph  # noqa: E402
 from lmfab.train.loop import autocast_for, precision_of  # noqa: E402
 from lmfab.train.metrics import peak_flops  # noqa: E402
-from lmfab.train.optim import build_optimizer, clip_and_step, set_lr  # noqa: E402
+from lmfab.train.optim import build_optimizer, clip_and_step, make_capturable, set_lr  # noqa: E402
 
 IMPLS = ("lmfab", "lmfab-eager", "hf-eager", "hf-compile")
 GIB = 1024**3
@@ -176,9 +177,9 @@ def run_impl(impl: str, cfg: Config, args, device: torch.device, flops_per_token
     max_norm = cfg.optimizer.max_grad_norm
     max_norm = max_norm if max_norm is not None else float("inf")
 
-    def step(i: int) -> torch.Tensor:
+    def train_step(tokens: torch.Tensor) -> torch.Tensor:
         with autocast:
-            loss = built.loss(batches[i % len(batches)])
+            loss = built.loss(tokens)
         loss.backward()
         if impl.startswith("lmfab"):  # as lmfab's loop steps (clip folded into fused AdamW)
             clip_and_step(built.optimizer, built.params, cfg.optimizer.max_grad_norm)
@@ -187,6 +188,21 @@ def run_impl(impl: str, cfg: Config, args, device: torch.device, flops_per_token
             built.optimizer.step()
         built.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    run_step = train_step
+    if impl.startswith("lmfab") and cfg.runconfig.cuda_graph and is_cuda:
+        # as lmfab's loop does under runconfig.cuda_graph: eager steps, then one captured
+        # step replayed; the capture must happen in warm-up, not in the timed steps
+        if not built.optimizer.defaults.get("fused"):
+            raise ConfigError("runconfig.cuda_graph needs fused AdamW (optimizer.fused)")
+        if args.warmup <= WARMUP_STEPS:
+            raise ConfigError(f"runconfig.cuda_graph: --warmup must be > {WARMUP_STEPS} so the "
+                              "step is captured before the timed steps")
+        run_step = StepGraph(train_step, device,
+                             prepare=lambda: make_capturable(built.optimizer, device))
+
+    def step(i: int) -> torch.Tensor:
+        return run_step(batches[i % len(batches)])
 
     def sync() -> None:
         if is_cuda:

@@ -135,6 +135,34 @@ def test_config_notes_name_settings_without_effect():
         assert [n.split("=")[0] for n in notes if "mlp_kernel" in n] == ["runconfig.mlp_kernel"]
 
 
+def test_cuda_graph_needs_cuda_fused_adamw_and_no_other_graph_capture():
+    from lmfab.config.load import config_notes
+
+    path = CONFIGS / "train" / "tiny.yaml"
+    assert config_notes(load_config(path, ["runconfig.cuda_graph=true"]), "cuda") == []
+    notes = config_notes(load_config(path, ["runconfig.cuda_graph=true"]), "cpu")
+    assert notes == ["runconfig.cuda_graph=true has no effect: CUDA graphs need a CUDA device"]
+    notes = config_notes(load_config(path, ["runconfig.cuda_graph=true", "optimizer.fused=off"]),
+                         "cuda")
+    assert len(notes) == 1 and "optimizer.fused=off" in notes[0]
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ConfigError, match=f"cuda_graph with compile_mode={mode}"):
+            load_config(path, ["runconfig.cuda_graph=true", "runconfig.compile=true",
+                               f"runconfig.compile_mode={mode}"])
+    load_config(path, ["runconfig.cuda_graph=true", "runconfig.compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match="cuda_graph with activation_checkpointing"):
+        load_config(path, ["runconfig.cuda_graph=true", "runconfig.activation_checkpointing=true"])
+
+
+def test_ddp_buckets_below_the_first_bucket_are_refused_under_a_cut_graph():
+    path = CONFIGS / "train" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"ddp_bucket_mb=0.5: .* DDP's first, 1 MB"):
+        load_config(path, ["runconfig.compile=true", "runconfig.ddp_bucket_mb=0.5"])
+    load_config(path, ["runconfig.ddp_bucket_mb=0.5"])  # eager: DDP alone takes any size
+    load_config(path, ["runconfig.compile=true", "runconfig.ddp_bucket_mb=0.5",
+                       "runconfig.ddp_split_graph=false"])
+
+
 def test_yaml_off_and_on_mean_the_words_where_a_key_takes_them(tmp_path):
     """YAML 1.1 reads bare off/on as booleans; a key whose values include "off"/"on" gets
     the word, and a boolean stays an error where neither word is allowed."""

@@ -440,6 +440,11 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     if r.compile_mode != "default" and not r.compile:
         notes.append(f"runconfig.compile_mode={r.compile_mode} has no effect without "
                      "runconfig.compile: true")
+    if r.cuda_graph and device_type != "cuda":
+        notes.append("runconfig.cuda_graph=true has no effect: CUDA graphs need a CUDA device")
+    elif r.cuda_graph and cfg.optimizer.fused == "off":
+        notes.append("runconfig.cuda_graph=true has no effect with optimizer.fused=off: the "
+                     "captured step needs fused AdamW")
     if r.residual_dtype == "bf16" and resolved_precision(r, device_type) != "bf16":
         notes.append("runconfig.residual_dtype=bf16 has no effect: precision is fp32 here")
     if r.checkpoint_every != 1 and not r.activation_checkpointing:
@@ -515,10 +520,28 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError("runconfig.checkpoint_steps, eval_steps, keep_checkpoints: >= 0")
     if r.profile_steps < 0 or r.profile_start < 0 or r.gc_steps < 0:
         raise ConfigError("runconfig.profile_steps, profile_start, gc_steps: >= 0")
+    if r.cuda_graph and r.compile and r.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(
+            f"runconfig.cuda_graph with compile_mode={r.compile_mode}: both capture CUDA "
+            "graphs, and a capture cannot hold another; use one (cuda_graph graphs the whole "
+            "step, reduce-overhead only the compiled regions)")
+    if r.cuda_graph and r.activation_checkpointing:
+        raise ConfigError(
+            "runconfig.cuda_graph with activation_checkpointing: the checkpointed blocks save "
+            "and restore the CUDA RNG state, which a graph capture forbids; use one of them "
+            "(the steps that need checkpointing are long enough not to need the graph)")
     if r.checkpoint_every < 1:
         raise ConfigError(f"runconfig.checkpoint_every: must be >= 1, got {r.checkpoint_every}")
     if not r.ddp_bucket_mb > 0:
         raise ConfigError(f"runconfig.ddp_bucket_mb: must be > 0, got {r.ddp_bucket_mb}")
+    if r.compile and r.ddp_split_graph is not False and r.ddp_bucket_mb < 1:
+        # torch.compile's DDP graph split asserts that DDP's 1 MiB first bucket is no larger
+        # than the others (an AssertionError deep in dynamo on the first multi-GPU step)
+        raise ConfigError(
+            f"runconfig.ddp_bucket_mb={r.ddp_bucket_mb}: under torch.compile on several GPUs "
+            "the graph may be cut at the buckets (ddp_split_graph true, or auto without "
+            "accumulation), which needs every bucket at least as large as DDP's first, 1 MB; "
+            "use >= 1, or runconfig.ddp_split_graph: false")
 
 
 def config_to_dict(cfg: Config) -> dict:

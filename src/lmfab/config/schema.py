@@ -162,6 +162,14 @@ class RunConfig:
     # epilogues, minutes more), max-autotune, reduce-overhead (CUDA graphs).
     compile_mode: Literal["default", "tuned", "max-autotune-no-cudagraphs", "max-autotune",
                           "reduce-overhead"] = "default"
+    # Capture the whole training step (every micro-batch's forward and backward, the clip,
+    # AdamW) as one CUDA graph after 3 eager warm-up steps, and replay it: one launch per
+    # step instead of thousands, for steps whose kernels are shorter than the host's launch
+    # time (the profile's launch-lead line tells). CUDA, fused AdamW, one process or DDP
+    # (11 warm-up steps then; the all-reduces are captured too); not FSDP2 (a note says it
+    # is off), not with activation checkpointing (refused). compile_mode reduce-overhead
+    # graphs only the compiled regions.
+    cuda_graph: bool = False
     # Kernel for softmax attention (learned / rope positions; ALiBi always uses FlexAttention):
     # auto = cuDNN first on Hopper GPUs (1.5-1.8x flash there, docs/benchmarks.md), PyTorch's
     # own choice elsewhere; or one SDPA backend first (the others stay as fall-backs).

@@ -138,12 +138,22 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
         # Read by dynamo when it first compiles the forward (lazily, inside DDP's forward):
         # cut the graph at the gradient buckets, or keep it whole. One model per process.
         torch._dynamo.config.optimize_ddp = split_ddp_graph(run, grad_accum)
-        return DDP(
-            model,
-            device_ids=[world.device.index] if world.device.type == "cuda" else None,
-            gradient_as_bucket_view=True,
-            bucket_cap_mb=run.ddp_bucket_mb,
-        )
+        # runconfig.cuda_graph: DDP is built on the side stream the step is later captured
+        # on (its gradient hooks keep the stream they were made on)
+        graph_stream = torch.cuda.Stream(world.device) \
+            if run.cuda_graph and world.device.type == "cuda" else None
+        with torch.cuda.stream(graph_stream) if graph_stream is not None \
+                else contextlib.nullcontext():
+            ddp = DDP(
+                model,
+                device_ids=[world.device.index] if world.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+                bucket_cap_mb=run.ddp_bucket_mb,
+            )
+        if graph_stream is not None:
+            torch.cuda.current_stream(world.device).wait_stream(graph_stream)
+            ddp.lmfab_graph_stream = graph_stream
+        return ddp
     return model
 
 

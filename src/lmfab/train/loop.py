@@ -40,8 +40,9 @@ from lmfab.eval.loss import evaluate_loss
 from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train import checkpoint as ckpt
 from lmfab.train.data import make_loader, open_dataset, run_tokenizer, stage_at
+from lmfab.train.graph import WARMUP_STEPS, WARMUP_STEPS_DDP, StepGraph
 from lmfab.train.metrics import MetricsLogger, console, format_duration, peak_flops
-from lmfab.train.optim import build_optimizer, clip_and_step, set_lr
+from lmfab.train.optim import build_optimizer, clip_and_step, make_capturable, set_lr
 from lmfab.train.plan import format_plan, plan_run
 from lmfab.train.profile import StepProfiler, format_summary
 from lmfab.train.schedule import LRSchedule
@@ -320,6 +321,20 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
                                     state=state, cfg=cfg, world=world, keep=r.keep_checkpoints)
         run.say(f"checkpoint {path}")
 
+    for group in optimizer.param_groups:  # as built; a cuda_graph run's checkpoint says True
+        group["capturable"] = False
+    graphed = r.cuda_graph and world.device.type == "cuda" and bool(optimizer.defaults.get("fused"))
+    if graphed and is_fsdp(run.wrapped):
+        graphed = False
+        run.say("note: runconfig.cuda_graph is off under FSDP2 (its all-gathers and "
+                "reduce-scatters are scheduled by host code a graph replay would not run)")
+    stepper = StepGraph(lambda rows: _train_step(run, optimizer, rows, stage.micro_batch,
+                                                 stage.grad_accum),
+                        world.device, prepare=lambda: make_capturable(optimizer, world.device),
+                        warmup=WARMUP_STEPS_DDP if world.distributed else WARMUP_STEPS,
+                        stream=getattr(run.wrapped, "lmfab_graph_stream", None)) \
+        if graphed else None
+
     fpt = run.model.flops_per_token(stage.seq_len)
     run.wrapped.train()
     last_time, last_step, t_start = time.perf_counter(), step, time.perf_counter()
@@ -334,6 +349,10 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
                 fpt = run.model.flops_per_token(stage.seq_len)
                 run.say(f"step {step}: seq_len {stage.seq_len}, global batch {stage.batch_size} "
                         f"(micro {stage.micro_batch} x {stage.grad_accum}), same tokens per step")
+            if profiler is None and profile_from <= step < profile_to \
+                    and stepper is not None and stepper.graph is None:
+                # runconfig.cuda_graph: profile replayed steps, not the warm-up or the capture
+                profile_from, profile_to = step + 1, step + 1 + r.profile_steps
             if profiler is None and profile_from <= step < profile_to:  # a resume may start inside
                 profiler, profile_from = StepProfiler(
                     world.device, run.model_dir / "profile" / f"trace_rank{world.rank}.json.gz"), step
@@ -343,7 +362,15 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
             set_lr(optimizer, lr)
             rows = to_device(loader.next_batch(), world.device)
             try:
-                loss, grad_norm = _train_step(run, optimizer, rows, stage.micro_batch, stage.grad_accum)
+                if stepper is not None:
+                    captures = stepper.captures
+                    loss, grad_norm = stepper(rows)
+                    if stepper.captures != captures:
+                        run.say(f"step {step + 1}: the training step is captured as a CUDA "
+                                "graph and replayed from here (runconfig.cuda_graph)")
+                else:
+                    loss, grad_norm = _train_step(run, optimizer, rows, stage.micro_batch,
+                                                  stage.grad_accum)
             except torch.OutOfMemoryError as e:
                 e.args = (f"{e.args[0] if e.args else e}\n{oom_advice(run, stage.micro_batch, step)}",)
                 raise
@@ -378,6 +405,8 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
                 save(step)
             gc_tick(step)
 
+    if stepper is not None:
+        stepper.release()  # the graph's memory pool, before the final checkpoint and eval
     newest = ckpt.latest_checkpoint(run.model_dir)
     if r.checkpoint_at_end and (newest is None or newest.name != f"step_{step:08d}"):
         save(step)
