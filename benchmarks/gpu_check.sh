@@ -11,6 +11,17 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
 
+# both_shapes NAME TIMEOUT13B VARIANT...: throughput_sweep.sh variants at 124M (30 steps after
+# 10, the last 3 profiled; 150 s each) and at 1.3B (12 after 6, 2 profiled; TIMEOUT13B s
+# each), into OUT/NAME124 and OUT/NAME13b
+both_shapes() {
+  local name=$1 t13b=$2; shift 2
+  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-150} benchmarks/throughput_sweep.sh "$out/${name}124" \
+      configs/train/gpt2-124m.yaml 30 10 "${@/%/;--profile 3}" | tee "$out/${name}124.md"
+  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-$t13b} benchmarks/throughput_sweep.sh "$out/${name}13b" \
+      configs/train/cerebras-gpt-1.3b.yaml 12 6 "${@/%/;--profile 2}" | tee "$out/${name}13b.md"
+}
+
 if [[ $part == all || $part == runs ]]; then
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     $py -c "import torch, transformers, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, transformers.__version__)"
@@ -56,23 +67,13 @@ if [[ $part == stepgraph ]]; then
   # runconfig.cuda_graph (the whole step captured and replayed) against the default step, at
   # 124M and 1.3B, each profiled for 3 steps: the launch-lead line says whether the host or
   # the GPU sets the pace (~6 min).
-  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-150} benchmarks/throughput_sweep.sh "$out/stepgraph124" \
-      configs/train/gpt2-124m.yaml 30 10 "default=lmfab;--profile 3" \
-      "cuda_graph=lmfab;--set runconfig.cuda_graph=true;--profile 3" | tee "$out/stepgraph124.md"
-  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-200} benchmarks/throughput_sweep.sh "$out/stepgraph13b" \
-      configs/train/cerebras-gpt-1.3b.yaml 12 6 "default=lmfab;--profile 2" \
-      "cuda_graph=lmfab;--set runconfig.cuda_graph=true;--profile 2" | tee "$out/stepgraph13b.md"
+  both_shapes stepgraph 200 "default=lmfab" "cuda_graph=lmfab;--set runconfig.cuda_graph=true"
 fi
 if [[ $part == mlp ]]; then
   # runconfig.mlp_kernel: the bias + GELU kernels alone against inductor's, then whole steps
   # fused vs standard at 124M and 1.3B, profiled (~6 min).
   $py benchmarks/mlp_activation.py --json "$out/mlp.json" 2>"$out/mlp.err" | tee "$out/mlp.md"
-  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-150} benchmarks/throughput_sweep.sh "$out/mlp124" \
-      configs/train/gpt2-124m.yaml 30 10 "fused=lmfab;--profile 3" \
-      "standard=lmfab;--set runconfig.mlp_kernel=standard;--profile 3" | tee "$out/mlp124.md"
-  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-150} benchmarks/throughput_sweep.sh "$out/mlp13b" \
-      configs/train/cerebras-gpt-1.3b.yaml 12 6 "fused=lmfab;--profile 2" \
-      "standard=lmfab;--set runconfig.mlp_kernel=standard;--profile 2" | tee "$out/mlp13b.md"
+  both_shapes mlp 150 "fused=lmfab" "standard=lmfab;--set runconfig.mlp_kernel=standard"
 fi
 if [[ $part == long ]]; then
   # 1.3B at T=32768, one sequence per step: full activation checkpointing, every 2nd block,

@@ -32,6 +32,20 @@ part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, 
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
+
+# variants124 PART LABEL=SETTING...: 124M DDP on 1 and 2 GPUs, no accumulation, 100 steps in
+# 10-step intervals, once per label with --set runconfig.SETTING (none when empty), into
+# OUT/PART-LABEL; prints the table rows prefixed by the label
+variants124() {
+  local part=$1 v label setting extra; shift
+  for v in "$@"; do
+    label=${v%%=*}; setting=${v#*=}; extra=()
+    [[ -n $setting ]] && extra=(--set "runconfig.$setting")
+    $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
+        --steps 100 --log_steps 10 --set train_input.data_dir="$d1024" ${extra[@]+"${extra[@]}"} \
+        --out "$out/$part-$label" 2>&1 | grep "^| ddp" | sed "s/^/$label /"
+  done
+}
 case $part in
   tests)
     $py -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$out/pytest_gpu.txt" ;;
@@ -53,12 +67,7 @@ case $part in
     $py benchmarks/scaling.py --params configs/train/cerebras-gpt-1.3b.yaml --devices 1,2 \
         --strategies ddp,fsdp --steps 30 --set train_input.data_dir="$d2048" --out "$out/scale13b" 2>&1 | tail -10 ;;
   host124)
-    for v in default gc50; do
-      extra=(); [[ $v == gc50 ]] && extra=(--set runconfig.gc_steps=50)
-      $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
-          --steps 100 --log_steps 10 --set train_input.data_dir="$d1024" ${extra[@]+"${extra[@]}"} \
-          --out "$out/host124-$v" 2>&1 | grep "^| ddp" | sed "s/^/$v /"
-    done ;;
+    variants124 host124 default= gc50=gc_steps=50 ;;
   trace124)
     # The no-accumulation gap (94-96%): 124M on 1 and 2 GPUs, every micro-batch all-reduced,
     # steps 21-23 profiled on every rank: GPU active time, NCCL time, and the NCCL time no
@@ -70,12 +79,7 @@ case $part in
       echo "== ${f#"$out"/}"; head -9 "$f"
     done ;;
   graph124)
-    for v in default cuda_graph; do
-      extra=(); [[ $v == cuda_graph ]] && extra=(--set runconfig.cuda_graph=true)
-      $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
-          --steps 100 --log_steps 10 --set train_input.data_dir="$d1024" ${extra[@]+"${extra[@]}"} \
-          --out "$out/graph124-$v" 2>&1 | grep "^| ddp" | sed "s/^/$v /"
-    done ;;
+    variants124 graph124 default= cuda_graph=cuda_graph=true ;;
   accum)
     $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
         --global_batch 512 --steps 16 --log_steps 2 --set train_input.data_dir="$d1024" \

@@ -81,16 +81,14 @@ class StepProfiler:
             self.trace.parent.mkdir(parents=True, exist_ok=True)
             self.prof.export_chrome_trace(str(self.trace))
         if self.device.type == "cuda":  # launch-to-start pairs come from the trace
-            try:
-                if self.trace is not None:
-                    summary.update(launch_lead(read_trace(self.trace)))
-                else:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        path = Path(tmp) / "trace.json"
+            with tempfile.TemporaryDirectory() as tmp:
+                path = self.trace or Path(tmp) / "trace.json"
+                try:
+                    if self.trace is None:
                         self.prof.export_chrome_trace(str(path))
-                        summary.update(launch_lead(read_trace(path)))
-            except (OSError, ValueError, KeyError, TypeError, MemoryError):
-                pass  # a diagnostic: the run goes on without the line
+                    summary.update(launch_lead(read_trace(path)))
+                except (OSError, ValueError, KeyError, TypeError, MemoryError):
+                    pass  # a diagnostic: the run goes on without the line
         return summary
 
 
