@@ -3,7 +3,6 @@
 # shapes (bf16, compiled, a few dozen steps), then the throughput benchmark beside HF GPT-2.
 # Usage: benchmarks/gpu_check.sh OUTDIR DATA1024 DATA2048 [part]
 #   part: all (default) | runs | bench124 | bench13b | fp8 | graphs | long | alibi | mlp | stepgraph
-#         | cublaslt124 | cublaslt13b
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
@@ -75,23 +74,6 @@ if [[ $part == mlp ]]; then
   # fused vs standard at 124M and 1.3B, profiled (~6 min).
   $py benchmarks/mlp_activation.py --json "$out/mlp.json" 2>"$out/mlp.err" | tee "$out/mlp.md"
   both_shapes mlp 150 "fused=lmfab" "standard=lmfab;--set runconfig.mlp_kernel=standard"
-fi
-if [[ $part == cublaslt124 ]]; then
-  # runconfig.mlp_kernel=cublaslt (GELU in cuBLASLt's GEMM epilogues) against the Triton
-  # bias-GELU (fused, the default): the whole MLP alone at both shapes, then whole 124M steps,
-  # profiled (~4 min).
-  $py benchmarks/mlp_activation.py --mlp --json "$out/mlp_lt.json" 2>"$out/mlp_lt.err" | tee "$out/mlp_lt.md"
-  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-150} benchmarks/throughput_sweep.sh "$out/lt124" \
-      configs/train/gpt2-124m.yaml 30 10 "fused=lmfab;--profile 3" \
-      "cublaslt=lmfab;--set runconfig.mlp_kernel=cublaslt;--profile 3" | tee "$out/lt124.md"
-fi
-if [[ $part == cublaslt13b ]]; then
-  # The same at the 1.3B shape with GPT-2's tanh GELU (the shipped config's exact GELU has no
-  # cuBLASLt epilogue; the HF peer runs gelu_new) (~4 min).
-  VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-200} benchmarks/throughput_sweep.sh "$out/lt13b" \
-      configs/train/cerebras-gpt-1.3b.yaml 12 6 "fused_tanh=lmfab;--set model.mlp=gelu_tanh;--profile 2" \
-      "cublaslt_tanh=lmfab;--set model.mlp=gelu_tanh;--set runconfig.mlp_kernel=cublaslt;--profile 2" \
-      | tee "$out/lt13b.md"
 fi
 if [[ $part == long ]]; then
   # 1.3B at T=32768, one sequence per step: full activation checkpointing, every 2nd block,

@@ -14,13 +14,6 @@ row), bf16 activations and fp32 bias and weights:
   compiled, against ``bias_gelu(F.linear(x, w), b)`` compiled: GEMMs included, so the
   difference is what a training step would see.
 
-- ``mlp`` rows (``--mlp``, tanh GELU): the whole MLP, fc + GELU + proj, forward + backward
-  under bf16 autocast, compiled: inductor's path, lmfab's Triton bias-GELU, and
-  ``runconfig.mlp_kernel: cublaslt`` (:func:`lmfab.models.activation.gelu_mlp`: bias + GELU
-  in cuBLASLt's forward GEMM epilogue, Triton's backward kernel), and the same with cuBLASLt's
-  DGELU_BGRAD backward epilogue. ``gemm`` rows time the two epilogue GEMMs alone against the
-  plain bf16 GEMMs of the same shapes (what the epilogue costs the GEMM).
-
 Outputs and gradients are checked against an fp32 reference. Prints a markdown table.
 """
 
@@ -153,74 +146,12 @@ def bench_shape(name: str, approx: str, do_sweep: bool) -> list[dict]:
     return rows
 
 
-def bench_mlp(name: str) -> list[dict]:
-    """The whole tanh-GELU MLP three ways, and the epilogue GEMMs against plain GEMMs."""
-    from lmfab.models import activation as act
-    from lmfab.models import cublaslt
-    from lmfab.models.activation import gelu_mlp
-
-    M, K, N = SHAPES[name]
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(1)
-    x = torch.randn(M, K, device=dev, generator=g).bfloat16().requires_grad_(True)
-    w_fc = (K ** -0.5 * torch.randn(N, K, device=dev, generator=g)).requires_grad_(True)
-    b_fc = (0.1 * torch.randn(N, device=dev, generator=g)).requires_grad_(True)
-    w_proj = (N ** -0.5 * torch.randn(K, N, device=dev, generator=g)).requires_grad_(True)
-    b_proj = (0.1 * torch.randn(K, device=dev, generator=g)).requires_grad_(True)
-    ps = (x, w_fc, b_fc, w_proj, b_proj)
-    dy = torch.randn(M, K, device=dev, generator=g).bfloat16()
-    ref_in = [p.detach().bfloat16().float().requires_grad_(True) for p in ps]
-    y_ref = F.linear(F.gelu(F.linear(*ref_in[:3]), approximate="tanh"), *ref_in[3:])
-    refs = (y_ref, *torch.autograd.grad(y_ref, ref_in, dy.float()))
-    impls = {
-        "inductor": lambda x, a, b, c, d: F.linear(F.gelu(F.linear(x, a, b), approximate="tanh"),
-                                                   c, d),
-        "lmfab fused": lambda x, a, b, c, d: F.linear(bias_gelu(F.linear(x, a), b, "tanh"), c, d),
-        "lmfab cublaslt": gelu_mlp,
-        "lmfab cublaslt, DGELU_BGRAD backward": gelu_mlp,
-    }
-    rows, base = [], None
-    for impl, f in impls.items():
-        act.BACKWARD = "cublaslt" if "DGELU" in impl else "triton"
-        torch._dynamo.reset()
-        cf = torch.compile(f)
-
-        def step(cf=cf):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = cf(*ps)
-            return (y, *torch.autograd.grad(y, ps, dy))
-        errs = tuple(rel(a, r) for a, r in zip(step(), refs, strict=True))
-        ms = time_ms(step)
-        base = base or ms
-        rows.append({"shape": name, "part": "mlp", "impl": impl, "ms": ms, "errors": errs})
-        print(f"| {name} | mlp | {impl} | {ms:.3f} | {base / ms:.2f}× | "
-              + ", ".join(f"{e:.1e}" for e in errs) + " |", flush=True)
-    act.BACKWARD = "triton"
-    xb, wf, bf = x.detach(), w_fc.detach().bfloat16(), b_fc.detach().bfloat16()
-    wp = w_proj.detach().bfloat16()
-    z = F.linear(xb, wf, bf)
-    gemms = (("fwd plain (x @ w_fc.T + b)", lambda: F.linear(xb, wf, bf)),
-             ("fwd GELU_AUX_BIAS", lambda: cublaslt.linear_gelu_aux(xb, wf, bf)),
-             ("bwd plain (dy @ w_proj)", lambda: dy @ wp),
-             ("bwd DGELU_BGRAD", lambda: cublaslt.matmul_dgelu_bgrad(dy, wp, z)),
-             ("bwd plain + Triton dgelu, bias grad", lambda: torch.ops.lmfab.bias_gelu_backward(
-                 dy @ wp, z, torch.zeros_like(bf), "tanh")))
-    for impl, fn in gemms:
-        ms = time_ms(fn)
-        tflops = 2 * M * K * N / ms / 1e9
-        rows.append({"shape": name, "part": "gemm", "impl": impl, "ms": ms, "tflops": tflops})
-        print(f"| {name} | gemm | {impl} | {ms:.3f} | {tflops:.0f} TFLOP/s | |", flush=True)
-    return rows
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--approximate", default="none", choices=("none", "tanh"))
     ap.add_argument("--sweep", action="store_true",
                     help="also time the kernels alone under several launch settings")
-    ap.add_argument("--mlp", action="store_true",
-                    help="only the whole-MLP comparison with cuBLASLt epilogues (tanh GELU)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -232,7 +163,7 @@ def main() -> int:
           "|---|---|---|---:|---:|---|")
     rows = []
     for name in args.shapes.split(","):
-        rows += bench_mlp(name) if args.mlp else bench_shape(name, args.approximate, args.sweep)
+        rows += bench_shape(name, args.approximate, args.sweep)
         torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(),

@@ -404,14 +404,12 @@ def uses_fused_loss(r: RunConfig, device_type: str) -> bool:
     return r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
 
 
-def resolved_mlp_kernel(r: RunConfig, device_type: str) -> str:
-    """``runconfig.mlp_kernel`` with auto resolved: fused on CUDA where Triton is installed
-    (without it the op runs its PyTorch fallback, which inductor cannot fuse: slower than
-    standard), standard elsewhere. The MLP itself falls back where a kernel does not apply."""
+def uses_fused_mlp(r: RunConfig, device_type: str) -> bool:
+    """``runconfig.mlp_kernel``: fused, or auto on CUDA where Triton is installed (without it
+    the op runs its PyTorch fallback, which inductor cannot fuse: slower than standard)."""
     if r.mlp_kernel == "auto":
-        return ("fused" if device_type == "cuda" and importlib.util.find_spec("triton")
-                is not None else "standard")
-    return r.mlp_kernel
+        return device_type == "cuda" and importlib.util.find_spec("triton") is not None
+    return r.mlp_kernel == "fused"
 
 
 def split_ddp_graph(r: RunConfig, grad_accum: int) -> bool:
@@ -432,20 +430,13 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     if r.loss_chunk and not fused:
         notes.append(f"runconfig.loss_chunk={r.loss_chunk} has no effect: the loss is the "
                      "standard one here (runconfig.loss=fused to use it)")
-    kernel = r.mlp_kernel
-    if kernel in ("fused", "cublaslt") and (cfg.model.mlp not in ("gelu", "gelu_tanh")
-                                            or not cfg.model.bias):
-        notes.append(f"runconfig.mlp_kernel={kernel} has no effect: it fuses bias + GELU, and "
+    if r.mlp_kernel == "fused" and (cfg.model.mlp not in ("gelu", "gelu_tanh")
+                                    or not cfg.model.bias):
+        notes.append(f"runconfig.mlp_kernel=fused has no effect: it fuses bias + GELU, and "
                      f"this model has mlp={cfg.model.mlp}, bias={cfg.model.bias}")
-    elif kernel in ("fused", "cublaslt") and r.float8 != "off":
-        notes.append(f"runconfig.mlp_kernel={kernel} has no effect with runconfig.float8: the "
+    elif r.mlp_kernel == "fused" and r.float8 != "off":
+        notes.append("runconfig.mlp_kernel=fused has no effect with runconfig.float8: the "
                      "float8 layer adds its bias itself")
-    elif kernel == "cublaslt" and cfg.model.mlp != "gelu_tanh":
-        notes.append("runconfig.mlp_kernel=cublaslt runs as fused here: cuBLASLt's GELU is the "
-                     f"tanh form and this model has mlp={cfg.model.mlp}")
-    elif kernel == "cublaslt" and device_type != "cuda":
-        notes.append("runconfig.mlp_kernel=cublaslt needs CUDA: here the same math runs in "
-                     "PyTorch, slower than standard")
     if r.compile_mode != "default" and not r.compile:
         notes.append(f"runconfig.compile_mode={r.compile_mode} has no effect without "
                      "runconfig.compile: true")

@@ -183,10 +183,8 @@ class RunConfig:
     loss_chunk: int = 0
     # The MLP's bias + GELU (models/activation.py): fused = one Triton kernel each way, the
     # bias gradient made in the backward kernel's pass; standard = the GEMM adds the bias and
-    # torch (inductor) applies GELU; cublaslt = the GELU in the GEMMs' epilogues both ways
-    # (cuBLASLt, tanh GELU only: mlp gelu_tanh; gelu MLPs get fused); auto = fused on CUDA
-    # (with Triton). GELU MLPs with biases.
-    mlp_kernel: Literal["auto", "fused", "standard", "cublaslt"] = "auto"
+    # torch (inductor) applies GELU; auto = fused on CUDA (with Triton). GELU MLPs with biases.
+    mlp_kernel: Literal["auto", "fused", "standard"] = "auto"
     # float8 matmuls for the transformer blocks' linear layers (torchao Float8Linear; needs
     # the fp8 extra and, on GPUs, compute capability 8.9+: H100, H200, Ada). tensorwise or
     # rowwise scaling; weights, checkpoints and everything outside the blocks stay as they are.

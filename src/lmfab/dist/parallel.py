@@ -26,8 +26,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lmfab.config.load import (ConfigError, resolved_mlp_kernel, split_ddp_graph,
-                               uses_fused_loss)
+from lmfab.config.load import ConfigError, split_ddp_graph, uses_fused_loss, uses_fused_mlp
 from lmfab.config.schema import RunConfig
 from lmfab.dist.world import World
 from lmfab.models.attention import set_attention_backend
@@ -104,16 +103,10 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
     set_attention_backend(model, run.attention_backend, world.device)
     model.fused_loss = uses_fused_loss(run, world.device.type)
     model.loss_chunk = run.loss_chunk
-    mlp_kernel = resolved_mlp_kernel(run, world.device.type)
-    if mlp_kernel == "cublaslt" and world.device.type == "cuda":
-        from lmfab.models import cublaslt
-
-        if not cublaslt.available():
-            raise ConfigError("runconfig.mlp_kernel=cublaslt: libcublasLt is not loaded in "
-                              "this process (a CUDA build of PyTorch links it); use fused")
+    fused_mlp = uses_fused_mlp(run, world.device.type)
     for module in model.modules():
         if isinstance(module, MLP):
-            module.act_kernel = mlp_kernel
+            module.fused_act = fused_mlp
     model.residual_dtype = torch.bfloat16 if bf16 and run.residual_dtype == "bf16" else None
     if run.float8 != "off":
         apply_float8(model, run.float8, world.device)

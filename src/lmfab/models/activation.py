@@ -13,6 +13,10 @@ sums, which a small sum turns into the bias gradient. In the same training step 
 card's bandwidth: erf and exp in fp32 cost about as much issue time as the bytes cost
 memory time, so the forward is no faster than inductor's; the gain is in the backward.
 
+cuBLASLt's own GELU epilogues (``GELU_AUX_BIAS`` forward, ``DGELU_BGRAD`` backward) were
+tried through ctypes in session 7 and measured no faster than these kernels on an H200
+(docs/benchmarks.md, docs/decisions.md; code in commit 53c295b).
+
 Both are ``torch.library`` custom ops, so ``torch.compile`` keeps them in its graph (no
 graph break) and autograd, activation checkpointing, DDP and FSDP2 see an ordinary op. Off
 CUDA (or without Triton) the ops run the same math in PyTorch.
@@ -213,93 +217,3 @@ def bias_gelu(h: torch.Tensor, b: torch.Tensor, approximate: str = "none") -> to
         raise ValueError(f"bias_gelu: bias of shape {tuple(b.shape)} for h of shape "
                          f"{tuple(h.shape)}")
     return _bias_gelu_op(h.contiguous(), b, approximate)
-
-
-# ---- the GELU MLP on a cuBLASLt epilogue (runconfig.mlp_kernel: cublaslt) -----------------
-# Forward, fc + bias + GELU is one GEMM (GELU_AUX_BIAS writes h and its input z: no activation
-# kernel). Backward, the proj layer's input-gradient GEMM is plain and the Triton kernel above
-# applies gelu'(z) and makes fc's bias gradient. cuBLASLt's DGELU_BGRAD epilogue would do that
-# in the GEMM, but with cuBLAS 13.0 on an H200 it runs as a plain GEMM plus a separate epilogue
-# kernel 4x slower than ours (docs/benchmarks.md, session 7); BACKWARD = "cublaslt" selects it
-# for re-measuring on a later cuBLAS. cuBLASLt's GELU is the tanh form, so this serves
-# model.mlp: gelu_tanh. Off CUDA the same math runs in PyTorch (what the CPU tests check).
-BACKWARD = "triton"
-
-
-def _cublaslt_ok(*ts: torch.Tensor) -> bool:
-    from lmfab.models import cublaslt
-
-    return (ts[0].is_cuda and ts[0].dtype in (torch.bfloat16, torch.float16)
-            and all(t.dtype == ts[0].dtype for t in ts) and cublaslt.available())
-
-
-@torch.library.custom_op("lmfab::gelu_mlp", mutates_args=())
-def _gelu_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: torch.Tensor,
-                 b_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, w_fc, b_fc = x.contiguous(), w_fc.contiguous(), b_fc.contiguous()
-    if _cublaslt_ok(x, w_fc, b_fc):
-        from lmfab.models import cublaslt
-
-        h, z = cublaslt.linear_gelu_aux(x, w_fc, b_fc)
-    else:
-        z = F.linear(x, w_fc, b_fc)
-        h = _reference(z, torch.zeros_like(b_fc), "tanh").to(z.dtype)
-    return torch.addmm(b_proj, h, w_proj.t()), h, z
-
-
-@_gelu_mlp_op.register_fake
-def _(x, w_fc, b_fc, w_proj, b_proj):
-    m, n = x.shape[0], w_fc.shape[0]
-    return (x.new_empty((m, w_proj.shape[0])), x.new_empty((m, n)), x.new_empty((m, n)))
-
-
-@torch.library.custom_op("lmfab::gelu_mlp_backward", mutates_args=())
-def _gelu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor,
-                          w_proj: torch.Tensor, h: torch.Tensor, z: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor]:
-    dy = dy.to(h.dtype).contiguous()
-    w_proj = w_proj.contiguous()
-    if _cublaslt_ok(dy, w_proj, z) and BACKWARD == "cublaslt":
-        from lmfab.models import cublaslt
-
-        dz, db_fc = cublaslt.matmul_dgelu_bgrad(dy, w_proj, z)
-    elif _use_triton(z):
-        # z already holds the bias: the kernel's own bias add gets zeros
-        dz, db_fc = _bias_gelu_backward_op(dy @ w_proj, z, z.new_zeros(z.shape[-1]), "tanh")
-    else:
-        dzf = (dy @ w_proj).float() * _gelu_grad(z.float(), "tanh")
-        dz, db_fc = dzf.to(z.dtype), dzf.sum(0).to(z.dtype)
-    return dz @ w_fc, dz.t() @ x, db_fc, dy.t() @ h, dy.sum(0)
-
-
-@_gelu_mlp_backward_op.register_fake
-def _(dy, x, w_fc, w_proj, h, z):
-    return (torch.empty_like(x), torch.empty_like(w_fc), w_fc.new_empty(w_fc.shape[0]),
-            torch.empty_like(w_proj), w_proj.new_empty(w_proj.shape[0]))
-
-
-def _mlp_setup_context(ctx, inputs, output):
-    x, w_fc, _, w_proj, _ = inputs
-    _, h, z = output
-    ctx.save_for_backward(x, w_fc, w_proj, h, z)
-
-
-def _mlp_backward(ctx, dy, _dh, _dz):
-    x, w_fc, w_proj, h, z = ctx.saved_tensors
-    return _gelu_mlp_backward_op(dy, x, w_fc, w_proj, h, z)
-
-
-_gelu_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
-# Under autocast the op takes the compute dtype's copies, as F.linear would (lmfab's autocast
-# dtype is bf16); autograd casts the gradients back to the fp32 weights.
-torch.library.register_autocast("lmfab::gelu_mlp", "cuda", torch.bfloat16)
-
-
-def gelu_mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: torch.Tensor,
-             b_proj: torch.Tensor) -> torch.Tensor:
-    """``F.linear(gelu_tanh(F.linear(x, w_fc, b_fc)), w_proj, b_proj)`` for x (..., d), with
-    the GELU in the GEMMs' epilogues on CUDA (cuBLASLt) in both directions."""
-    shape = x.shape
-    y, _, _ = _gelu_mlp_op(x.reshape(-1, shape[-1]), w_fc, b_fc, w_proj, b_proj)
-    return y.view(*shape[:-1], y.shape[-1])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfab.config.schema import ModelConfig
-from lmfab.models.activation import bias_gelu, gelu_mlp
+from lmfab.models.activation import bias_gelu
 from lmfab.models.attention import Attention, causal_block_mask
 from lmfab.models.loss import fused_linear_cross_entropy
 from lmfab.mup import fan_in_multiplier, multipliers
@@ -36,19 +36,14 @@ class MLP(nn.Module):
         d_in = 2 * cfg.ffn_dim if cfg.mlp == "swiglu" else cfg.ffn_dim  # swiglu: [gate | up]
         self.fc = nn.Linear(cfg.d_model, d_in, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
-        # How bias + GELU run (models/activation.py), set by lmfab.dist.parallelize from
-        # runconfig.mlp_kernel: "standard" (GEMM epilogue bias, then torch's GELU), "fused"
-        # (one Triton kernel each way, bias gradient included) or "cublaslt" (tanh GELU in the
-        # GEMMs' epilogues both ways). Plain nn.Linear layers only: float8 swaps them for
-        # torchao's Float8Linear, which then adds the bias itself.
-        self.act_kernel = "standard"
+        # bias + GELU as one op with its bias gradient (models/activation.py); set by
+        # lmfab.dist.parallelize from runconfig.mlp_kernel. A plain nn.Linear only: float8
+        # swaps fc for torchao's Float8Linear, which then adds the bias itself.
+        self.fused_act = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.act_kernel
-        if (kernel != "standard" and self.kind in ("gelu", "gelu_tanh")
-                and self.fc.bias is not None and type(self.fc) is nn.Linear):
-            if kernel == "cublaslt" and self.kind == "gelu_tanh" and type(self.proj) is nn.Linear:
-                return gelu_mlp(x, self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias)
+        if (self.fused_act and self.kind in ("gelu", "gelu_tanh") and self.fc.bias is not None
+                and type(self.fc) is nn.Linear):
             approximate = "tanh" if self.kind == "gelu_tanh" else "none"
             return self.proj(bias_gelu(F.linear(x, self.fc.weight), self.fc.bias, approximate))
         h = self.fc(x)  # (B, T, d_in)
