@@ -134,7 +134,7 @@ def _parallelize_worker(rank: int, port: int, sets: list[str], out: str) -> None
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from torch.distributed.tensor import DTensor
 
-    from lmfab.dist import init_world, parallelize, shutdown
+    from lmfab.dist import init_world, parallelize
     from lmfab.dist.parallel import sharded_fill
     from lmfab.models.gpt import build_model, materialize
 
@@ -161,11 +161,10 @@ def _parallelize_worker(rank: int, port: int, sets: list[str], out: str) -> None
             "bucket_bytes_cap": getattr(wrapped, "bucket_bytes_cap", None),
             "between_forward_and_backward": between}))
     torch.distributed.barrier()
-    del wrapped, model, loss  # DDP's reducer and FSDP's state go before their group
-    shutdown(world)
-    # Skip interpreter finalisation: once in ~20 suite runs on a loaded 2-core machine a rank
-    # aborted there ("terminate called without an active exception", a C++ thread of the
-    # torch 2.13 CPU build destroyed while joinable) after all its work was done.
+    # Exit without tearing the group down: in one suite run on the 2-core machine a rank
+    # aborted after this barrier ("terminate called without an active exception", from the
+    # C++ side of the torch 2.13 CPU build; 18 reruns did not repeat it). This test is about
+    # what parallelize builds; the tests that launch `lmfab run` cover the real shutdown.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
