@@ -12,6 +12,8 @@
 #                  timeline line (GPU active, NCCL, exposed NCCL) per rank      (~3 min)
 #         graph124 124M DDP on 1 and 2 GPUs, no accumulation, 100 steps: as is and with
 #                  runconfig.cuda_graph (the whole step, all-reduces included, one graph)  (~5 min)
+#         fsdp124  the no-accumulation gap with FSDP2 instead of DDP: 124M on 1 GPU, then
+#                  2 GPUs with FSDP2 resharding after forward or not (ZeRO-2)   (~5 min)
 #         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
 #                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
 #                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~7 min)
@@ -28,7 +30,7 @@
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, accum, ddp13b, fsdp13b or big}
+part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, fsdp124, accum, ddp13b, fsdp13b or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -80,6 +82,18 @@ case $part in
     done ;;
   graph124)
     variants124 graph124 default= cuda_graph=cuda_graph=true ;;
+  fsdp124)
+    # Per-block reduce-scatters overlap backward where DDP's last buckets wait for it; the
+    # 1-GPU point runs once and both 2-GPU variants are measured against it.
+    s124=(--params configs/train/gpt2-124m.yaml --steps 100 --log_steps 10
+          --set train_input.data_dir="$d1024")
+    $py benchmarks/scaling.py "${s124[@]}" --devices 1,2 --strategies ddp --out "$out/fsdp124-ddp" \
+        2>&1 | grep "^| ddp" | sed "s/^/ddp /"
+    for v in reshard:true keep:false; do
+      $py benchmarks/scaling.py "${s124[@]}" --devices 2 --strategies fsdp \
+          --set runconfig.fsdp_reshard_after_forward=${v#*:} --baseline "$out/fsdp124-ddp/scaling.json" \
+          --out "$out/fsdp124-${v%%:*}" 2>&1 | grep "^| fsdp" | sed "s/^/${v%%:*} /"
+    done ;;
   accum)
     $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
         --global_batch 512 --steps 16 --log_steps 2 --set train_input.data_dir="$d1024" \
