@@ -83,8 +83,8 @@ case $part in
   graph124)
     variants124 graph124 default= cuda_graph=cuda_graph=true ;;
   fsdp124)
-    # Per-block reduce-scatters overlap backward where DDP's last buckets wait for it; the
-    # 1-GPU point runs once and both 2-GPU variants are measured against it.
+    # FSDP2 reduce-scatters each block's gradients during backward, where DDP's last buckets
+    # are reduced after it. The 1-GPU point runs once; both 2-GPU variants use it.
     s124=(--params configs/train/gpt2-124m.yaml --steps 100 --log_steps 10
           --set train_input.data_dir="$d1024")
     $py benchmarks/scaling.py "${s124[@]}" --devices 1,2 --strategies ddp --out "$out/fsdp124-ddp" \
