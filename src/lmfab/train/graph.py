@@ -7,10 +7,10 @@ says when. (On an H200 the GPT-2-124M shape is not such a case: the host runs 16
 ahead, and the graph gains 0.6%.) ``compile_mode: reduce-overhead`` graphs only
 torch.compile's regions; the loss, the clip and the optimizer still launch one by one. Here
 the step is captured once, after a few eager warm-up steps (compilation, lazy optimizer
-state), and then replayed: one launch per step. The replay runs the captured kernels on the same memory, so the batch is
-copied into a fixed input buffer first, the learning rate lives in a device tensor that the
-loop fills each step (``set_lr``), and the outputs (loss, grad-norm) are fixed tensors that
-each replay overwrites.
+state), and then replayed: one launch per step. The replay runs the captured kernels on the
+same memory, so the batch is copied into a fixed input buffer first, the learning rate
+lives in a device tensor that the loop fills each step (``set_lr``), and the outputs (loss,
+grad-norm) are fixed tensors that each replay overwrites.
 
 Under DDP the capture holds each bucket's all-reduce too (NCCL operations can be captured;
 every rank captures at the same step and replays once per step). DDP is built on the

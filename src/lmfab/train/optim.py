@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmfab.config.schema import ModelConfig, OptimizerConfig
 from lmfab.mup import fan_in_multiplier
@@ -87,8 +88,6 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
     ms longer), at 124M 0.1 ms (docs/benchmarks.md). DTensor gradients (FSDP2) and unfused
     optimizers clip in place first, as ``clip_grad_norm_`` does.
     """
-    from torch.distributed.tensor import DTensor
-
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
     if max_norm is not None and grads:
