@@ -12,8 +12,10 @@
 #                  timeline line (GPU active, NCCL, exposed NCCL) per rank      (~3 min)
 #         graph124 124M DDP on 1 and 2 GPUs, no accumulation, 100 steps: as is and with
 #                  runconfig.cuda_graph (the whole step, all-reduces included, one graph)  (~5 min)
-#         fsdp124  the no-accumulation gap with FSDP2 instead of DDP: 124M on 1 GPU, then
-#                  2 GPUs with FSDP2 resharding after forward or not (ZeRO-2)   (~5 min)
+#         fsdp124  the no-accumulation gap with FSDP2 instead of DDP: 124M on 1 GPU and DDP
+#                  on 2, then FSDP2 on 2 keeping the gathered blocks (ZeRO-2) with fp32 or
+#                  bf16 gradient reduction, and resharding with bf16 reduction    (~8 min)
+#         fsdp13b1 the same at 1.3B (micro-batch 12, no accumulation), ZeRO-2 only  (~8 min)
 #         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
 #                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
 #                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~7 min)
@@ -30,7 +32,7 @@
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, fsdp124, accum, ddp13b, fsdp13b or big}
+part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, fsdp124, fsdp13b1, accum, ddp13b, fsdp13b or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -82,17 +84,29 @@ case $part in
     done ;;
   graph124)
     variants124 graph124 default= cuda_graph=cuda_graph=true ;;
-  fsdp124)
-    # FSDP2 reduce-scatters each block's gradients during backward, where DDP's last buckets
-    # are reduced after it. The 1-GPU point runs once; both 2-GPU variants use it.
-    s124=(--params configs/train/gpt2-124m.yaml --steps 100 --log_steps 10
-          --set train_input.data_dir="$d1024")
-    $py benchmarks/scaling.py "${s124[@]}" --devices 1,2 --strategies ddp --out "$out/fsdp124-ddp" \
+  fsdp124|fsdp13b1)
+    # No accumulation (one reduction per micro-batch), DDP against FSDP2. FSDP2 reduce-scatters
+    # each block's gradients during backward (DDP's last buckets are reduced after it), steps
+    # AdamW on half the parameters, and with fsdp_reduce_dtype=bf16 moves half the bytes.
+    # The 1-GPU point runs once (with the DDP run); the FSDP2 variants use it.
+    # fsdp124: 124M, 100 steps (~8 min); fsdp13b1: 1.3B, 30 steps, keep only (~8 min)
+    if [[ $part == fsdp124 ]]; then
+      s=(--params configs/train/gpt2-124m.yaml --steps 100 --log_steps 10
+         --set train_input.data_dir="$d1024")
+      variants=(keep32:false:fp32 keep16:false:bf16 reshard16:true:bf16)
+    else
+      s=(--params configs/train/cerebras-gpt-1.3b.yaml --steps 30 --log_steps 5
+         --set train_input.data_dir="$d2048")
+      variants=(keep32:false:fp32 keep16:false:bf16)
+    fi
+    $py benchmarks/scaling.py "${s[@]}" --devices 1,2 --strategies ddp --out "$out/$part-ddp" \
         2>&1 | grep "^| ddp" | sed "s/^/ddp /"
-    for v in reshard:true keep:false; do
-      $py benchmarks/scaling.py "${s124[@]}" --devices 2 --strategies fsdp \
-          --set runconfig.fsdp_reshard_after_forward=${v#*:} --baseline "$out/fsdp124-ddp/scaling.json" \
-          --out "$out/fsdp124-${v%%:*}" 2>&1 | grep "^| fsdp" | sed "s/^/${v%%:*} /"
+    for v in "${variants[@]}"; do
+      IFS=: read -r label reshard reduce <<< "$v"
+      $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies fsdp \
+          --set runconfig.fsdp_reshard_after_forward=$reshard --set runconfig.fsdp_reduce_dtype=$reduce \
+          --baseline "$out/$part-ddp/scaling.json" --out "$out/$part-$label" 2>&1 \
+          | grep "^| fsdp" | sed "s/^/$label /"
     done ;;
   accum)
     $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \

@@ -149,17 +149,23 @@ def _parallelize_worker(rank: int, port: int, sets: list[str], out: str) -> None
     else:
         model = materialize(model, world.device, seed=0)
         wrapped = parallelize(model, world, cfg.runconfig)
+    torch.manual_seed(rank)  # different data on each rank, the same in every test run
     idx = torch.randint(0, cfg.model.vocab_size, (2, 17))
     loss = wrapped(idx[:, :-1], idx[:, 1:])
     # After forward, before backward: gathered (plain tensors) or resharded (DTensors)?
     weight = model.blocks[0].mlp.fc.weight
     between = "sharded" if isinstance(weight, DTensor) else "gathered"
     loss.backward()
+    grad = model.blocks[0].mlp.fc.weight.grad
+    grad = grad.to_local() if isinstance(grad, DTensor) else grad
     if rank == 0:
         Path(out).write_text(json.dumps({
             "optimize_ddp": torch._dynamo.config.optimize_ddp,
             "bucket_bytes_cap": getattr(wrapped, "bucket_bytes_cap", None),
-            "between_forward_and_backward": between}))
+            "between_forward_and_backward": between,
+            "grad_dtype": str(grad.dtype),
+            "grad_on_bf16_grid": bool((grad == grad.bfloat16().to(grad.dtype)).all()),
+            "grad": grad.flatten().tolist()}))
     torch.distributed.barrier()
     # Exit without tearing the group down: in one suite run on the 2-core machine a rank
     # aborted after this barrier ("terminate called without an active exception", from the
@@ -178,6 +184,7 @@ def _parallelize_on_two(tmp_path: Path, sets: list[str]) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "seen.json"
     ctx = mp.spawn(_parallelize_worker, args=(port, sets, str(out)), nprocs=2, join=False)
     deadline = time.monotonic() + 240
@@ -205,6 +212,21 @@ def test_fsdp_reshard_after_forward_keeps_or_frees_the_gathered_block(tmp_path, 
     seen = _parallelize_on_two(tmp_path, ["runconfig.strategy=fsdp",
                                           f"runconfig.fsdp_reshard_after_forward={str(reshard).lower()}"])
     assert seen["between_forward_and_backward"] == ("sharded" if reshard else "gathered")
+
+
+def test_fsdp_reduce_dtype_bf16_reduces_in_bf16_and_agrees_with_fp32(tmp_path):
+    """fsdp_reduce_dtype: the reduced gradient shard is the same in fp32 and bf16 up to bf16
+    rounding; with bf16 it lies on the bf16 grid (it was reduced in bf16), with fp32 not."""
+    seen = {d: _parallelize_on_two(tmp_path / d, ["runconfig.strategy=fsdp",
+                                                  f"runconfig.fsdp_reduce_dtype={d}"])
+            for d in ("fp32", "bf16")}
+    assert seen["fp32"]["grad_dtype"] == seen["bf16"]["grad_dtype"] == "torch.float32"
+    assert not seen["fp32"]["grad_on_bf16_grid"]
+    assert seen["bf16"]["grad_on_bf16_grid"]
+    full, half = torch.tensor(seen["fp32"]["grad"]), torch.tensor(seen["bf16"]["grad"])
+    assert full.abs().max() > 0
+    torch.testing.assert_close(half, full, rtol=2 ** -7, atol=full.abs().max().item() * 2 ** -8)
+    assert not torch.equal(half, full)
 
 
 def test_plan_counts_gathered_parameters_without_reshard():

@@ -459,6 +459,9 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     if not r.fsdp_reshard_after_forward and r.strategy == "ddp":
         notes.append("runconfig.fsdp_reshard_after_forward=false has no effect with "
                      "runconfig.strategy=ddp")
+    if r.fsdp_reduce_dtype != "fp32" and r.strategy == "ddp":
+        notes.append(f"runconfig.fsdp_reduce_dtype={r.fsdp_reduce_dtype} has no effect with "
+                     "runconfig.strategy=ddp: DDP reduces the fp32 gradients")
     if r.profile_steps and r.profile_start >= r.max_steps:
         notes.append(f"runconfig.profile_steps has no effect: profile_start={r.profile_start} "
                      f"is not before max_steps={r.max_steps}")

@@ -11,8 +11,9 @@ Order (DESIGN.md, as torchtitan): activation checkpointing -> torch.compile -> D
 - DDP replicates (``runconfig.ddp_bucket_mb`` per all-reduce; ``ddp_split_graph``: whether
   dynamo cuts the compiled graph at the buckets so the all-reduces overlap backward). FSDP2
   (``fully_shard``) shards parameters, gradients and optimizer state per block, with bf16
-  parameters and fp32 gradient reduction on GPUs (``fsdp_reshard_after_forward``: free each
-  block's gathered parameters after forward, or keep them for backward).
+  parameters on GPUs and fp32 gradient reduction (``fsdp_reduce_dtype``: or bf16;
+  ``fsdp_reshard_after_forward``: free each block's gathered parameters after forward, or
+  keep them for backward).
 
 The module returned is what the loop calls; the model object itself is what checkpoints
 save (FSDP2 turns it into a sharded module in place).
@@ -122,8 +123,9 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
                 "per-block compile does not support; use default, tuned or "
                 "max-autotune-no-cudagraphs with strategy fsdp")
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if bf16 else MixedPrecisionPolicy()
+        reduce = torch.bfloat16 if run.fsdp_reduce_dtype == "bf16" else torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=reduce)
         for block in model.blocks:
             if run.compile:
                 compile_module(block, run)
