@@ -80,7 +80,38 @@ def test_rank_exit_code_is_the_lowest_rank_s(tmp_path):
     assert rank_exit_code(tmp_path, 1) == 1  # no rank left a code: torchrun's
     (tmp_path / "rank3").write_text("2")
     (tmp_path / "rank1").write_text("3")
+    (tmp_path / "rank0").write_text("0")  # finished: not the run's code
     assert rank_exit_code(tmp_path, 1) == 3
+
+
+def test_a_crash_after_every_rank_finished_is_a_warning_not_a_failure(tmp_path, capsys):
+    """Ranks record 0 past the final barrier; torchrun's 1 from a crash in teardown then
+    means nothing was lost, unless a rank did not record."""
+    from lmfab.dist.launch import rank_exit_code
+
+    (tmp_path / "rank0").write_text("0")
+    assert rank_exit_code(tmp_path, 1, num_ranks=2) == 1  # rank 1 never finished
+    (tmp_path / "rank1").write_text("0")
+    assert rank_exit_code(tmp_path, 1, num_ranks=2) == 0
+    assert "after all 2 ranks had finished" in capsys.readouterr().err
+    assert rank_exit_code(tmp_path, -6, num_ranks=3) == -6  # this node runs 3: one missing
+
+
+def test_run_records_its_rank_finished_for_the_launcher(tiny_data, tmp_path, monkeypatch):
+    """Under `--num_devices` each rank's `lmfab run` leaves 0 in LMFAB_EXIT_DIR once its
+    work is saved, before tearing down; a run that fails leaves its error code."""
+    exit_dir = tmp_path / "exit"
+    exit_dir.mkdir()
+    monkeypatch.setenv("LMFAB_EXIT_DIR", str(exit_dir))
+    monkeypatch.setenv("RANK", "0")
+    args = ["run", "--params", TINY, "--mode", "train", "--model_dir", str(tmp_path / "r"),
+            "--num_steps", "1"]
+    for s in tiny_overrides(tiny_data):
+        args += ["--set", s]
+    assert main(args) == 0
+    assert (exit_dir / "rank0").read_text() == "0"
+    assert main([*args, "--set", "runconfig.ddp_bucket_mb=0"]) == 2
+    assert (exit_dir / "rank0").read_text() == "2"
 
 
 def test_run_and_generate_via_cli(tiny_data, tmp_path, capsys):

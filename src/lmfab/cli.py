@@ -207,7 +207,6 @@ def _data_token_parsers(d) -> None:
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     if args.tokenizer_verb == "report":
         from lmfab.data.fertility import fertility_report, format_table
@@ -282,7 +281,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_mup(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from lmfab.config.load import load_config, load_model_config, write_config
 
@@ -328,9 +326,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    exit_dir = os.environ.get("LMFAB_EXIT_DIR")
-    if code and exit_dir:  # a rank started by `--num_devices`: tell the launcher why it stopped
-        Path(exit_dir, f"rank{os.environ.get('RANK', '0')}").write_text(str(code))
+    if code:  # a rank started by `--num_devices`: tell the launcher why it stopped
+        from lmfab.dist.launch import record_rank_code
+
+        record_rank_code(code)
     return code
 
 

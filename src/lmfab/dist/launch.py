@@ -46,13 +46,26 @@ def relaunch(
     with tempfile.TemporaryDirectory(prefix="lmfab-exit-") as exit_dir:
         env["LMFAB_EXIT_DIR"] = exit_dir
         code = subprocess.call(cmd, env=env)
-        return rank_exit_code(Path(exit_dir), code)
+        return rank_exit_code(Path(exit_dir), code, num_ranks=num_devices)
 
 
-def rank_exit_code(exit_dir: Path, launcher_code: int) -> int:
-    """torchrun exits 1 whatever stopped a rank. A rank that stopped on an error lmfab
-    handled (2: bad input, 3: out of memory) left its code in ``exit_dir``: the lowest such
-    rank's code is this run's, so scripts see the same codes as on one device."""
+def record_rank_code(code: int) -> None:
+    """Tell ``relaunch`` how this rank ended: a handled error's code (2: bad input, 3: out
+    of memory), or 0 once its work is done and every rank is past the final barrier. A
+    no-op outside ``--num_devices`` (no ``LMFAB_EXIT_DIR``)."""
+    exit_dir = os.environ.get("LMFAB_EXIT_DIR")
+    if exit_dir:
+        Path(exit_dir, f"rank{os.environ.get('RANK', '0')}").write_text(str(code))
+
+
+def rank_exit_code(exit_dir: Path, launcher_code: int, num_ranks: int | None = None) -> int:
+    """This node's exit code from torchrun's and the ranks' records (``record_rank_code``).
+
+    torchrun exits 1 whatever stopped a rank. A rank that stopped on an error lmfab handled
+    left its code: the lowest such rank's code is the run's, so scripts see the same codes as
+    on one device. If instead all ``num_ranks`` ranks recorded that they finished, the
+    failure came after the work was done and saved (a crash while tearing the process group
+    down, seen rarely with gloo on CPUs): a warning, and 0."""
     if launcher_code == 0:
         return 0
     codes = {}
@@ -60,4 +73,12 @@ def rank_exit_code(exit_dir: Path, launcher_code: int) -> int:
         text = f.read_text().strip()
         if f.name[4:].isdigit() and text.isdigit():
             codes[int(f.name[4:])] = int(text)
-    return codes[min(codes)] if codes else launcher_code
+    failed = {rank: code for rank, code in codes.items() if code}
+    if failed:
+        return failed[min(failed)]
+    if num_ranks and len(codes) >= num_ranks:
+        print(f"lmfab: warning: torchrun exited {launcher_code} after all {num_ranks} ranks had "
+              "finished their work (a process failed while shutting down); the run's results "
+              "and checkpoints are complete", file=sys.stderr)
+        return 0
+    return launcher_code

@@ -35,6 +35,7 @@ from lmfab.config.load import (
 from lmfab.config.schema import Config, ModelConfig
 from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, barrier, init_world, parallelize, shutdown
+from lmfab.dist.launch import record_rank_code
 from lmfab.dist.parallel import is_fsdp, no_sync, resolve_strategy, sharded_fill
 from lmfab.eval.loss import evaluate_loss
 from lmfab.models.gpt import GPT, build_model, materialize
@@ -456,14 +457,21 @@ def run_mode(
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     run = setup(cfg, model_dir)
+    done = False
     try:
         if mode in ("train", "train_and_eval"):
-            return train(run, num_steps=num_steps, init_from=init_from,
-                         eval_at_end=mode == "train_and_eval")
-        return eval_checkpoints(run, all_checkpoints=mode == "eval_all", init_from=init_from)
+            result = train(run, num_steps=num_steps, init_from=init_from,
+                           eval_at_end=mode == "train_and_eval")
+        else:
+            result = eval_checkpoints(run, all_checkpoints=mode == "eval_all",
+                                      init_from=init_from)
+        done = True
+        return result
     finally:
         run.log.close()
         barrier(run.world)
+        if done:  # every rank's work is done and saved: a crash in teardown loses nothing
+            record_rank_code(0)
         world = run.world
         # DDP's reducer and FSDP2's state hold the process group. Free them now, while every
         # rank is past the barrier: left to the garbage collector, the group's destructor
