@@ -16,6 +16,9 @@
 #                  on 2, then FSDP2 on 2 keeping the gathered blocks (ZeRO-2) with fp32 or
 #                  bf16 gradient reduction, and resharding with bf16 reduction    (~8 min)
 #         fsdp13b1 the same at 1.3B (micro-batch 12, no accumulation), ZeRO-2 only  (~8 min)
+#         ddp16    124M DDP, no accumulation, 60 steps: 1 GPU and 2 GPUs as shipped, then 2 GPUs
+#                  with runconfig.grad_reduce_dtype=bf16, graph cut at the buckets (as
+#                  shipped) or whole (ddp_split_graph=false: all-reduces after backward) (~4 min)
 #         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
 #                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
 #                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~7 min)
@@ -32,7 +35,7 @@
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, fsdp124, fsdp13b1, accum, ddp13b, fsdp13b or big}
+part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, fsdp124, fsdp13b1, ddp16, accum, ddp13b, fsdp13b or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -87,7 +90,7 @@ case $part in
   fsdp124|fsdp13b1)
     # No accumulation (one reduction per micro-batch), DDP against FSDP2. FSDP2 reduce-scatters
     # each block's gradients during backward (DDP's last buckets are reduced after it), steps
-    # AdamW on half the parameters, and with fsdp_reduce_dtype=bf16 moves half the bytes.
+    # AdamW on half the parameters, and with grad_reduce_dtype=bf16 moves half the bytes.
     # The 1-GPU point runs once (with the DDP run); the FSDP2 variants use it.
     # fsdp124: 124M, 100 steps (~8 min); fsdp13b1: 1.3B, 30 steps, keep only (~8 min)
     if [[ $part == fsdp124 ]]; then
@@ -104,9 +107,20 @@ case $part in
     for v in "${variants[@]}"; do
       IFS=: read -r label reshard reduce <<< "$v"
       $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies fsdp \
-          --set runconfig.fsdp_reshard_after_forward=$reshard --set runconfig.fsdp_reduce_dtype=$reduce \
+          --set runconfig.fsdp_reshard_after_forward=$reshard --set runconfig.grad_reduce_dtype=$reduce \
           --baseline "$out/$part-ddp/scaling.json" --out "$out/$part-$label" 2>&1 \
           | grep "^| fsdp" | sed "s/^/$label /"
+    done ;;
+  ddp16)
+    s=(--params configs/train/gpt2-124m.yaml --steps 60 --log_steps 10
+       --set train_input.data_dir="$d1024")
+    $py benchmarks/scaling.py "${s[@]}" --devices 1,2 --strategies ddp --out "$out/ddp16-fp32" \
+        2>&1 | grep "^| ddp" | sed "s/^/fp32 /"
+    for v in cut16:true whole16:false; do
+      $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies ddp \
+          --set runconfig.grad_reduce_dtype=bf16 --set runconfig.ddp_split_graph=${v#*:} \
+          --baseline "$out/ddp16-fp32/scaling.json" --out "$out/ddp16-${v%%:*}" 2>&1 \
+          | grep "^| ddp" | sed "s/^/${v%%:*} /"
     done ;;
   accum)
     $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \

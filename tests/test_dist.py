@@ -214,11 +214,13 @@ def test_fsdp_reshard_after_forward_keeps_or_frees_the_gathered_block(tmp_path, 
     assert seen["between_forward_and_backward"] == ("sharded" if reshard else "gathered")
 
 
-def test_fsdp_reduce_dtype_bf16_reduces_in_bf16_and_agrees_with_fp32(tmp_path):
-    """fsdp_reduce_dtype: the reduced gradient shard is the same in fp32 and bf16 up to bf16
-    rounding; with bf16 it lies on the bf16 grid (it was reduced in bf16), with fp32 not."""
-    seen = {d: _parallelize_on_two(tmp_path / d, ["runconfig.strategy=fsdp",
-                                                  f"runconfig.fsdp_reduce_dtype={d}"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grad_reduce_dtype_bf16_reduces_in_bf16_and_agrees_with_fp32(tmp_path, strategy):
+    """grad_reduce_dtype: the reduced gradient is the same in fp32 and bf16 up to bf16
+    rounding; with bf16 it lies on the bf16 grid (it crossed in bf16), with fp32 not. DDP
+    through its bf16 comm hook, FSDP2 through its reduce dtype."""
+    seen = {d: _parallelize_on_two(tmp_path / d, [f"runconfig.strategy={strategy}",
+                                                  f"runconfig.grad_reduce_dtype={d}"])
             for d in ("fp32", "bf16")}
     assert seen["fp32"]["grad_dtype"] == seen["bf16"]["grad_dtype"] == "torch.float32"
     assert not seen["fp32"]["grad_on_bf16_grid"]

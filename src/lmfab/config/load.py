@@ -459,9 +459,6 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     if not r.fsdp_reshard_after_forward and r.strategy == "ddp":
         notes.append("runconfig.fsdp_reshard_after_forward=false has no effect with "
                      "runconfig.strategy=ddp")
-    if r.fsdp_reduce_dtype != "fp32" and r.strategy == "ddp":
-        notes.append(f"runconfig.fsdp_reduce_dtype={r.fsdp_reduce_dtype} has no effect with "
-                     "runconfig.strategy=ddp: DDP reduces the fp32 gradients")
     if r.profile_steps and r.profile_start >= r.max_steps:
         notes.append(f"runconfig.profile_steps has no effect: profile_start={r.profile_start} "
                      f"is not before max_steps={r.max_steps}")
@@ -533,6 +530,11 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
             "runconfig.cuda_graph with activation_checkpointing: the checkpointed blocks save "
             "and restore the CUDA RNG state, which a graph capture forbids; use one of them "
             "(the steps that need checkpointing are long enough not to need the graph)")
+    if r.cuda_graph and r.grad_reduce_dtype != "fp32":
+        raise ConfigError(
+            f"runconfig.cuda_graph with grad_reduce_dtype={r.grad_reduce_dtype}: DDP's bf16 "
+            "reduction runs a Python hook per bucket, which the captured step does not cover; "
+            "use one of them")
     if r.checkpoint_every < 1:
         raise ConfigError(f"runconfig.checkpoint_every: must be >= 1, got {r.checkpoint_every}")
     if not r.ddp_bucket_mb > 0:

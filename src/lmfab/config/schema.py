@@ -211,11 +211,12 @@ class RunConfig:
     # FSDP2: free each block's gathered parameters after its forward (true, least memory) or
     # keep them for backward (false: one all-gather per block fewer, ZeRO-2-like memory)
     fsdp_reshard_after_forward: bool = True
-    # FSDP2: dtype of the gradient reduce-scatter. fp32 (default) upcasts each block's bf16
-    # gradients before reducing; bf16 reduces them as computed: half the bytes on the links
-    # and in the copies, one bf16 rounding of the sum across ranks. Under bf16 precision the
-    # per-rank gradients are bf16 either way; the optimizer still steps fp32 shards
-    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    # dtype in which gradients cross between devices. fp32 (default): DDP all-reduces its fp32
+    # gradients, FSDP2 upcasts each block's bf16 gradients before its reduce-scatter. bf16:
+    # half the bytes on the links; FSDP2 reduces the bf16 gradients as computed, DDP casts
+    # each bucket to bf16 and back (PyTorch's bf16_compress_hook). The sum across ranks is
+    # rounded to bf16; the optimizer still steps fp32 weights
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False  # recompute each block in backward: long context
     # with activation_checkpointing: recompute every N-th block only (1: all). The others keep
     # their activations: less recompute for more memory (selective checkpointing by layer)

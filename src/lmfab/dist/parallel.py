@@ -11,9 +11,9 @@ Order (DESIGN.md, as torchtitan): activation checkpointing -> torch.compile -> D
 - DDP replicates (``runconfig.ddp_bucket_mb`` per all-reduce; ``ddp_split_graph``: whether
   dynamo cuts the compiled graph at the buckets so the all-reduces overlap backward). FSDP2
   (``fully_shard``) shards parameters, gradients and optimizer state per block, with bf16
-  parameters on GPUs and fp32 gradient reduction (``fsdp_reduce_dtype``: or bf16;
-  ``fsdp_reshard_after_forward``: free each block's gathered parameters after forward, or
-  keep them for backward).
+  parameters on GPUs (``fsdp_reshard_after_forward``: free each block's gathered parameters
+  after forward, or keep them for backward). Both reduce gradients in fp32, or in bf16 with
+  ``grad_reduce_dtype: bf16``.
 
 The module returned is what the loop calls; the model object itself is what checkpoints
 save (FSDP2 turns it into a sharded module in place).
@@ -123,7 +123,7 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
                 "per-block compile does not support; use default, tuned or "
                 "max-autotune-no-cudagraphs with strategy fsdp")
 
-        reduce = torch.bfloat16 if run.fsdp_reduce_dtype == "bf16" else torch.float32
+        reduce = torch.bfloat16 if run.grad_reduce_dtype == "bf16" else torch.float32
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                   reduce_dtype=reduce)
         for block in model.blocks:
@@ -152,11 +152,28 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
                 gradient_as_bucket_view=True,
                 bucket_cap_mb=run.ddp_bucket_mb,
             )
+        if run.grad_reduce_dtype == "bf16":
+            ddp.register_comm_hook(None, bf16_reduce_hook)
         if graph_stream is not None:
             torch.cuda.current_stream(world.device).wait_stream(graph_stream)
             ddp.lmfab_graph_stream = graph_stream
         return ddp
     return model
+
+
+def bf16_reduce_hook(group, bucket):
+    """DDP comm hook for ``grad_reduce_dtype: bf16``: the bucket's mean all-reduced in bf16
+    and written back into the fp32 bucket. Like PyTorch's ``bf16_compress_hook``, which
+    refuses backends other than NCCL; this one also runs on gloo (CPU tests)."""
+    group = group if group is not None else torch.distributed.group.WORLD
+    buffer = bucket.buffer()
+    half = buffer.to(torch.bfloat16).div_(group.size())
+    fut = torch.distributed.all_reduce(half, group=group, async_op=True).get_future()
+
+    def write_back(done):
+        return buffer.copy_(done.value()[0])
+
+    return fut.then(write_back)
 
 
 @torch.no_grad()
