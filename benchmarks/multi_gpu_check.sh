@@ -104,6 +104,7 @@ case $part in
     fi
     $py benchmarks/scaling.py "${s[@]}" --devices 1,2 --strategies ddp --out "$out/$part-ddp" \
         2>&1 | grep "^| ddp" | sed "s/^/ddp /"
+    [[ -f $out/$part-ddp/scaling.json ]] || { echo "no 1-GPU point: see $out/$part-ddp/" >&2; exit 1; }
     for v in "${variants[@]}"; do
       IFS=: read -r label reshard reduce <<< "$v"
       $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies fsdp \
@@ -116,6 +117,7 @@ case $part in
        --set train_input.data_dir="$d1024")
     $py benchmarks/scaling.py "${s[@]}" --devices 1,2 --strategies ddp --out "$out/ddp16-fp32" \
         2>&1 | grep "^| ddp" | sed "s/^/fp32 /"
+    [[ -f $out/ddp16-fp32/scaling.json ]] || { echo "no 1-GPU point: see $out/ddp16-fp32/" >&2; exit 1; }
     for v in cut16:true whole16:false; do
       $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies ddp \
           --set runconfig.grad_reduce_dtype=bf16 --set runconfig.ddp_split_graph=${v#*:} \

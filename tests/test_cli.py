@@ -112,6 +112,16 @@ def test_run_records_its_rank_finished_for_the_launcher(tiny_data, tmp_path, mon
     assert (exit_dir / "rank0").read_text() == "0"
     assert main([*args, "--set", "runconfig.ddp_bucket_mb=0"]) == 2
     assert (exit_dir / "rank0").read_text() == "2"
+    # a run whose work fails records nothing: the launcher keeps torchrun's failure
+    (exit_dir / "rank0").unlink()
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug in the training step")
+
+    monkeypatch.setattr("lmfab.train.loop.train", broken)
+    with pytest.raises(RuntimeError, match="a bug in the training step"):
+        main(args)
+    assert not (exit_dir / "rank0").exists()
 
 
 def test_run_and_generate_via_cli(tiny_data, tmp_path, capsys):

@@ -152,8 +152,11 @@ def test_cuda_graph_needs_cuda_fused_adamw_and_no_other_graph_capture():
     load_config(path, ["runconfig.cuda_graph=true", "runconfig.compile_mode=reduce-overhead"])
     with pytest.raises(ConfigError, match="cuda_graph with activation_checkpointing"):
         load_config(path, ["runconfig.cuda_graph=true", "runconfig.activation_checkpointing=true"])
+    graph16 = ["runconfig.cuda_graph=true", "runconfig.grad_reduce_dtype=bf16"]
     with pytest.raises(ConfigError, match="cuda_graph with grad_reduce_dtype=bf16"):
-        load_config(path, ["runconfig.cuda_graph=true", "runconfig.grad_reduce_dtype=bf16"])
+        load_config(path, graph16, world_size=2)  # DDP's bf16 hook inside the captured step
+    load_config(path, graph16)  # one device: no hook
+    load_config(path, [*graph16, "runconfig.strategy=fsdp"], world_size=2)  # no graph there
 
 
 def test_ddp_buckets_below_the_first_bucket_are_refused_under_a_cut_graph():

@@ -530,7 +530,7 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
             "runconfig.cuda_graph with activation_checkpointing: the checkpointed blocks save "
             "and restore the CUDA RNG state, which a graph capture forbids; use one of them "
             "(the steps that need checkpointing are long enough not to need the graph)")
-    if r.cuda_graph and r.grad_reduce_dtype != "fp32":
+    if r.cuda_graph and r.grad_reduce_dtype != "fp32" and r.strategy != "fsdp" and world_size > 1:
         raise ConfigError(
             f"runconfig.cuda_graph with grad_reduce_dtype={r.grad_reduce_dtype}: DDP's bf16 "
             "reduction runs a Python hook per bucket, which the captured step does not cover; "

@@ -51,8 +51,9 @@ def relaunch(
 
 def record_rank_code(code: int) -> None:
     """Tell ``relaunch`` how this rank ended: a handled error's code (2: bad input, 3: out
-    of memory), or 0 once its work is done and every rank is past the final barrier. A
-    no-op outside ``--num_devices`` (no ``LMFAB_EXIT_DIR``)."""
+    of memory), or 0 once every rank of the run, on every node, has finished its work
+    (``run_mode`` agrees on that in one collective before tearing down). A no-op outside
+    ``--num_devices`` (no ``LMFAB_EXIT_DIR``)."""
     exit_dir = os.environ.get("LMFAB_EXIT_DIR")
     if exit_dir:
         Path(exit_dir, f"rank{os.environ.get('RANK', '0')}").write_text(str(code))
@@ -63,9 +64,10 @@ def rank_exit_code(exit_dir: Path, launcher_code: int, num_ranks: int | None = N
 
     torchrun exits 1 whatever stopped a rank. A rank that stopped on an error lmfab handled
     left its code: the lowest such rank's code is the run's, so scripts see the same codes as
-    on one device. If instead all ``num_ranks`` ranks recorded that they finished, the
-    failure came after the work was done and saved (a crash while tearing the process group
-    down, seen rarely with gloo on CPUs): a warning, and 0."""
+    on one device. If instead all ``num_ranks`` ranks of this node recorded 0 (which each
+    does only once all ranks of the run have finished), the failure came after the work was
+    done and saved (a crash while tearing the process group down, seen rarely with gloo on
+    CPUs): a warning, and 0."""
     if launcher_code == 0:
         return 0
     codes = {}
