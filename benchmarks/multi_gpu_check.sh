@@ -87,42 +87,44 @@ case $part in
     done ;;
   graph124)
     variants124 graph124 default= cuda_graph=cuda_graph=true ;;
-  fsdp124|fsdp13b1)
-    # No accumulation (one reduction per micro-batch), DDP against FSDP2. FSDP2 reduce-scatters
-    # each block's gradients during backward (DDP's last buckets are reduced after it), steps
-    # AdamW on half the parameters, and with grad_reduce_dtype=bf16 moves half the bytes.
-    # The 1-GPU point runs once (with the DDP run); the FSDP2 variants use it.
-    # fsdp124: 124M, 100 steps (~8 min); fsdp13b1: 1.3B, 30 steps, keep only (~8 min)
-    if [[ $part == fsdp124 ]]; then
-      s=(--params configs/train/gpt2-124m.yaml --steps 100 --log_steps 10
-         --set train_input.data_dir="$d1024")
-      variants=(keep32:false:fp32 keep16:false:bf16 reshard16:true:bf16)
-    else
-      s=(--params configs/train/cerebras-gpt-1.3b.yaml --steps 30 --log_steps 5
-         --set train_input.data_dir="$d2048")
-      variants=(keep32:false:fp32 keep16:false:bf16)
-    fi
-    $py benchmarks/scaling.py "${s[@]}" --devices 1,2 --strategies ddp --out "$out/$part-ddp" \
-        2>&1 | grep "^| ddp" | sed "s/^/ddp /"
-    [[ -f $out/$part-ddp/scaling.json ]] || { echo "no 1-GPU point: see $out/$part-ddp/" >&2; exit 1; }
+  fsdp124|fsdp13b1|ddp16)
+    # No accumulation (one reduction per micro-batch). FSDP2 reduce-scatters each block's
+    # gradients during backward (DDP's last buckets are reduced after it), steps AdamW on half
+    # the parameters, and with grad_reduce_dtype=bf16 moves half the bytes.
+    # The 1-GPU point runs once (with the plain DDP run, labelled $base); the 2-GPU variants
+    # (LABEL:STRATEGY:KEY=VALUE,...) use it.
+    # fsdp124: 124M, 100 steps (~8 min); fsdp13b1: 1.3B, 30 steps, keep only (~8 min);
+    # ddp16: 124M DDP with bf16 reduction, graph cut or whole, 60 steps (~4 min)
+    base=ddp
+    case $part in
+      fsdp124)
+        s=(--params configs/train/gpt2-124m.yaml --steps 100 --log_steps 10
+           --set train_input.data_dir="$d1024")
+        variants=(keep32:fsdp:fsdp_reshard_after_forward=false,grad_reduce_dtype=fp32
+                  keep16:fsdp:fsdp_reshard_after_forward=false,grad_reduce_dtype=bf16
+                  reshard16:fsdp:fsdp_reshard_after_forward=true,grad_reduce_dtype=bf16) ;;
+      fsdp13b1)
+        s=(--params configs/train/cerebras-gpt-1.3b.yaml --steps 30 --log_steps 5
+           --set train_input.data_dir="$d2048")
+        variants=(keep32:fsdp:fsdp_reshard_after_forward=false,grad_reduce_dtype=fp32
+                  keep16:fsdp:fsdp_reshard_after_forward=false,grad_reduce_dtype=bf16) ;;
+      ddp16)
+        s=(--params configs/train/gpt2-124m.yaml --steps 60 --log_steps 10
+           --set train_input.data_dir="$d1024")
+        base=fp32
+        variants=(cut16:ddp:grad_reduce_dtype=bf16,ddp_split_graph=true
+                  whole16:ddp:grad_reduce_dtype=bf16,ddp_split_graph=false) ;;
+    esac
+    $py benchmarks/scaling.py "${s[@]}" --devices 1,2 --strategies ddp --out "$out/$part-$base" \
+        2>&1 | grep "^| ddp" | sed "s/^/$base /"
+    [[ -f $out/$part-$base/scaling.json ]] || { echo "no 1-GPU point: see $out/$part-$base/" >&2; exit 1; }
     for v in "${variants[@]}"; do
-      IFS=: read -r label reshard reduce <<< "$v"
-      $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies fsdp \
-          --set runconfig.fsdp_reshard_after_forward=$reshard --set runconfig.grad_reduce_dtype=$reduce \
-          --baseline "$out/$part-ddp/scaling.json" --out "$out/$part-$label" 2>&1 \
-          | grep "^| fsdp" | sed "s/^/$label /"
-    done ;;
-  ddp16)
-    s=(--params configs/train/gpt2-124m.yaml --steps 60 --log_steps 10
-       --set train_input.data_dir="$d1024")
-    $py benchmarks/scaling.py "${s[@]}" --devices 1,2 --strategies ddp --out "$out/ddp16-fp32" \
-        2>&1 | grep "^| ddp" | sed "s/^/fp32 /"
-    [[ -f $out/ddp16-fp32/scaling.json ]] || { echo "no 1-GPU point: see $out/ddp16-fp32/" >&2; exit 1; }
-    for v in cut16:true whole16:false; do
-      $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies ddp \
-          --set runconfig.grad_reduce_dtype=bf16 --set runconfig.ddp_split_graph=${v#*:} \
-          --baseline "$out/ddp16-fp32/scaling.json" --out "$out/ddp16-${v%%:*}" 2>&1 \
-          | grep "^| ddp" | sed "s/^/${v%%:*} /"
+      IFS=: read -r label strategy settings <<< "$v"
+      IFS=, read -ra kv <<< "$settings"
+      sets=(); for x in "${kv[@]}"; do sets+=(--set "runconfig.$x"); done
+      $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies "$strategy" "${sets[@]}" \
+          --baseline "$out/$part-$base/scaling.json" --out "$out/$part-$label" 2>&1 \
+          | grep "^| $strategy" | sed "s/^/$label /"
     done ;;
   accum)
     $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \

@@ -84,15 +84,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def all_ranks(world: World, ok: bool) -> bool:
-    """Whether ``ok`` holds on every rank (one collective, so also a barrier)."""
-    if not world.distributed:
-        return ok
-    t = torch.tensor([int(ok)], dtype=torch.int32, device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def all_reduce_mean(values: list[float], world: World) -> list[float]:
     """Mean over ranks of a few scalars (one collective)."""
     if not world.distributed:

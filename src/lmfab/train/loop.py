@@ -34,7 +34,7 @@ from lmfab.config.load import (
 )
 from lmfab.config.schema import Config, ModelConfig
 from lmfab.data.loader import TokenDataset
-from lmfab.dist import World, all_ranks, all_reduce_mean, init_world, parallelize, shutdown
+from lmfab.dist import World, all_reduce_mean, init_world, parallelize, shutdown
 from lmfab.dist.launch import record_rank_code
 from lmfab.dist.parallel import is_fsdp, no_sync, resolve_strategy, sharded_fill
 from lmfab.eval.loss import evaluate_loss
@@ -469,9 +469,10 @@ def run_mode(
         return result
     finally:
         run.log.close()
-        # Also the barrier before teardown. Recorded only when every rank (on every node)
-        # finished: then a crash while tearing down loses nothing (dist.launch)
-        if all_ranks(run.world, done):
+        # One collective, also the barrier before teardown: the mean of the ranks' done flags
+        # is 1 only when every rank (on every node) finished; only then is 0 recorded, and a
+        # crash while tearing down loses nothing (dist.launch)
+        if all_reduce_mean([float(done)], run.world)[0] == 1.0:
             record_rank_code(0)
         world = run.world
         # DDP's reducer and FSDP2's state hold the process group. Free them now, while every
