@@ -214,8 +214,9 @@ class RunConfig:
     # dtype in which gradients cross between devices. fp32 (default): DDP all-reduces its fp32
     # gradients, FSDP2 upcasts each block's bf16 gradients before its reduce-scatter. bf16:
     # half the bytes on the links; FSDP2 reduces the bf16 gradients as computed, DDP casts
-    # each bucket to bf16 and back (PyTorch's bf16_compress_hook). The sum across ranks is
-    # rounded to bf16; the optimizer still steps fp32 weights
+    # each bucket to bf16 and back (lmfab's hook, like PyTorch's bf16_compress_hook, which
+    # refuses gloo). The sum across ranks is rounded to bf16; the optimizer still steps fp32
+    # weights
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False  # recompute each block in backward: long context
     # with activation_checkpointing: recompute every N-th block only (1: all). The others keep
