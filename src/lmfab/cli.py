@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top_k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    _scaling_parsers(verbs)
     return p
 
 
@@ -324,6 +325,63 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling_parsers(verbs) -> None:
+    pl = verbs.add_parser("plan", help="a compute-optimal params YAML from a budget")
+    size = pl.add_mutually_exclusive_group(required=True)
+    size.add_argument("--flops", type=float, help="training compute budget in FLOPs")
+    size.add_argument("--params", type=float, help="model size (parameters)")
+    size.add_argument("--tokens", type=float, help="training tokens")
+    pl.add_argument("--family", default="cerebras-gpt",
+                    help="shape rule: a name in configs/families/ or a YAML path")
+    pl.add_argument("--tokens_per_param", type=float, help="default: the family's (20)")
+    pl.add_argument("--base", help="params YAML whose data, eval and runconfig the plan keeps")
+    pl.add_argument("--proxy", help="tuned muP proxy params: its hyperparameters carry over")
+    pl.add_argument("--fit", help="fit.json (or its folder) from `lmfab fit`: predicted loss")
+    pl.add_argument("--data_dir", help="train_input.data_dir of the plan")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("-o", "--out", help="params YAML to write")
+    sw = verbs.add_parser("sweep", help="expand a sweep YAML, run its points (resumable), collect")
+    sw.add_argument("sweep", help="sweep YAML (configs/sweeps/)")
+    sw.add_argument("--only", nargs="+", help="point or group names to run")
+    sw.add_argument("--parallel", type=int, help="points at a time (default: the file's, or 1)")
+    sw.add_argument("--collect", action="store_true", help="only collect the results table")
+    sw.add_argument("--list", action="store_true", help="list the points and their status")
+    ft = verbs.add_parser("fit", help="fit scaling laws to a sweep's results")
+    ft.add_argument("sweep_dir", nargs="+", help="sweep folder(s) or results.jsonl file(s)")
+    ft.add_argument("--predict", help="params YAML of a target run: its predicted loss")
+    ft.add_argument("--form", default="power", choices=["power", "chinchilla", "both"])
+    ft.add_argument("--metric", default="eval_loss", choices=["eval_loss", "bpb"])
+    ft.add_argument("-o", "--out", required=True, help="folder for fit.json and the plots")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lmfab.scaling.plan import plan_command
+
+    plan_command(family=args.family, flops=args.flops, params=args.params, tokens=args.tokens,
+                 tokens_per_param=args.tokens_per_param, base=args.base, proxy=args.proxy,
+                 fit=args.fit, data_dir=args.data_dir, sets=args.overrides, out=args.out)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lmfab.scaling.sweep import format_results, list_points, run_sweep
+
+    if args.list:
+        print(list_points(args.sweep, args.only))
+        return 0
+    rows = run_sweep(args.sweep, only=args.only, parallel=args.parallel, collect_only=args.collect)
+    print(format_results(rows))
+    return 0 if all(r["status"] == "done" for r in rows) else 1
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from lmfab.scaling.fit import run_fit
+
+    run_fit(args.sweep_dir, form=args.form, predict=args.predict, metric=args.metric,
+            out_dir=args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     if code:  # a rank started by `--num_devices`: tell the launcher why it stopped
@@ -348,6 +406,8 @@ def _main(argv: list[str] | None) -> int:
             return cmd_mup(args)
         if args.verb == "import":
             return cmd_import(args)
+        if args.verb in ("plan", "sweep", "fit"):
+            return {"plan": cmd_plan, "sweep": cmd_sweep, "fit": cmd_fit}[args.verb](args)
         return cmd_generate(args)
     except (ConfigError, ShardError, FileNotFoundError, ValueError) as e:
         if os.environ.get("LMFAB_DEBUG"):  # the full traceback, for bug reports

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The scaling-law demonstration of docs/scaling.md, end to end on one GPU:
+#   examples/scaling_laws.sh data     # pack the corpus at 512 with the 4096- and 16384-token BPEs
+#   examples/scaling_laws.sh sweeps   # family (fit), muP LR sweep, 16k-vocabulary family
+#   examples/scaling_laws.sh fit      # fits and the committed prediction of the held-out run
+#   examples/scaling_laws.sh heldout  # train the held-out run (after its prediction is committed)
+# CORPUS (default ../shared/corpus) holds the five sources; TOK the two tokenizer.json files
+# (lmfab data tokenizer train --input $CORPUS/{books,reference,techdocs,code,arabic}
+#  --out $TOK/tok4096.json --vocab_size 4096; likewise 16384). PAR: points at a time per sweep.
+set -euo pipefail
+CORPUS=${CORPUS:-../shared/corpus}
+TOK=${TOK:-runs/tok}
+PAR=${PAR:-5}
+LMFAB=${LMFAB:-lmfab}
+case "${1:-}" in
+  data)
+    for v in 4096 16384; do
+      $LMFAB data pack --input $CORPUS/{books,reference,techdocs,code,arabic} \
+        --tokenizer $TOK/tok$v.json --out runs/data/corpus-$((v / 1024))k --seq_len 512 &
+    done
+    wait ;;
+  sweeps)
+    $LMFAB sweep configs/sweeps/subscale-family.yaml --parallel "$PAR" &
+    $LMFAB sweep configs/sweeps/subscale-mup-lr.yaml --parallel "$PAR" &
+    $LMFAB sweep configs/sweeps/subscale-vocab.yaml --parallel "$PAR" &
+    wait ;;
+  fit)
+    $LMFAB fit runs/sweeps/subscale-family --predict configs/sweeps/subscale-heldout.yaml \
+      -o docs/scaling/family
+    $LMFAB fit runs/sweeps/subscale-mup-lr -o docs/scaling/mup-lr
+    $LMFAB fit runs/sweeps/subscale-family runs/sweeps/subscale-vocab16k --metric bpb \
+      -o docs/scaling/vocab ;;
+  heldout)
+    $LMFAB sweep configs/sweeps/subscale-heldout.yaml ;;
+  *) echo "usage: $0 data|sweeps|fit|heldout" >&2; exit 2 ;;
+esac
