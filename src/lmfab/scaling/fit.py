@@ -87,17 +87,18 @@ def _results_path(source: str | Path) -> Path:
     return p
 
 
-def _check_field(row: dict, key: str, tp: type) -> str | None:
-    """Why ``row[key]`` is unusable, or None."""
+def _check_field(row: dict, key: str, tp: type, required: bool) -> str | None:
+    """Why ``row[key]`` is unusable, or None. A field no fit reads may be null or NaN (a
+    run's bpb or smoothed loss not measured) without losing the row."""
     v = row[key]
     if tp is str or tp is dict:
         return None if isinstance(v, tp) else f"{key} is not a {tp.__name__}: {v!r}"
-    if v is None and key == "bpb":
+    if v is None and not required:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float):
         return f"{key} is not a number: {v!r}"
     if not math.isfinite(v):
-        return f"{key} is not finite: {v!r}"
+        return f"{key} is not finite: {v!r}" if required else None
     if key in POSITIVE and v <= 0:
         return f"{key} is not positive: {v!r}"
     return None
@@ -116,8 +117,8 @@ def check_row(row: Any, loss_key: str = "eval_loss") -> str | None:
     missing = [k for k in required if k not in row]
     if missing:
         return f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
-    for key, tp in {**OPTIONAL, **required}.items():
-        if key in row and (why := _check_field(row, key, tp)):
+    for key, tp in {**required, **OPTIONAL}.items():
+        if key in row and (why := _check_field(row, key, tp, key in required)):
             return why
     return None
 
