@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -284,7 +287,10 @@ def test_run_fit_writes_fit_json_and_pngs(tmp_path, capsys):
         assert len(data) > 5000, name
         if name.endswith(".png"):
             assert data[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert not list(out_dir.glob("*.tmp"))
+    assert not list(out_dir.glob(".*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out_dir / "fit.json").stat().st_mode & 0o777 == 0o666 & ~umask
     saved = json.loads((out_dir / "fit.json").read_text())
     assert {r["name"] for r in saved["results"]["rejected"]} == {"oom-13b", "nan-run"}
     assert saved["power"]["points"] == "family" and len(saved["power"]["C"]) == 8
@@ -325,3 +331,10 @@ def test_predict_target_with_a_power_law():
     # Cerebras' law at this budget: 2.01 (their 1.3B's Pile loss: 1.997)
     assert t["loss"] == pytest.approx(float(cerebras(t["flops"])), rel=1e-3)
     assert t["extrapolation"] == pytest.approx(2.36, rel=0.01)
+
+
+def test_fit_and_plots_do_not_import_torch():
+    code = ("import sys, lmfab.scaling.fit, lmfab.scaling.plots; "
+            "sys.exit('torch' in sys.modules or 'lmfab.train.plan' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -673,7 +672,11 @@ def predict_target(fit: PowerFit | ChinchillaFit, params_yaml: str | Path,
     ``extrapolation`` is how far beyond the sweep the target lies (its FLOPs over the
     largest run's for a power law; its N over the largest N for a Chinchilla fit).
     """
-    t = target_budget(params_yaml, overrides)
+    return _predict(fit, target_budget(params_yaml, overrides))
+
+
+def _predict(fit: PowerFit | ChinchillaFit, budget: dict) -> dict:
+    t = dict(budget)
     if isinstance(fit, PowerFit):
         mean, lo, hi = fit.predict(t["flops"])
         t.update(form="power", extrapolation=t["flops"] / max(fit.C))
@@ -707,13 +710,14 @@ def _chinchilla_rows(res: Results) -> list[dict]:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """``write(tmp)`` beside ``path``, then rename: a reader never sees half a file. The
+    temporary name is the process id's (files get the umask's mode, unlike mkstemp's 0600)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -801,7 +805,8 @@ def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | No
                 raise
             out["chinchilla"] = {"skipped": str(e)}
     if predict is not None:
-        out["target"] = [predict_target(f, predict, overrides) for f in (power, chin) if f]
+        budget = target_budget(predict, overrides)
+        out["target"] = [_predict(f, budget) for f in (power, chin) if f]
     files = []
 
     def plot(name: str, draw: Callable[[str], None]) -> None:

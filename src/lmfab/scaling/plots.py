@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def _save(fig: Figure, path: str) -> None:
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=110)
 
 
 def plot_power_fit(fit: PowerFit, path: str, *, target: dict | None = None) -> None:
@@ -33,7 +33,7 @@ def plot_power_fit(fit: PowerFit, path: str, *, target: dict | None = None) -> N
     hi_c = max(C.max(), target["flops"] if target else 0) * 3
     grid = np.logspace(np.log10(C.min() / 3), np.log10(hi_c), 200)
     mean, lo, hi = fit.predict(grid)
-    fig = Figure(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6), layout="constrained")
     ax, res = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.fill_between(grid, lo, hi, color="C0", alpha=0.2,
                     label=f"{fit.level:.0%} bootstrap band ({fit.n_boot_ok} refits)")
@@ -60,7 +60,7 @@ def plot_power_fit(fit: PowerFit, path: str, *, target: dict | None = None) -> N
 def plot_isoflop(minima: Sequence[IsoflopMinimum], rows: Sequence[dict], path: str, *,
                  loss_key: str = "eval_loss", n_key: str = "n_params") -> None:
     """Loss against parameters per iso-FLOP group, each group's parabola and its minimum."""
-    fig = Figure(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     for i, m in enumerate(minima):
         rs = [r for r in rows if r["group"] == m.group]
@@ -85,7 +85,7 @@ def plot_lr_sweeps(sweeps: Sequence[LRSweep], rows: Sequence[dict], path: str, *
                    loss_key: str = "eval_loss") -> None:
     """Loss against learning rate, one line per width, one panel per parametrization."""
     pars = sorted({s.parametrization for s in sweeps})
-    fig = Figure(figsize=(5.5 * len(pars), 4.5))
+    fig = Figure(figsize=(5.5 * len(pars), 4.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(pars), sharey=True))
     for ax, par in zip(axes, pars, strict=True):
         mine = [s for s in sweeps if s.parametrization == par]
