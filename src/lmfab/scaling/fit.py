@@ -169,9 +169,34 @@ def _interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     return lo, hi
 
 
-def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+def _goodness(y: np.ndarray, pred: np.ndarray) -> dict:
+    """R^2 on the loss, and the residuals (absolute and relative to the fit)."""
     ss_tot = float(np.sum((y - y.mean()) ** 2))
-    return 1.0 - float(np.sum((y - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+    r2 = 1.0 - float(np.sum((y - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+    return {"r2": r2, "residuals": (y - pred).tolist(),
+            "rel_residuals": ((y - pred) / pred).tolist()}
+
+
+def _bootstrap(n: int, refit: Callable[[np.ndarray], Sequence[float]], n_boot: int, seed: int,
+               usable: Callable[[np.ndarray], bool], width: int) -> np.ndarray:
+    """(k, width) parameter samples from refits to resampled runs; a resample that is not
+    ``usable`` (too few distinct points) or whose refit fails is skipped."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if not usable(idx):
+            continue
+        try:
+            out.append(refit(idx))
+        except (RuntimeError, ValueError, np.linalg.LinAlgError, OverflowError):
+            continue
+    return np.array(out, dtype=float).reshape(-1, width)
+
+
+def _cis(samples: dict[str, np.ndarray], level: float) -> dict[str, tuple[float, float]]:
+    return {k: tuple(float(v) for v in _interval(x, level)) for k, x in samples.items()
+            if len(x)}
 
 
 def jsonable(x: Any) -> Any:
@@ -234,7 +259,7 @@ class PowerFit:
         mean = self.curve(x)
         if self.boot is not None and len(self.boot):
             a, b, c = (self.boot[:, i, None] for i in range(3))
-            lo, hi = _interval(self.curve(x[None, :], a, b, c))
+            lo, hi = _interval(self.curve(x[None, :], a, b, c), self.level)
         else:
             lo = hi = np.full_like(mean, np.nan)
         if np.ndim(C) == 0:
@@ -298,30 +323,16 @@ def fit_power_law(C: Sequence[float], L: Sequence[float], *, names: Sequence[str
     def abc(k, b, c):
         return math.exp(k + b * xm), b, c
 
+    start = np.array([k, b, c])
     a, b, c = abc(k, b, c)
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(bootstrap):
-        idx = rng.integers(0, len(C), len(C))
-        if len(np.unique(C[idx])) < 3:
-            continue
-        try:
-            boot.append(abc(*_power_solve(x[idx], L[idx], np.array([k, b, c]))))
-        except (RuntimeError, ValueError, np.linalg.LinAlgError, OverflowError):
-            continue
-    boot_arr = np.array(boot, dtype=float).reshape(-1, 3)
-    pred = np.exp(math.log(a) - b * np.log(C)) + c
-    ci = {}
-    if len(boot_arr):
-        C0s = np.exp(np.log(boot_arr[:, 0]) / np.maximum(boot_arr[:, 1], 1e-12))
-        for i, key in enumerate("abc"):
-            ci[key] = tuple(float(v) for v in _interval(boot_arr[:, i], level))
-        ci["C0"] = tuple(float(v) for v in _interval(C0s, level))
+    boot = _bootstrap(len(C), lambda i: abc(*_power_solve(x[i], L[i], start)), bootstrap, seed,
+                      lambda i: len(np.unique(C[i])) >= 3, 3)
+    C0s = np.exp(np.log(boot[:, 0]) / np.maximum(boot[:, 1], 1e-12))
+    ci = _cis({"a": boot[:, 0], "b": boot[:, 1], "c": boot[:, 2], "C0": C0s}, level)
     return PowerFit(
         a=a, b=float(b), c=float(c), C0=math.exp(math.log(a) / b) if b > 0 else float("inf"),
-        r2=_r2(L, pred), C=C.tolist(), L=L.tolist(), names=names,
-        residuals=(L - pred).tolist(), rel_residuals=((L - pred) / pred).tolist(), ci=ci,
-        n_boot=bootstrap, n_boot_ok=len(boot_arr), level=level, boot=boot_arr)
+        C=C.tolist(), L=L.tolist(), names=names, ci=ci, n_boot=bootstrap, n_boot_ok=len(boot),
+        level=level, boot=boot, **_goodness(L, np.exp(math.log(a) - b * np.log(C)) + c))
 
 
 # ---------------------------------------------------------------------------------------
@@ -482,35 +493,23 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], L: Sequence[float], *
             f"size(s) and {ratios} ratio(s) over {len(N)} runs")
     starts = _grid_starts(lnN, lnD, lnL, huber_delta, n_starts)
     p = _chinchilla_solve(lnN, lnD, lnL, huber_delta, starts)
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(bootstrap):
-        idx = rng.integers(0, len(N), len(N))
-        if len(np.unique(idx)) < 5:
-            continue
-        try:
-            q = _chinchilla_solve(lnN[idx], lnD[idx], lnL[idx], huber_delta, p[None])
-        except RuntimeError:
-            continue
-        boot.append([math.exp(q[2]), math.exp(q[0]), math.exp(q[1]), q[3], q[4]])
-    boot_arr = np.array(boot, dtype=float).reshape(-1, 5)
-    E, A, B, alpha, beta = math.exp(p[2]), math.exp(p[0]), math.exp(p[1]), p[3], p[4]
-    pred = ChinchillaFit._law(N, D, E, A, B, alpha, beta)
-    ci = {}
-    if len(boot_arr):
-        for i, key in enumerate(("E", "A", "B", "alpha", "beta")):
-            ci[key] = tuple(float(v) for v in _interval(boot_arr[:, i], level))
-        s = boot_arr[:, 3] + boot_arr[:, 4]
-        ci["a"] = tuple(float(v) for v in _interval(boot_arr[:, 4] / s, level))
-        ci["b"] = tuple(float(v) for v in _interval(boot_arr[:, 3] / s, level))
+    def natural(q):  # (a, b, e, alpha, beta) -> (E, A, B, alpha, beta)
+        return [math.exp(q[2]), math.exp(q[0]), math.exp(q[1]), q[3], q[4]]
+
+    boot = _bootstrap(len(N), lambda i: natural(_chinchilla_solve(
+        lnN[i], lnD[i], lnL[i], huber_delta, p[None])), bootstrap, seed,
+        lambda i: len(np.unique(i)) >= 5, 5)
+    E, A, B, alpha, beta = natural(p)
+    s = boot[:, 3] + boot[:, 4]
+    ci = _cis(dict(zip(("E", "A", "B", "alpha", "beta"), boot.T, strict=True),
+                   a=boot[:, 4] / s, b=boot[:, 3] / s), level)
     return ChinchillaFit(
         E=E, A=A, B=B, alpha=float(alpha), beta=float(beta),
         a=float(beta / (alpha + beta)), b=float(alpha / (alpha + beta)),
         G=float((alpha * A / (beta * B)) ** (1 / (alpha + beta))),
-        r2=_r2(L, pred), N=N.tolist(), D=D.tolist(), L=L.tolist(), names=names,
-        residuals=(L - pred).tolist(), rel_residuals=((L - pred) / pred).tolist(), ci=ci,
-        n_boot=bootstrap, n_boot_ok=len(boot_arr), huber_delta=huber_delta, level=level,
-        boot=boot_arr)
+        N=N.tolist(), D=D.tolist(), L=L.tolist(), names=names, ci=ci, n_boot=bootstrap,
+        n_boot_ok=len(boot), huber_delta=huber_delta, level=level, boot=boot,
+        **_goodness(L, ChinchillaFit._law(N, D, E, A, B, alpha, beta)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -628,7 +627,8 @@ def lr_optima(rows: Iterable[dict], *, loss_key: str = "eval_loss") -> list[LRSw
                 steps.extend(np.diff(np.unique(x)))
             i = int(np.argmin(y))
             lo = min(max(i - 1, 0), max(len(x) - 3, 0))
-            fit = _parabola_min(x[lo:lo + 3], y[lo:lo + 3]) if len(np.unique(x)) >= 3 else None
+            w = slice(lo, lo + 3)
+            fit = _parabola_min(x[w], y[w]) if len(np.unique(x[w])) == 3 else None
             if fit is not None and not (x[lo] <= fit[0] <= x[min(lo + 2, len(x) - 1)]):
                 fit = None
             opts.append(LROptimum(
@@ -704,11 +704,6 @@ def _power_points(res: Results, minima: list[IsoflopMinimum], loss_key: str
             [r[loss_key] for r in fam], [r["name"] for r in fam])
 
 
-def _chinchilla_rows(res: Results) -> list[dict]:
-    """All runs but the LR sweeps: those vary the recipe, not N and D."""
-    return [r for r in res.rows if not is_lr_group(r["group"])]
-
-
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` beside ``path``, then rename: a reader never sees half a file. The
     temporary name is the process id's (files get the umask's mode, unlike mkstemp's 0600)."""
@@ -721,8 +716,8 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _g(x: float) -> str:
-    return f"{x:.3g}"
+def _g(x: float | None, fmt: str = ".3g") -> str:
+    return "?" if x is None or not math.isfinite(x) else format(x, fmt)
 
 
 def _summary(out: dict, res: Results, power: PowerFit | None, chin: ChinchillaFit | None,
@@ -753,8 +748,8 @@ def _summary(out: dict, res: Results, power: PowerFit | None, chin: ChinchillaFi
                         else f"stable (shift {s.shift_octaves:.1f} octaves)"))
     for t in out.get("target", []):
         lines.append(f"target {t['params']} ({t['form']}): C {_g(t['flops'])} FLOPs, "
-                     f"N {_g(t['n_params'])}, D {_g(t['tokens'])}: loss {t['loss']:.4f} "
-                     f"[{t['loss_lo']:.4f}, {t['loss_hi']:.4f}]"
+                     f"N {_g(t['n_params'])}, D {_g(t['tokens'])}: loss {_g(t['loss'], '.4f')} "
+                     f"[{_g(t['loss_lo'], '.4f')}, {_g(t['loss_hi'], '.4f')}]"
                      f" ({_g(t['extrapolation'])}x beyond the sweep)")
     lines.append(f"wrote {', '.join(out['files'])} to {out['out_dir']}")
     return "\n".join(lines)
@@ -794,15 +789,17 @@ def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | No
                 raise
             out["power"] = {"skipped": str(e)}
     if form in ("chinchilla", "both"):
-        rows = _chinchilla_rows(res)
+        rows = [r for r in res.rows if not is_lr_group(r["group"])]  # LR sweeps vary the recipe
         try:
             chin = fit_chinchilla([r["n_params"] for r in rows], [r["tokens"] for r in rows],
                                   [r[loss_key] for r in rows], names=[r["name"] for r in rows],
                                   bootstrap=bootstrap, seed=seed)
             out["chinchilla"] = chin.to_dict()
         except ValueError as e:
-            if form == "chinchilla" or power is None:
+            if form == "chinchilla":
                 raise
+            if power is None:
+                raise ValueError(f"{out['power']['skipped']}; and {e}") from None
             out["chinchilla"] = {"skipped": str(e)}
     if predict is not None:
         budget = target_budget(predict, overrides)
