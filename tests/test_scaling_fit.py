@@ -112,7 +112,8 @@ def test_power_law_refuses_too_few_points():
 
 def test_loader_reports_and_excludes_bad_rows(tmp_path):
     good = [row(f"fam-{i}", "family", 1e6 * 2**i, 2e7 * 2**i, 3.0 - 0.1 * i) for i in range(4)]
-    good.append(row("no-smoothed", "family", 1e7, 2e8, 2.5, eval_loss_smoothed=float("nan")))
+    good.append(row("no-smoothed", "family", 1e7, 2e8, 2.5, eval_loss_smoothed=float("nan"),
+                    reason=None, tags=None))
     missing = row("no-tokens", "family", 1e6, 2e7, 3.0)
     del missing["tokens"]
     bad = [row("oom", "family", 1e8, 2e9, 2.0, status="failed", reason="CUDA out of memory"),

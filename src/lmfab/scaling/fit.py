@@ -90,10 +90,10 @@ def _check_field(row: dict, key: str, tp: type, required: bool) -> str | None:
     """Why ``row[key]`` is unusable, or None. A field no fit reads may be null or NaN (a
     run's bpb or smoothed loss not measured) without losing the row."""
     v = row[key]
-    if tp is str or tp is dict:
-        return None if isinstance(v, tp) else f"{key} is not a {tp.__name__}: {v!r}"
     if v is None and not required:
         return None
+    if tp is str or tp is dict:
+        return None if isinstance(v, tp) else f"{key} is not a {tp.__name__}: {v!r}"
     if isinstance(v, bool) or not isinstance(v, int | float):
         return f"{key} is not a number: {v!r}"
     if not math.isfinite(v):
