@@ -218,8 +218,9 @@ def test_isoflop_minima_at_the_planted_optimum():
         assert m.tokens_opt == pytest.approx(C / (6 * n_star), rel=1e-6)
         assert m.loss_min == pytest.approx(3.0 - 0.1 * math.log10(C), abs=1e-9)
         assert m.flops == pytest.approx(C)
-    # a budget whose best run is the smallest: flagged, not extrapolated
-    edge = [row(f"e{i}", "isoflop-edge", 1e6 * 2**i, 1e9 / 2**i, 3.0 + 0.1 * i) for i in range(4)]
+    # a budget whose parabola bottoms out below the smallest run: flagged, not extrapolated
+    edge = [row(f"e{i}", "isoflop-edge", 1e6 * 2**i, 1e9 / 2**i,
+                3.0 + 0.05 * math.log(1e6 * 2**i / 1e5) ** 2) for i in range(4)]
     (m,) = isoflop_minima(edge)
     assert not m.interior and m.best_name == "e0" and m.n_opt == pytest.approx(1e6)
 
@@ -313,6 +314,23 @@ def test_run_fit_writes_fit_json_and_pngs(tmp_path, capsys):
     only = write_rows(tmp_path / "fam" / "results.jsonl", [r for r in fam if r["group"] == "family"])
     run_fit(only, out_dir=out_dir, bootstrap=10, echo=False)
     assert (out_dir / "power_fit.png").exists() and not (out_dir / "isoflop.png").exists()
+
+
+def test_run_fit_without_a_family_fits_the_isoflop_minima(tmp_path):
+    rows = []
+    for C in (1e15, 1e16, 1e17, 1e18):
+        n_star = math.sqrt(C / 120)  # planted: 20 tokens per parameter, loss on Cerebras' law
+        for j in range(-2, 3):
+            n = n_star * 2.0**j
+            rows.append(row(f"iso-{C:.0e}-{j}", f"isoflop-{C:.0e}", n, C / (6 * n),
+                            float(cerebras(C)) + 0.03 * j**2))
+    out = run_fit(write_rows(tmp_path / "results.jsonl", rows), out_dir=tmp_path / "fit",
+                  bootstrap=20, echo=False)
+    assert out["power"]["points"] == "isoflop minima"
+    assert out["power"]["names"] == ["isoflop-1e+15", "isoflop-1e+16", "isoflop-1e+17",
+                                     "isoflop-1e+18"]
+    assert out["power"]["b"] == pytest.approx(B_EXP, rel=1e-3)
+    assert out["isoflop_exponents"]["a"] == pytest.approx(0.5, abs=1e-6)
 
 
 def test_run_fit_refuses_a_form_it_cannot_fit(tmp_path):
