@@ -11,10 +11,11 @@ missing field or a non-finite loss is reported by name with the reason and left 
   from the best of a grid of c values with log(L - c) regressed on log C.
 - ``fit_chinchilla``: Hoffmann et al. 2022's L(N, D) = E + A/N^alpha + B/D^beta (arXiv
   2203.15556, approach 3): Huber loss (delta 1e-3) between the log-sum-exp prediction and log
-  L, L-BFGS from the best starts of their grid of initialisations. Besiroglu et al. 2024
-  (arXiv 2404.10102) showed the published fit was under-converged and its intervals far too
-  narrow; so the optimiser runs to tight tolerances here and the intervals come from a
-  bootstrap over runs, not from the curvature.
+  L, minimised by BFGS (their L-BFGS, with full memory at 5 parameters) from the best starts
+  of their grid of initialisations. Besiroglu et al. 2024 (arXiv 2404.10102) showed the
+  published fit was under-converged and its intervals far too narrow; so the optimiser runs
+  to tight tolerances here and the intervals come from a bootstrap over runs, not from the
+  curvature.
 - ``isoflop_minima``: Hoffmann's approach 2: per iso-FLOP group a parabola of loss in log N
   and the N at its minimum.
 - ``lr_optima``: the best learning rate per width in an LR sweep, a parabola in log2 LR for a
@@ -343,7 +344,7 @@ def _huber_objective(p: np.ndarray, lnN: np.ndarray, lnD: np.ndarray, lnL: np.nd
                      delta: float) -> tuple[float, np.ndarray]:
     """Sum of Huber(LSE(a - alpha lnN, b - beta lnD, e) - ln L) / delta^2 and its gradient.
 
-    Dividing by delta^2 leaves the minimum where it is and gives L-BFGS a unit-scale problem.
+    Dividing by delta^2 leaves the minimum where it is and gives the optimiser a unit-scale problem.
     p = (a, b, e, alpha, beta), A = exp(a), B = exp(b), E = exp(e).
     """
     a, b, e, alpha, beta = p
@@ -389,7 +390,7 @@ def _chinchilla_solve(lnN, lnD, lnL, delta, starts: np.ndarray) -> np.ndarray:
 
 
 def _grid_starts(lnN, lnD, lnL, delta, k: int) -> np.ndarray:
-    """The k grid points with the lowest objective: L-BFGS runs from these only."""
+    """The k grid points with the lowest objective: BFGS runs from these only."""
     a, b, e, al, be = (_GRID[:, i, None] for i in range(5))
     u = np.stack(np.broadcast_arrays(a - al * lnN, b - be * lnD, e + 0 * lnN))
     r = logsumexp(u, axis=0) - lnL
