@@ -345,9 +345,9 @@ def _scaling_parsers(verbs) -> None:
     sw.add_argument("--only", nargs="+", help="point or group names to run")
     sw.add_argument("--parallel", type=int, help="points at a time (default: the file's, or 1)")
     sw.add_argument("--collect", action="store_true", help="only collect the results table")
-    sw.add_argument("--list", action="store_true", help="list the points and their status")
+    sw.add_argument("--list", action="store_true", help="write each point's params.yaml and list them with their status; run nothing")
     ft = verbs.add_parser("fit", help="fit scaling laws to a sweep's results")
-    ft.add_argument("sweep_dir", nargs="+", help="sweep folder(s) or results.jsonl file(s)")
+    ft.add_argument("sweep_dir", help="a sweep folder or its results.jsonl")
     ft.add_argument("--predict", help="params YAML of a target run: its predicted loss")
     ft.add_argument("--form", default="power", choices=["power", "chinchilla", "both"])
     ft.add_argument("--metric", default="eval_loss", choices=["eval_loss", "bpb"])
@@ -377,7 +377,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from lmfab.scaling.fit import run_fit
 
-    run_fit(args.sweep_dir, form=args.form, predict=args.predict, metric=args.metric,
+    run_fit(args.sweep_dir, form=args.form, predict=args.predict, loss_key=args.metric,
             out_dir=args.out)
     return 0
 

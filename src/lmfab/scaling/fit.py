@@ -273,7 +273,16 @@ class PowerFit:
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "boot"}
         d["formula"] = self.formula()
+        # the bootstrap draws, so that `lmfab plan --fit` gives intervals without refitting
+        d["boot"] = [] if self.boot is None else np.round(self.boot, 8).tolist()
         return jsonable(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PowerFit:
+        """The law of a ``fit.json`` (as ``to_dict`` wrote it), ready to predict."""
+        names = {f for f in cls.__dataclass_fields__ if f != "boot"}
+        boot = np.asarray(d.get("boot") or [], dtype=float).reshape(-1, 3)
+        return cls(**{k: d[k] for k in names if k in d}, boot=boot)
 
 
 def _power_solve(x: np.ndarray, y: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
@@ -786,7 +795,8 @@ def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | No
             power = fit_power_law(C, L, names=names, bootstrap=bootstrap, seed=seed)
             out["power"] = dict(power.to_dict(), points=what)
         except ValueError as e:
-            if form == "power":
+            # A sweep of LR grids only has no family to fit: say so, fit what it has.
+            if form == "power" and not (sweeps and len(C) == 0):
                 raise
             out["power"] = {"skipped": str(e)}
     if form in ("chinchilla", "both"):

@@ -57,6 +57,7 @@ class Family:
     decay_to: float = 0.1
     d_ff_mult: float = 4.0
     min_layers: int = 2
+    n_layer: int | None = None  # fixed depth: only the width follows the size
     model: dict | None = None  # fields every planned model shares (pos, mlp, norm, muP ...)
     optimizer: dict | None = None  # betas, weight decay, clip
     source: str = ""
@@ -148,8 +149,18 @@ def shape_for(fam: Family, target_params: float) -> dict:
     for a in fam.anchors:
         if abs(math.log(a.params / target_params)) < 0.05:
             return model_fields(fam, a.n_layer, a.d_model, a.d_head)
-    aspect = _interp(fam, target_params, "aspect", log=True)
     d_head = _nearest_anchor(fam, target_params).d_head
+    if fam.n_layer:  # fixed depth: the width whose count is nearest, in steps of d_head
+        best = None
+        for k in range(1, 4096):
+            fields = model_fields(fam, fam.n_layer, k * d_head, d_head)
+            err = math.log(count(fields, fam.seq_len)[0] / target_params)
+            if best is None or abs(err) < best[0]:
+                best = (abs(err), fields)
+            if err > 0:
+                return best[1]
+        return best[1]
+    aspect = _interp(fam, target_params, "aspect", log=True)
     # N ~ 12 L d^2 + V d with d = aspect * L: solve for L by bisection on the real line.
     lo, hi = 0.1, 1000.0
     for _ in range(60):

@@ -271,14 +271,21 @@ def point_status(point: Point, out: Path) -> str:
     return "done" if final is not None else "pending"
 
 
-def _run_point(point: Point, out: Path, extra_env: dict, lock: threading.Lock,
-               progress: list) -> None:
-    pdir, rdir = out / "points" / point.name, out / "runs" / point.name
+def write_params(point: Point, out: Path) -> Path:
+    """``<out>/points/<name>/params.yaml``: the point as a params file ``lmfab run`` takes."""
+    pdir = out / "points" / point.name
     pdir.mkdir(parents=True, exist_ok=True)
     params_file = pdir / "params.yaml"
     tmp = params_file.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(point.params, sort_keys=False))
     os.replace(tmp, params_file)
+    return params_file
+
+
+def _run_point(point: Point, out: Path, extra_env: dict, lock: threading.Lock,
+               progress: list) -> None:
+    pdir, rdir = out / "points" / point.name, out / "runs" / point.name
+    params_file = write_params(point, out)
     cmd = [sys.executable, "-m", "lmfab", "run", "--params", str(params_file),
            "--mode", "train_and_eval", "--model_dir", str(rdir)]
     t0 = time.time()
@@ -416,10 +423,10 @@ def _csv(rows: list[dict]) -> str:
 
 
 def list_points(path: str | Path, only: list[str] | None = None) -> str:
-    """The points of a sweep file, one a line, with their status."""
+    """The points of a sweep file, one a line: status and params file (written, not run)."""
     spec, points = expand(path, only)
     out = Path(spec["out"])
-    return "\n".join(f"{point_status(p, out):<8} {p.name}" for p in points)
+    return "\n".join(f"{point_status(p, out):<8} {write_params(p, out)}" for p in points)
 
 
 def format_results(rows: list[dict]) -> str:
