@@ -251,17 +251,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lmfab.dist.launch import already_launched, relaunch
-    from lmfab.dist.world import world_size_from_env
-
-    world_size = args.num_devices * args.num_nodes
-    if world_size > 1 and not args.dry_run and not already_launched():
-        return relaunch(_strip_launch_flags(args.argv), num_devices=args.num_devices,
-                        num_nodes=args.num_nodes, node_rank=args.node_rank,
-                        master_addr=args.master_addr, master_port=args.master_port)
-    if already_launched():
-        world_size = world_size_from_env()
-
+    world_size = _world_size(args)
+    if world_size is None:  # --num-devices / --num-nodes: run this command under torchrun
+        return _relaunch(args)
     from lmfab.config import load_config
 
     max_steps = [] if args.max_steps is None else [f"runconfig.max_steps={args.max_steps}"]
@@ -271,12 +263,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _print_plan(cfg, args.mode, model_dir, world_size)
     if not model_dir:
         raise SystemExit(f"lmfab {args.verb}: --model-dir is required (or set runconfig.model_dir)")
-
     from lmfab.train.loop import run_mode
 
     run_mode(cfg, mode=args.mode, model_dir=model_dir, num_steps=args.num_steps,
              init_from=args.init_from)
     return 0
+
+
+def _world_size(args: argparse.Namespace) -> int | None:
+    """The processes of this run, or None where this process must launch them first."""
+    from lmfab.dist.launch import already_launched
+    from lmfab.dist.world import world_size_from_env
+
+    if already_launched():
+        return world_size_from_env()
+    world_size = args.num_devices * args.num_nodes
+    return None if world_size > 1 and not args.dry_run else world_size
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    from lmfab.dist.launch import relaunch
+
+    return relaunch(_strip_launch_flags(args.argv), num_devices=args.num_devices,
+                    num_nodes=args.num_nodes, node_rank=args.node_rank,
+                    master_addr=args.master_addr, master_port=args.master_port)
 
 
 def _print_plan(cfg, mode: str, model_dir: str | None, world_size: int) -> int:
