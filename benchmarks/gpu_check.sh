@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-2 GPU check on one GPU: GPU tests, real-data training runs of the 124M and 1.3B
+# The one-GPU check: GPU tests, real-data training runs of the 124M and 1.3B
 # shapes (bf16, compiled, a few dozen steps), then the throughput benchmark beside HF GPT-2.
 # Usage: benchmarks/gpu_check.sh OUTDIR DATA1024 DATA2048 [part]
 #   part: all (default) | runs | bench124 | bench13b | fp8 | graphs | long | alibi | mlp | stepgraph
@@ -58,7 +58,7 @@ if [[ $part == fp8 ]]; then
 fi
 if [[ $part == graphs ]]; then
   # CUDA graphs (compile_mode reduce-overhead) against the default compile at 124M, where the
-  # host leaves the GPU idle 1.6 ms of a 60.7 ms step (session 2's profile). ~2 min.
+  # host leaves the GPU idle 1.6 ms of a 60.7 ms step (the 2026-11-29 profile, dev/LOG.md). ~2 min.
   VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-200} benchmarks/throughput_sweep.sh "$out/graphs" \
       configs/train/gpt2-124m.yaml 30 10 "default=lmfab" \
       "cudagraphs=lmfab;--set runconfig.compile_mode=reduce-overhead" | tee "$out/graphs.md"

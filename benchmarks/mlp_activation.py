@@ -36,7 +36,7 @@ SHAPES = {"124M": (32768, 768, 3072), "1.3B": (24576, 2048, 8192)}
 
 def time_ms(fn) -> float:
     """10 calls in a row per timing, so the op's host dispatch overlaps the GPU's work as in a
-    training step (session 5's figures were taken with one call per timing)."""
+    training step (the first 2026-11-29 sweep took one call per timing)."""
     return cuda_time_ms(fn, inner=10)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 2-GPU part of the throughput issue, for the `nvidia-h200-x2` device kind (or any host
+# The 2-GPU throughput checks, for the `nvidia-h200-x2` device kind (or any host
 # with 2+ GPUs). Usage: benchmarks/multi_gpu_check.sh OUTDIR DATA1024 DATA2048 PART
 #   PART: tests    the GPU test file, with the 2-GPU DDP test        (~2 min)
 #         curves   124M loss curve, 1 GPU x 2 accumulation vs 2 GPUs, same global batch
@@ -7,7 +7,7 @@
 #         scale13b 1.3B DDP and FSDP2 throughput on 1 and 2 GPUs     (~4 min)
 #         host124  124M DDP on 1 and 2 GPUs, 100 steps, as is and with runconfig.gc_steps=50
 #                  (~3 min). "As is" has the pinned batch copies, which have no switch: compare
-#                  it with session 3's figures from before them (docs/benchmarks.md)
+#                  it with the first 2-GPU figures from before them (dev/LOG.md)
 #         trace124 124M DDP on 1 and 2 GPUs, no accumulation, profiled on every rank: the
 #                  timeline line (GPU active, NCCL, exposed NCCL) per rank      (~3 min)
 #         graph124 124M DDP on 1 and 2 GPUs, no accumulation, 100 steps: as is and with
@@ -24,7 +24,7 @@
 #                  on 1 / 2 GPUs), 1.3B at 96 (8 / 4)                  (~7 min)
 #         ddp13b   1.3B at a fixed global batch (96: 4 micro-batches per GPU per all-reduce):
 #                  1 GPU, then 2 GPUs as shipped (ddp_split_graph auto: one compiled graph),
-#                  with ddp_split_graph=true (graph cut at the buckets, 4% slower in session 5)
+#                  with ddp_split_graph=true (graph cut at the buckets, 4% slower at 1.3B)
 #                  and with true + 200 MB buckets (fewer cuts)               (~8 min)
 #         fsdp13b  the same batch with FSDP2, resharding after forward or not   (~5 min)
 #                  The variants run on 2 GPUs only; their efficiency is against ddp13b's

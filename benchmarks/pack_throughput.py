@@ -2,7 +2,7 @@
 beside Hugging Face ``tokenizers``' own batched rate measured in the same run.
 
     python benchmarks/pack_throughput.py --input ../shared/corpus --max_mb 40 \\
-        [--tokenizer tokenizer.json] [--processes 1,2] [--repeat 2] [--out benchmarks/results/X]
+        [--tokenizer tokenizer.json] [--processes 1,2] [--repeat 2] [--out dev/results/X]
 
 What is measured (MB = 10^6 bytes of UTF-8 document text):
 

@@ -48,7 +48,7 @@ from pathlib import Path
 
 # Every impl compiles from scratch: a warm inductor cache once handed the HF peer a slower
 # compiled artifact than a fresh compile gives it (100 vs 74 ms on an H200, same code;
-# docs/benchmarks.md). Set TORCHINDUCTOR_FORCE_DISABLE_CACHES=0 to allow caches.
+# dev/LOG.md). Set TORCHINDUCTOR_FORCE_DISABLE_CACHES=0 to allow caches.
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import torch  # noqa: E402
@@ -414,7 +414,7 @@ def run_isolated(impl: str, argv: list[str], args) -> dict:
     """Run one impl in a fresh Python process (this script, ``--impl impl``) and read its JSON.
 
     Impls share nothing then: on an H200 the HF peer compiled in the same process right after
-    lmfab ran at 100 ms per step against 74 ms on its own (docs/benchmarks.md), so a shared
+    lmfab ran at 100 ms per step against 74 ms on its own (dev/LOG.md), so a shared
     process can flatter either side.
     """
     import tempfile

@@ -1,4 +1,5 @@
-"""The command line: `make demo`'s commands end to end, --dry-run, errors."""
+"""The command line: `make demo`'s commands end to end, the verb table and its --help,
+--version, the train/eval aliases, one spelling per flag, --dry-run, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmfab.cli import _strip_launch_flags, main
+from lmfab.cli import VERBS, Group, _parser, _strip_launch_flags, main
 
 from .conftest import CONFIGS, REPO, tiny_overrides
 
@@ -163,3 +164,99 @@ def test_plan_counts_logits_by_loss_kind():
     # its fp32 copy, and the hidden states' gradient, made in forward and kept for backward
     assert chunked.logit_bytes == 64 * v * 2 + v * d * 10 + rows * d * 2
     assert "in the fused loss's logits and gradients)" in format_plan(chunked)
+
+
+def _verb_paths(verbs=VERBS, prefix=()):
+    """Every verb and group of the table, as the argv that names it."""
+    for name, entry in verbs.items():
+        yield (*prefix, name)
+        if isinstance(entry, Group):
+            yield from _verb_paths(entry.verbs, (*prefix, name))
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lmfab {version('lmfab')}"
+
+
+def test_top_level_help_is_written_for_users(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for verb in ("train", "eval", "run", "generate", "data", "mup", "import"):
+        assert f"\n    {verb} " in out
+    assert "examples:" in out and "--version" in out
+    assert "``" not in out and "issue" not in out  # not the module docstring
+
+
+@pytest.mark.parametrize("path", list(_verb_paths()), ids=" ".join)
+def test_help_of_each_verb_explains_every_flag(path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*path, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert out.startswith(f"usage: lmfab {' '.join(path)} ")
+    assert "_" not in "".join(a for a in out.split() if a.startswith("--"))  # one spelling
+    parser = _parser()
+    for name in path:  # walk down to this verb's parser
+        parser = next(a for a in parser._actions if a.dest.startswith("_")).choices[name]
+    for action in parser._actions:
+        assert action.help, f"lmfab {' '.join(path)}: {action.option_strings or action.dest}"
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--num-devices N processes (GPUs) per node (default: 1)" in out
+    assert "--master-port PORT a free TCP port on node 0 (default: 29500)" in out
+
+
+def test_help_does_not_import_torch():
+    """The handlers import the library; `lmfab --help` parses flags only (fast, and a module
+    that moves touches one import line in cli.py)."""
+    code = ("import sys\nfrom lmfab.cli import main\ntry:\n    main(['train', '--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("False")
+
+
+def test_dash_and_underscore_spellings_are_one_flag():
+    dash = _parser().parse_args(["train", "--params", "p.yaml", "--model-dir", "d",
+                                 "--num-steps", "3", "--num-devices=2", "--dry-run"])
+    under = _parser().parse_args(["train", "--params", "p.yaml", "--model_dir", "d",
+                                  "--num_steps", "3", "--num_devices=2", "--dry_run"])
+    assert vars(dash) == vars(under)
+    assert (dash.model_dir, dash.num_steps, dash.num_devices, dash.dry_run) == ("d", 3, 2, True)
+    assert _strip_launch_flags(["train", "--num-devices", "2", "--master-port=1", "--set", "a=1"]
+                               ) == ["train", "--set", "a=1"]
+
+
+@pytest.mark.parametrize("argv, mode", [
+    (["train"], "train"), (["eval"], "eval"), (["run"], "train"),
+    (["run", "--mode", "eval"], "eval"), (["run", "--mode", "train_and_eval"], "train_and_eval"),
+    (["run", "--mode", "eval_all"], "eval_all"),
+])
+def test_train_and_eval_are_run_modes(argv, mode, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("lmfab.train.loop.run_mode", lambda cfg, **kw: calls.append(kw))
+    assert main([*argv, "--params", TINY, "--model_dir", str(tmp_path)]) == 0
+    assert calls == [{"mode": mode, "model_dir": str(tmp_path), "num_steps": None,
+                      "init_from": None}]
+
+
+def test_train_then_eval_verbs(tiny_data, tmp_path, capsys):
+    sets = [a for o in tiny_overrides(tiny_data) for a in ("--set", o)]
+    run_dir = str(tmp_path / "r")
+    assert main(["train", "--params", TINY, "--model-dir", run_dir, "--num-steps", "2", *sets]) == 0
+    assert "step      2/" in capsys.readouterr().out
+    assert main(["eval", "--params", TINY, "--model-dir", run_dir, *sets]) == 0
+    assert "eval step 2" in capsys.readouterr().out
+    assert (tmp_path / "r" / "eval_results.json").is_file()

@@ -1,4 +1,4 @@
-"""``python -m lmfab`` (what torchrun and ``--num_devices`` launch)."""
+"""``python -m lmfab`` (what torchrun and ``--num-devices`` launch)."""
 
 import sys
 

@@ -1,157 +1,368 @@
-"""The ``lmfab`` command line. Verbs only: parse, then call one public function per verb.
+"""The ``lmfab`` command line: a table from verb to the function that runs it.
 
-    lmfab run --params P --mode {train,eval,train_and_eval,eval_all} --model_dir D
-              [--num_steps S] [--num_devices N] [--num_nodes M] [--set a.b=c ...]
-              [--init_from CKPT] [--dry-run]
-    lmfab data tokenize --input PATH... --out DIR --seq_len T [--vocab_size V | --tokenizer J]
-    lmfab data curate RECIPE [--set a.b=c ...] [--workers N] [--executor local|ray --address A]
-    lmfab data tokenizer train --input PATH... --out tokenizer.json --vocab_size V
-              [--by source|lang --weights NAME=W,...] [--sample_bytes N]
-    lmfab data tokenizer report --tokenizer J [J ...] --input PATH... [--out DIR]
-    lmfab data pack --input PATH... --tokenizer J --out DIR --seq_len 2048,8192 [--processes N]
-    lmfab generate --model_dir D --prompt TEXT
-    lmfab mup coord-check --params P [--widths 128,256,512,1024] / mup transfer --proxy --target
-    lmfab import modelzoo FILE -o OUT
+``VERBS`` below is the whole command line. Each entry names a verb, the function that runs
+it, the function that adds its flags, and the help line; a group (``data``, ``mup``,
+``import``) holds verbs of its own. Each handler is a few lines that call one public library
+function. Library modules are imported inside the handlers, so ``lmfab --help`` stays fast
+and a module that moves changes one import line here.
 
-The flags of ``run`` mirror the Cerebras Model Zoo's ``run.py`` (``--params --mode
---num_steps --model_dir``), with ``--num_devices`` / ``--num_nodes`` in place of ``--num_csx``.
+Flags have one spelling, with dashes (``--model-dir``); the underscore spelling
+(``--model_dir``, the Cerebras Model Zoo's ``run.py`` style) is accepted everywhere too and
+is left out of ``--help``. ``lmfab run --params P --mode {train,eval,train_and_eval,eval_all}``
+is the Model Zoo's contract; ``lmfab train`` and ``lmfab eval`` are ``run --mode train`` and
+``run --mode eval``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-# Flags consumed by the launcher and not passed on to the relaunched processes.
-_LAUNCH_FLAGS = {"--num_devices", "--num_nodes", "--node_rank", "--master_addr", "--master_port"}
+DESCRIPTION = """\
+lmfab: an LLM fab. Curate raw text, tokenize and pack it, train a GPT on 1..N devices from
+one params YAML, evaluate it and sample from it; plan compute-optimal runs, sweep sub-scale
+models and fit the scaling laws that predict the big run."""
 
+EPILOG = """\
+examples:
+  lmfab data curate configs/data/slimpajama.yaml --set write.output=runs/curated
+  lmfab data tokenize --input runs/curated/train --out runs/data --seq-len 128
+  lmfab train --params configs/train/tiny.yaml --dry-run
+  lmfab train --params configs/train/tiny.yaml --model-dir runs/x --num-devices 2
+  lmfab eval --params configs/train/tiny.yaml --model-dir runs/x
+  lmfab generate --model-dir runs/x --prompt "ROMEO."
+  lmfab plan --flops 1e18 --base configs/train/gpt2-124m.yaml -o runs/plan.yaml
+  lmfab sweep configs/sweeps/subscale-family.yaml --parallel 8
+  lmfab fit runs/sweeps/subscale-family --predict runs/plan.yaml -o runs/fit
 
-def _strip_launch_flags(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in _LAUNCH_FLAGS:
-            skip = "=" not in arg
-            continue
-        out.append(arg)
-    return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmfab", description=__doc__.split("\n")[0])
-    verbs = p.add_subparsers(dest="verb", required=True)
-
-    r = verbs.add_parser("run", help="train / evaluate from one params YAML")
-    r.add_argument("--params", required=True, help="params YAML")
-    r.add_argument("--mode", default="train", choices=["train", "eval", "train_and_eval", "eval_all"])
-    r.add_argument("--model_dir", help="run directory (default: runconfig.model_dir)")
-    r.add_argument("--num_steps", type=int, help="steps to run in this invocation")
-    r.add_argument("--max_steps", type=int, help="total steps (overrides runconfig.max_steps)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a params value, e.g. optimizer.learning_rate=3e-4")
-    r.add_argument("--init_from", help="load weights only from a checkpoint or run dir")
-    r.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="print the resolved config and the run plan, then exit")
-    r.add_argument("--num_devices", type=int, default=1, help="processes per node")
-    r.add_argument("--num_nodes", type=int, default=1)
-    r.add_argument("--node_rank", type=int, default=0)
-    r.add_argument("--master_addr")
-    r.add_argument("--master_port", type=int, default=29500)
-
-    d = verbs.add_parser("data", help="data preparation").add_subparsers(dest="data_verb", required=True)
-    t = d.add_parser("tokenize", help="train or load a BPE tokenizer and pack token shards")
-    t.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.zst / txt files or folders")
-    t.add_argument("--out", required=True, help="output dataset directory")
-    t.add_argument("--seq_len", type=int, required=True)
-    t.add_argument("--vocab_size", type=int, default=8192)
-    t.add_argument("--tokenizer", help="an existing tokenizer.json (skips training)")
-    t.add_argument("--val_fraction", type=float, default=0.02)
-    t.add_argument("--seed", type=int, default=0)
-    c = d.add_parser("curate", help="clean, dedup, mix, split a corpus (the SlimPajama recipe)")
-    c.add_argument("recipe", help="recipe YAML, e.g. configs/data/slimpajama.yaml")
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. write.output=runs/curated")
-    c.add_argument("--workers", type=int, help="local processes / Ray CPUs (default: all cores)")
-    c.add_argument("--executor", default="local", choices=["local", "ray"])
-    c.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    _data_token_parsers(d)
-
-    mp = verbs.add_parser("mup", help="muP tools").add_subparsers(dest="mup_verb", required=True)
-    cc = mp.add_parser("coord-check", help="activation-update scale per layer type vs width")
-    cc.add_argument("--params", required=True, help="params YAML or model preset YAML")
-    cc.add_argument("--widths", default="128,256,512,1024")
-    cc.add_argument("--steps", type=int, default=5)
-    cc.add_argument("--lr", type=float, default=6e-3, help="Adam LR at every width")
-    cc.add_argument("--n_layer", type=int, help="override the depth (default: the config's)")
-    cc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    cc.add_argument("--out", default="runs/coord-check", help="folder for the PNG and JSON")
-    tr = mp.add_parser("transfer", help="write a target config with a proxy's tuned muP HPs")
-    tr.add_argument("--proxy", required=True)
-    tr.add_argument("--target", required=True)
-    tr.add_argument("-o", "--out", required=True)
-
-    im = verbs.add_parser("import", help="convert other tools' configs")
-    im_sub = im.add_subparsers(dest="import_verb", required=True)
-    mz = im_sub.add_parser("modelzoo", help="a Cerebras Model Zoo GPT-2/3/BTLM params YAML")
-    mz.add_argument("file")
-    mz.add_argument("-o", "--out", required=True)
-
-    g = verbs.add_parser("generate", help="sample text from a trained run")
-    g.add_argument("--model_dir", required=True, help="run directory or checkpoint directory")
-    g.add_argument("--prompt", default="")
-    g.add_argument("--max_new_tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top_k", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
-    _scaling_parsers(verbs)
-    return p
+Run `lmfab VERB --help` for a verb's flags. Exit codes: 0 done, 2 bad input (the message
+names the key or file), 3 out of device memory (the message says what to change). Set
+LMFAB_DEBUG=1 for the full traceback."""
 
 
-def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
-    from lmfab.dist.launch import already_launched, relaunch
-    from lmfab.dist.world import world_size_from_env
+class Verb(NamedTuple):
+    run: Callable[[argparse.Namespace], int]  # the handler: parsed flags in, exit code out
+    flags: Callable[[argparse.ArgumentParser], None]  # adds the verb's flags
+    help: str
 
-    world_size = args.num_devices * args.num_nodes
-    if world_size > 1 and not args.dry_run and not already_launched():
-        return relaunch(
-            _strip_launch_flags(argv), num_devices=args.num_devices, num_nodes=args.num_nodes,
-            node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-        )
-    if already_launched():
-        world_size = world_size_from_env()
 
+class Group(NamedTuple):
+    help: str
+    verbs: dict[str, Verb | Group]
+
+
+# ---------------------------------------------------------------------------------------
+# Flags
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where there is one; only the dash spelling of each flag listed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        d = action.default
+        if d is None or d is False or d in ([], "") or d is argparse.SUPPRESS or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if len(action.option_strings) > 1:
+            action = copy.copy(action)
+            action.option_strings = [s for s in action.option_strings if "_" not in s]
+        return super()._format_action_invocation(action)
+
+
+def _opt(p: argparse.ArgumentParser, name: str, *more: str, **kw) -> None:
+    """Add ``--a-b`` and accept ``--a_b`` for it as well."""
+    names = [name, *more]
+    if "-" in name[2:]:
+        names.append("--" + name[2:].replace("-", "_"))
+    if kw.get("type") is int:
+        kw.setdefault("metavar", "N")
+    p.add_argument(*names, **kw)
+
+
+def _sets(p: argparse.ArgumentParser, what: str, example: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a {what} value, repeatable, e.g. {example}")
+
+
+def _launch_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices", "more than one process: lmfab relaunches itself under "
+                             "torchrun (torchrun -m lmfab ... works too)")
+    _opt(g, "--num-devices", type=int, default=1, help="processes (GPUs) per node")
+    _opt(g, "--num-nodes", type=int, default=1, help="nodes")
+    _opt(g, "--node-rank", type=int, default=0, help="this node's index, 0..num-nodes-1")
+    _opt(g, "--master-addr", metavar="HOST", help="host name of node 0 (default: this host on "
+         "one node)")
+    _opt(g, "--master-port", type=int, default=29500, metavar="PORT", help="a free TCP port on "
+         "node 0")
+
+
+def _run_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", required=True, metavar="YAML",
+                   help="the params YAML (lmfab or Model Zoo format)")
+    _opt(p, "--model-dir", metavar="DIR", help="run folder: checkpoints, metrics, resolved config "
+         "(default: runconfig.model_dir)")
+    _sets(p, "params", "optimizer.learning_rate=3e-4")
+    _opt(p, "--dry-run", action="store_true",
+         help="print the resolved config and the run plan (parameters, FLOPs, memory), then exit")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    _run_common(p)
+    _opt(p, "--num-steps", type=int, help="steps to run in this invocation (default: to the end)")
+    _opt(p, "--max-steps", type=int, help="total steps of the run (overrides runconfig.max_steps)")
+    _opt(p, "--init-from", metavar="DIR", help="load weights only (not optimizer or step) from a checkpoint "
+         "or run folder: continued pre-training; resuming is automatic and needs no flag")
+    _launch_flags(p)
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    _run_common(p)
+    _launch_flags(p)
+    p.set_defaults(num_steps=None, max_steps=None, init_from=None)
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="train", choices=["train", "eval", "train_and_eval", "eval_all"],
+                   help="train; eval the newest checkpoint; train with in-loop eval; eval "
+                   "every checkpoint")
+    _train_flags(p)
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
+    _opt(p, "--model-dir", required=True, metavar="DIR", help="run folder or checkpoint folder")
+    p.add_argument("--prompt", default="", help="text to continue")
+    _opt(p, "--max-new-tokens", type=int, default=100, help="tokens to sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    _opt(p, "--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+
+
+def _inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True,
+                   help="jsonl / jsonl.zst / txt files or folders")
+
+
+def _tokenize_flags(p: argparse.ArgumentParser) -> None:
+    _inputs(p)
+    p.add_argument("--out", required=True, help="output dataset folder")
+    _opt(p, "--seq-len", type=int, required=True, help="tokens per training sequence")
+    _opt(p, "--vocab-size", type=int, default=8192, help="BPE vocabulary size to train")
+    p.add_argument("--tokenizer", help="an existing tokenizer.json (skips training)")
+    _opt(p, "--val-fraction", type=float, default=0.02, help="share of documents held out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffle")
+
+
+def _curate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML, e.g. configs/data/slimpajama.yaml")
+    _sets(p, "recipe", "write.output=runs/curated")
+    p.add_argument("--workers", type=int, help="local processes or Ray CPUs (default: all cores)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="run the per-document steps in a local process pool or on Ray")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+
+
+def _tokenizer_train_flags(p: argparse.ArgumentParser) -> None:
+    _inputs(p)
+    p.add_argument("--out", required=True, help="tokenizer.json to write (a summary goes beside it)")
+    _opt(p, "--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
+    _opt(p, "--min-frequency", type=int, default=2, help="fewest occurrences of a merged pair")
+    _opt(p, "--eos-token", default="<|endoftext|>", help="end-of-document token")
+    _opt(p, "--pad-token", default="<|pad|>", help="padding token; '' for none")
+    _opt(p, "--special-tokens", nargs="*", default=[], help="more special tokens")
+    p.add_argument("--by", default="source", choices=["source", "lang"],
+                   help="what the groups of --weights are")
+    p.add_argument("--weights", help="sample shares per group, e.g. ar=1,en=1 or Arabic=2,*=1 "
+                   "(default: in proportion to the data)")
+    _opt(p, "--sample-bytes", type=float, help="sample size in bytes (default: see docs/data.md)")
+    _opt(p, "--val-fraction", type=float, default=0.0,
+         help="leave out the documents `data pack` would hold out at this share")
+    _opt(p, "--pre-tokenizer", default="gpt2", choices=["gpt2", "gpt2-marks"],
+         help="gpt2-marks keeps combining marks (Arabic diacritics) inside words")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def _tokenizer_report_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", nargs="+", required=True,
+                   help="tokenizer.json files, optionally LABEL=PATH")
+    p.add_argument("--input", nargs="+", required=True, help="files or folders to measure on")
+    p.add_argument("--out", help="folder for report.md, report.json and fertility.png")
+    _opt(p, "--max-bytes", type=float, default=2e6, help="sample cap per group, in bytes")
+    p.add_argument("--split", default="all", choices=["all", "train", "val"],
+                   help="which documents of the hash split to measure")
+    _opt(p, "--val-fraction", type=float, default=0.02, help="the split's held-out share")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def _pack_flags(p: argparse.ArgumentParser) -> None:
+    _inputs(p)
+    _opt(p, "--val-input", nargs="*", default=[], help="files or folders that are the val split")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (must have the EOS token)")
+    p.add_argument("--out", required=True, help="output folder: seq<T>/ per length, pack.json")
+    _opt(p, "--seq-len", required=True, help="one or more sequence lengths, e.g. 2048,8192")
+    _opt(p, "--val-fraction", type=float, help="hash-held-out share (default: 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--processes", type=int, help="encoding processes (default: all cores)")
+    _opt(p, "--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
+    _opt(p, "--doc-index", action="store_true", help="also write .docs.npy document starts")
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
+                   help="token dtype on disk; auto picks uint16 when the vocabulary fits")
+    _opt(p, "--eos-token", default="<|endoftext|>", help="token placed between documents")
+    _opt(p, "--keep-work", action="store_true", help="keep the per-file encoded ids")
+
+
+def _coord_check_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", required=True, help="params YAML or model preset YAML with "
+                   "model.mup_base_d_model")
+    p.add_argument("--widths", default="128,256,512,1024", help="d_model values to compare")
+    p.add_argument("--steps", type=int, default=5, help="training steps per width")
+    p.add_argument("--lr", type=float, default=6e-3, help="Adam LR at every width")
+    _opt(p, "--n-layer", type=int, help="override the depth (default: the config's)")
+    _sets(p, "model", "n_head=4")
+    p.add_argument("--out", default="runs/coord-check", help="folder for the PNG and JSON")
+
+
+def _transfer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--proxy", required=True, help="the tuned small-width params YAML")
+    p.add_argument("--target", required=True, help="the wide params YAML to receive its HPs")
+    p.add_argument("-o", "--out", required=True, help="params YAML to write")
+
+
+def _modelzoo_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a Model Zoo GPT-2 / GPT-3 / BTLM params YAML")
+    p.add_argument("-o", "--out", required=True, help="lmfab params YAML to write")
+
+
+# ---------------------------------------------------------------------------------------
+# Handlers
+
+
+def _plan_flags(p: argparse.ArgumentParser) -> None:
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--flops", type=float, help="training compute budget in FLOPs, e.g. 1e18")
+    size.add_argument("--params", type=float, help="model size in parameters, e.g. 125e6")
+    size.add_argument("--tokens", type=float, help="training tokens, e.g. 2.5e9")
+    p.add_argument("--family", default="cerebras-gpt",
+                   help="shape rule: a name in configs/families/ or a family YAML")
+    _opt(p, "--tokens-per-param", type=float, help="default: the family's (20)")
+    p.add_argument("--base", metavar="YAML", help="params YAML whose data, eval and runconfig "
+                   "the plan keeps (its model, batch and schedule are replaced)")
+    p.add_argument("--proxy", metavar="YAML", help="a tuned muP proxy's params: its "
+                   "hyperparameters carry to the planned shape (muTransfer)")
+    p.add_argument("--fit", metavar="JSON", help="fit.json (or its folder) from `lmfab fit`: "
+                   "print the predicted loss")
+    _opt(p, "--data-dir", metavar="DIR", help="train_input.data_dir of the plan")
+    _sets(p, "planned params", "runconfig.checkpoint_steps=1000")
+    p.add_argument("-o", "--out", metavar="YAML", help="params YAML to write")
+
+
+def _sweep_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", metavar="SWEEP_YAML", help="sweep file (configs/sweeps/)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these points or groups")
+    p.add_argument("--parallel", type=int, metavar="K",
+                   help="points at a time, as separate processes (default: the file's, or 1)")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing; collect the results table of what has finished")
+    p.add_argument("--list", action="store_true",
+                   help="write each point's params.yaml, list them with their status, run nothing")
+
+
+def _fit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep folder or its results.jsonl")
+    p.add_argument("--predict", metavar="YAML", help="params YAML of a target run: its loss, "
+                   "predicted with an interval")
+    p.add_argument("--form", default="power", choices=["power", "chinchilla", "both"],
+                   help="L(C) = a·C^-b + c, L(N, D) = E + A/N^alpha + B/D^beta, or both")
+    p.add_argument("--metric", default="eval_loss", choices=["eval_loss", "bpb"],
+                   help="what is fitted: held-out loss (nats/token) or bits per byte")
+    p.add_argument("-o", "--out", required=True, metavar="DIR",
+                   help="folder for fit.json and the plots")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    args.mode = "train"
+    return cmd_run(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    args.mode = "eval"
+    return cmd_run(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    world_size = _world_size(args)
+    if world_size is None:  # --num-devices / --num-nodes: run this command under torchrun
+        return _relaunch(args)
     from lmfab.config import load_config
 
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"runconfig.max_steps={args.max_steps}")
-    cfg = load_config(args.params, overrides, world_size=world_size)
+    max_steps = [] if args.max_steps is None else [f"runconfig.max_steps={args.max_steps}"]
+    cfg = load_config(args.params, [*args.overrides, *max_steps], world_size=world_size)
     model_dir = args.model_dir or cfg.runconfig.model_dir
     if args.dry_run:
-        import yaml
-
-        from lmfab.config import config_to_dict
-        from lmfab.train.plan import format_plan, plan_run
-
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
-        print(f"\nrun plan ({args.mode}, model_dir={model_dir}):")
-        # runconfig.device auto: plan for a GPU, the usual target of a memory question
-        dev = "cuda" if cfg.runconfig.device == "auto" else cfg.runconfig.device
-        print(format_plan(plan_run(cfg, world_size, device_type=dev)))
-        return 0
+        return _print_plan(cfg, args.mode, model_dir, world_size)
     if not model_dir:
-        raise SystemExit("lmfab run: --model_dir is required (or set runconfig.model_dir)")
-
+        raise SystemExit(f"lmfab {args.verb}: --model-dir is required (or set runconfig.model_dir)")
     from lmfab.train.loop import run_mode
 
     run_mode(cfg, mode=args.mode, model_dir=model_dir, num_steps=args.num_steps,
              init_from=args.init_from)
+    return 0
+
+
+def _world_size(args: argparse.Namespace) -> int | None:
+    """The processes of this run, or None where this process must launch them first."""
+    from lmfab.dist.launch import already_launched
+    from lmfab.dist.world import world_size_from_env
+
+    if already_launched():
+        return world_size_from_env()
+    world_size = args.num_devices * args.num_nodes
+    return None if world_size > 1 and not args.dry_run else world_size
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    from lmfab.dist.launch import relaunch
+
+    return relaunch(_strip_launch_flags(args.argv), num_devices=args.num_devices,
+                    num_nodes=args.num_nodes, node_rank=args.node_rank,
+                    master_addr=args.master_addr, master_port=args.master_port)
+
+
+def _print_plan(cfg, mode: str, model_dir: str | None, world_size: int) -> int:
+    import yaml
+
+    from lmfab.config import config_to_dict
+    from lmfab.train.plan import format_plan, plan_run
+
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    print(f"\nrun plan ({mode}, model_dir={model_dir}):")
+    # runconfig.device auto: plan for a GPU, the usual target of a memory question
+    dev = "cuda" if cfg.runconfig.device == "auto" else cfg.runconfig.device
+    print(format_plan(plan_run(cfg, world_size, device_type=dev)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmfab.infer.generate import generate_text
+
+    print(generate_text(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                        device=args.device))
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from lmfab.data.tokenize import tokenize_corpus
+
+    tokenize_corpus(args.input, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                    tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed)
     return 0
 
 
@@ -163,63 +374,9 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_token_parsers(d) -> None:
-    """``data tokenizer train|report`` and ``data pack`` (issue 5)."""
-    tk = d.add_parser("tokenizer", help="train or compare BPE tokenizers").add_subparsers(
-        dest="tokenizer_verb", required=True)
-    tt = tk.add_parser("train", help="byte-level BPE from a streamed, weighted sample")
-    tt.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.zst / txt files or folders")
-    tt.add_argument("--out", required=True, help="tokenizer.json to write (a summary goes beside it)")
-    tt.add_argument("--vocab_size", type=int, required=True)
-    tt.add_argument("--min_frequency", type=int, default=2)
-    tt.add_argument("--eos_token", default="<|endoftext|>")
-    tt.add_argument("--pad_token", default="<|pad|>", help="'' for none")
-    tt.add_argument("--special_tokens", nargs="*", default=[], help="more special tokens")
-    tt.add_argument("--by", default="source", choices=["source", "lang"], help="groups for --weights")
-    tt.add_argument("--weights", help="sample shares per group, e.g. ar=1,en=1 or Arabic=2,*=1")
-    tt.add_argument("--sample_bytes", type=float, help="sample size in bytes (default: see docs)")
-    tt.add_argument("--val_fraction", type=float, default=0.0, help="hold out pack's val docs")
-    tt.add_argument("--pre_tokenizer", default="gpt2", choices=["gpt2", "gpt2-marks"],
-                    help="gpt2-marks keeps combining marks (Arabic diacritics) inside words")
-    tt.add_argument("--seed", type=int, default=0)
-    tr = tk.add_parser("report", help="fertility per source and language, side by side")
-    tr.add_argument("--tokenizer", nargs="+", required=True, help="tokenizer.json files (LABEL=PATH)")
-    tr.add_argument("--input", nargs="+", required=True)
-    tr.add_argument("--out", help="folder for report.md, report.json and fertility.png")
-    tr.add_argument("--max_bytes", type=float, default=2e6, help="sample cap per group")
-    tr.add_argument("--split", default="all", choices=["all", "train", "val"])
-    tr.add_argument("--val_fraction", type=float, default=0.02)
-    tr.add_argument("--seed", type=int, default=0)
-    pk = d.add_parser("pack", help="tokenize on all cores and pack shards at one or more MSLs")
-    pk.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.zst / txt files or folders")
-    pk.add_argument("--val_input", nargs="*", default=[], help="files or folders that are the val split")
-    pk.add_argument("--tokenizer", required=True, help="tokenizer.json (must have the EOS token)")
-    pk.add_argument("--out", required=True, help="output folder: seq<T>/ per MSL, pack.json")
-    pk.add_argument("--seq_len", required=True, help="one or more, e.g. 2048,8192")
-    pk.add_argument("--val_fraction", type=float, help="hash-held-out share (default 0.02)")
-    pk.add_argument("--seed", type=int, default=0)
-    pk.add_argument("--processes", type=int, help="encoding processes (default: all cores)")
-    pk.add_argument("--shard_tokens", type=int, default=50_000_000)
-    pk.add_argument("--doc_index", action="store_true", help="write .docs.npy document starts")
-    pk.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
-    pk.add_argument("--eos_token", default="<|endoftext|>")
-    pk.add_argument("--keep_work", action="store_true", help="keep the per-file encoded ids")
-
-
-def cmd_tokenizer(args: argparse.Namespace) -> int:
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     import json
 
-    if args.tokenizer_verb == "report":
-        from lmfab.data.fertility import fertility_report, format_table
-
-        report = fertility_report(
-            args.tokenizer, args.input, max_bytes=int(args.max_bytes), split=args.split,
-            val_fraction=args.val_fraction, seed=args.seed, out_dir=args.out,
-        )
-        print(format_table(report["rows"]))
-        if args.out:
-            print(f"wrote {args.out}/report.md, report.json, fertility.png")
-        return 0
     from lmfab.data.tokenizer import train_tokenizer
 
     specials = [args.eos_token, *([args.pad_token] if args.pad_token else []), *args.special_tokens]
@@ -238,13 +395,25 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_report(args: argparse.Namespace) -> int:
+    from lmfab.data.fertility import fertility_report, format_table
+
+    report = fertility_report(args.tokenizer, args.input, max_bytes=int(args.max_bytes),
+                              split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+                              out_dir=args.out)
+    print(format_table(report["rows"]))
+    if args.out:
+        print(f"wrote {args.out}/report.md, report.json, fertility.png")
+    return 0
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
     from lmfab.data.pack import pack_corpus
 
     try:
         seq_lens = [int(x) for x in args.seq_len.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"lmfab data pack: --seq_len must be integers like 2048,8192, "
+        raise SystemExit(f"lmfab data pack: --seq-len must be integers like 2048,8192, "
                          f"got {args.seq_len!r}") from None
     pack_corpus(
         args.input, args.out, tokenizer=args.tokenizer, seq_lens=seq_lens,
@@ -255,45 +424,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data(args: argparse.Namespace) -> int:
-    if args.data_verb == "curate":
-        return cmd_curate(args)
-    if args.data_verb in ("tokenizer", "pack"):
-        return cmd_tokenizer(args) if args.data_verb == "tokenizer" else cmd_pack(args)
-    from lmfab.data.tokenize import tokenize_corpus
-
-    tokenize_corpus(
-        args.input, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
-        tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
-    )
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from lmfab.infer.generate import generate_text
-
-    text = generate_text(
-        args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,
-    )
-    print(text)
-    return 0
-
-
-def cmd_mup(args: argparse.Namespace) -> int:
+def cmd_coord_check(args: argparse.Namespace) -> int:
     import json
 
-    from lmfab.config.load import load_config, load_model_config, write_config
-
-    if args.mup_verb == "transfer":
-        from lmfab.mup.transfer import transfer
-
-        target, changes = transfer(load_config(args.proxy), load_config(args.target))
-        write_config(target, args.out)
-        print("\n".join(f"  {c}" for c in changes))
-        print(f"wrote {args.out}")
-        return 0
-
+    from lmfab.config.load import load_model_config
     from lmfab.mup.coord_check import coord_check, format_table, plot, spread
 
     overrides = list(args.overrides) + ([f"n_layer={args.n_layer}"] if args.n_layer else [])
@@ -316,42 +450,23 @@ def cmd_mup(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_import(args: argparse.Namespace) -> int:
+def cmd_transfer(args: argparse.Namespace) -> int:
     from lmfab.config.load import load_config, write_config
+    from lmfab.mup.transfer import transfer
 
-    cfg = load_config(args.file)  # converts, prints notices, validates
-    write_config(cfg, args.out)
+    target, changes = transfer(load_config(args.proxy), load_config(args.target))
+    write_config(target, args.out)
+    print("\n".join(f"  {c}" for c in changes))
     print(f"wrote {args.out}")
     return 0
 
 
-def _scaling_parsers(verbs) -> None:
-    pl = verbs.add_parser("plan", help="a compute-optimal params YAML from a budget")
-    size = pl.add_mutually_exclusive_group(required=True)
-    size.add_argument("--flops", type=float, help="training compute budget in FLOPs")
-    size.add_argument("--params", type=float, help="model size (parameters)")
-    size.add_argument("--tokens", type=float, help="training tokens")
-    pl.add_argument("--family", default="cerebras-gpt",
-                    help="shape rule: a name in configs/families/ or a YAML path")
-    pl.add_argument("--tokens_per_param", type=float, help="default: the family's (20)")
-    pl.add_argument("--base", help="params YAML whose data, eval and runconfig the plan keeps")
-    pl.add_argument("--proxy", help="tuned muP proxy params: its hyperparameters carry over")
-    pl.add_argument("--fit", help="fit.json (or its folder) from `lmfab fit`: predicted loss")
-    pl.add_argument("--data_dir", help="train_input.data_dir of the plan")
-    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    pl.add_argument("-o", "--out", help="params YAML to write")
-    sw = verbs.add_parser("sweep", help="expand a sweep YAML, run its points (resumable), collect")
-    sw.add_argument("sweep", help="sweep YAML (configs/sweeps/)")
-    sw.add_argument("--only", nargs="+", help="point or group names to run")
-    sw.add_argument("--parallel", type=int, help="points at a time (default: the file's, or 1)")
-    sw.add_argument("--collect", action="store_true", help="only collect the results table")
-    sw.add_argument("--list", action="store_true", help="write each point's params.yaml and list them with their status; run nothing")
-    ft = verbs.add_parser("fit", help="fit scaling laws to a sweep's results")
-    ft.add_argument("sweep_dir", help="a sweep folder or its results.jsonl")
-    ft.add_argument("--predict", help="params YAML of a target run: its predicted loss")
-    ft.add_argument("--form", default="power", choices=["power", "chinchilla", "both"])
-    ft.add_argument("--metric", default="eval_loss", choices=["eval_loss", "bpb"])
-    ft.add_argument("-o", "--out", required=True, help="folder for fit.json and the plots")
+def cmd_import_modelzoo(args: argparse.Namespace) -> int:
+    from lmfab.config.load import load_config, write_config
+
+    write_config(load_config(args.file), args.out)  # converts, prints notices, validates
+    print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -382,9 +497,94 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+# The table.
+
+VERBS: dict[str, Verb | Group] = {
+    "train": Verb(cmd_train, _train_flags, "train from one params YAML (= run --mode train)"),
+    "eval": Verb(cmd_eval, _eval_flags,
+                 "evaluate a run's newest checkpoint on held-out data (= run --mode eval)"),
+    "run": Verb(cmd_run, _run_flags, "train and/or evaluate, the Model Zoo's run.py: --mode "
+                "train | eval | train_and_eval | eval_all"),
+    "generate": Verb(cmd_generate, _generate_flags, "sample text from a trained run"),
+    "plan": Verb(cmd_plan, _plan_flags, "a compute-optimal params YAML from a budget "
+                 "(FLOPs, parameters or tokens) and a family rule"),
+    "sweep": Verb(cmd_sweep, _sweep_flags, "expand a sweep YAML into runs, run them "
+                  "(resumable, several at a time), collect a results table"),
+    "fit": Verb(cmd_fit, _fit_flags, "fit scaling laws to a sweep's results; predict a "
+                "target run's loss"),
+    "data": Group("prepare data: curate, tokenize, train tokenizers, pack", {
+        "curate": Verb(cmd_curate, _curate_flags,
+                       "clean, dedup, mix and split a corpus (the SlimPajama recipe)"),
+        "tokenize": Verb(cmd_tokenize, _tokenize_flags,
+                         "train or load a BPE tokenizer and pack token shards, in one step"),
+        "tokenizer": Group("train or compare BPE tokenizers", {
+            "train": Verb(cmd_tokenizer_train, _tokenizer_train_flags,
+                          "byte-level BPE from a streamed, weighted sample"),
+            "report": Verb(cmd_tokenizer_report, _tokenizer_report_flags,
+                           "fertility per source and language, tokenizers side by side"),
+        }),
+        "pack": Verb(cmd_pack, _pack_flags,
+                     "tokenize on all cores and pack shards at one or more sequence lengths"),
+    }),
+    "mup": Group("muP tools", {
+        "coord-check": Verb(cmd_coord_check, _coord_check_flags,
+                            "activation-update scale per layer type against width, muP and SP"),
+        "transfer": Verb(cmd_transfer, _transfer_flags,
+                         "write a target params YAML with a proxy's tuned muP HPs"),
+    }),
+    "import": Group("convert other tools' configs", {
+        "modelzoo": Verb(cmd_import_modelzoo, _modelzoo_flags,
+                         "a Cerebras Model Zoo GPT-2 / GPT-3 / BTLM params YAML"),
+    }),
+}
+
+
+def _add_verbs(parser: argparse.ArgumentParser, verbs: dict[str, Verb | Group], path: str) -> None:
+    sub = parser.add_subparsers(dest=f"_{path or 'verb'}", metavar="VERB", required=True,
+                                help="one of:")
+    for name, entry in verbs.items():
+        p = sub.add_parser(name, help=entry.help, description=entry.help, formatter_class=_Help)
+        if isinstance(entry, Group):
+            _add_verbs(p, entry.verbs, f"{path}_{name}")
+        else:
+            entry.flags(p)
+            p.set_defaults(handler=entry.run, verb=f"{path} {name}".replace("_", " ").strip())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmfab", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=_Help)
+    from lmfab import __version__  # importlib.metadata's, from pyproject.toml
+
+    p.add_argument("--version", action="version", version=f"lmfab {__version__}")
+    _add_verbs(p, VERBS, "")
+    return p
+
+
+# Flags consumed by the launcher and not passed on to the relaunched processes.
+_LAUNCH_FLAGS = {f"--{name}" for dashed in ("num-devices", "num-nodes", "node-rank", "master-addr",
+                                             "master-port")
+                 for name in (dashed, dashed.replace("-", "_"))}
+
+
+def _strip_launch_flags(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _LAUNCH_FLAGS:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    if code:  # a rank started by `--num_devices`: tell the launcher why it stopped
+    if code:  # a rank started by `--num-devices`: tell the launcher why it stopped
         from lmfab.dist.launch import record_rank_code
 
         record_rank_code(code)
@@ -394,21 +594,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     from lmfab.config import ConfigError
     from lmfab.data.shards import ShardError
 
     try:
-        if args.verb == "run":
-            return cmd_run(args, argv)
-        if args.verb == "data":
-            return cmd_data(args)
-        if args.verb == "mup":
-            return cmd_mup(args)
-        if args.verb == "import":
-            return cmd_import(args)
-        if args.verb in ("plan", "sweep", "fit"):
-            return {"plan": cmd_plan, "sweep": cmd_sweep, "fit": cmd_fit}[args.verb](args)
-        return cmd_generate(args)
+        return args.handler(args)
     except (ConfigError, ShardError, FileNotFoundError, ValueError) as e:
         if os.environ.get("LMFAB_DEBUG"):  # the full traceback, for bug reports
             raise
