@@ -43,6 +43,9 @@ def plot_power_fit(fit: PowerFit, path: str, *, target: dict | None = None) -> N
         err = [[target["loss"] - target["loss_lo"]], [target["loss_hi"] - target["loss"]]]
         ax.errorbar([target["flops"]], [target["loss"]], yerr=err, fmt="*", color="C3",
                     ms=12, capsize=4, label=f"target {target['loss']:.3f}")
+        if target.get("realized") is not None:  # the target's measured loss, once trained
+            ax.plot([target["flops"]], [target["realized"]], "D", color="C2", ms=8,
+                    label=f"target trained {target['realized']:.3f}")
     ax.set_xscale("log")
     ax.set_ylabel("eval loss (nats/token)")
     ax.set_title(f"L(C) = (C/C0)^-b + c    R² = {fit.r2:.4f}")
