@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmfab.scaling.plan import PlanError, load_family, plan
+from lmfab.scaling.plan import PlanError, plan
 from lmfab.scaling.sweep import SweepError, expand, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,26 +61,51 @@ def test_plan_refuses_bad_budgets():
         plan(family="cerebras", params=1e8)
 
 
-def test_planned_params_file_runs_a_dry_run(tmp_path, tiny_data):
-    from lmfab.scaling.plan import params_dict
-
-    fam = load_family("subscale")
-    p = plan(family="subscale", params=3e6)
-    raw = params_dict(p, fam, data_dir=str(tiny_data))
+def test_lmfab_plan_writes_a_params_file_that_lmfab_run_takes(tmp_path, tiny_data):
     f = tmp_path / "plan.yaml"
-    f.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "lmfab", "run", "--params", str(f), "--dry-run"],
+    lmfab = [sys.executable, "-m", "lmfab"]
+    proc = subprocess.run([*lmfab, "plan", "--params", "3e6", "--family", "subscale",
+                           "--data-dir", str(tiny_data), "-o", str(f)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    p = plan(family="subscale", params=3e6)
+    assert f"{p.n_params:,}" in proc.stdout and "tokens/parameter" in proc.stdout
+    raw = yaml.safe_load(f.read_text())
+    assert list(raw) == ["model", "optimizer", "train_input", "runconfig"]
+    assert raw["runconfig"]["max_steps"] == p.steps
+    proc = subprocess.run([*lmfab, "run", "--params", str(f), "--dry-run"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"{p.n_params:,}" in proc.stdout  # lmfab run counts what the plan counted
     assert f"{p.batch_size * p.seq_len:,} tokens/step" in proc.stdout
 
 
+def test_lmfab_plan_bad_budget_is_one_message_and_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "lmfab", "plan", "--flops", "1e9"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "smallest shape" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plan_predicts_loss_from_a_fit(tmp_path):
+    from lmfab.scaling.fit import fit_power_law
+    from lmfab.scaling.plan import predicted_loss
+
+    C = [1e17 * 2**i for i in range(8)]
+    noise = [1.002, 0.998, 1.001, 0.999, 1.003, 0.997, 1.0, 1.001]
+    law = fit_power_law(C, [((c / 5.984e22) ** -0.0737 + 0.5066) * e for c, e in zip(C, noise)],
+                        bootstrap=50)
+    (tmp_path / "fit.json").write_text(json.dumps({"power": law.to_dict()}))
+    got = predicted_loss(tmp_path, 1e20)
+    assert got["loss"] == pytest.approx((1e20 / 5.984e22) ** -0.0737 + 0.5066, rel=0.01)
+    assert got["lo"] < got["loss"] < got["hi"]
+
+
 # -- a tiny sweep on the CPU ---------------------------------------------------------------
 
 
 def _tiny_sweep(tmp_path: Path, data: Path, sizes=(1.5e4, 3e4, 6e4, 1.2e5)) -> Path:
-    fam = {"name": "tiny", "tokens_per_param": 1.5, "seq_len": 32, "vocab_size": 512,
+    fam = {"name": "tiny", "tokens_per_param": 0.5, "seq_len": 32, "vocab_size": 512,
            "warmup_tokens": 2000, "min_layers": 1,
            "model": {"pos": "learned", "mlp": "gelu", "norm": "layernorm"},
            "anchors": [{"params": 2e4, "n_layer": 1, "d_model": 32, "d_head": 16,
@@ -168,10 +193,16 @@ def test_sweep_is_killed_resumes_and_collects(tmp_path, tiny_data):
     again = run_sweep(path)
     assert [r["eval_loss"] for r in again] == [r["eval_loss"] for r in rows]
 
+    # ... and the fit reads it: larger runs, lower loss, a falling law.
+    from lmfab.scaling.fit import run_fit
+
+    fit = run_fit(out, out_dir=tmp_path / "fit", bootstrap=50, echo=False)
+    assert fit["power"]["b"] > 0 and (tmp_path / "fit" / "power_fit.png").stat().st_size > 1000
+
 
 @pytest.mark.slow
 def test_sweep_records_failed_points_and_goes_on(tmp_path, tiny_data):
-    path = _tiny_sweep(tmp_path, tiny_data, sizes=(1.5e4, 3e4))
+    path = _tiny_sweep(tmp_path, tiny_data, sizes=(1.5e4,))
     spec = yaml.safe_load(path.read_text())
     spec["groups"].append({"name": "broken", "family": spec["groups"][0]["family"],
                            "params": [1.5e4], "set": {"train_input.data_dir": "/nonexistent"}})
@@ -179,6 +210,6 @@ def test_sweep_records_failed_points_and_goes_on(tmp_path, tiny_data):
     rows = run_sweep(path)
     status = {r["name"]: r["status"] for r in rows}
     assert status["broken-params1.5e04"] == "unfinished"
-    assert [s for n, s in status.items() if n.startswith("fam")] == ["done", "done"]
+    assert [s for n, s in status.items() if n.startswith("fam")] == ["done"]
     broken = next(r for r in rows if r["group"] == "broken")
     assert "nonexistent" in broken["reason"]
