@@ -209,7 +209,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     import json
 
     if args.tokenizer_verb == "report":
-        from lmfab.data.fertility import fertility_report, format_table
+        from lmfab.data.prep.fertility import fertility_report, format_table
 
         report = fertility_report(
             args.tokenizer, args.input, max_bytes=int(args.max_bytes), split=args.split,
@@ -219,7 +219,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         if args.out:
             print(f"wrote {args.out}/report.md, report.json, fertility.png")
         return 0
-    from lmfab.data.tokenizer import train_tokenizer
+    from lmfab.data.prep.bpe_train import train_tokenizer
 
     specials = [args.eos_token, *([args.pad_token] if args.pad_token else []), *args.special_tokens]
     summary = train_tokenizer(
@@ -238,7 +238,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from lmfab.data.pack import pack_corpus
+    from lmfab.data.prep.pack import pack_corpus
 
     try:
         seq_lens = [int(x) for x in args.seq_len.split(",") if x.strip()]
@@ -259,7 +259,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         return cmd_curate(args)
     if args.data_verb in ("tokenizer", "pack"):
         return cmd_tokenizer(args) if args.data_verb == "tokenizer" else cmd_pack(args)
-    from lmfab.data.tokenize import tokenize_corpus
+    from lmfab.data.prep.tokenize_corpus import tokenize_corpus
 
     tokenize_corpus(
         args.input, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,

@@ -37,7 +37,7 @@ from lmfab.data.curate.dedup import global_dedup
 from lmfab.data.curate.executor import make_executor
 from lmfab.data.curate.recipe import Recipe, recipe_to_dict
 from lmfab.data.curate.stats import build_stats, format_table
-from lmfab.data.readers import list_files
+from lmfab.data.prep.readers import list_files
 
 SPLITS = ("train", "holdout")
 
@@ -100,7 +100,7 @@ def _u01(ordinal: np.ndarray, salt: np.ndarray | int, seed: int) -> np.ndarray:
 
 def _eval_keys(paths: list[str]) -> np.ndarray:
     from lmfab.data.curate import text as T
-    from lmfab.data.readers import iter_documents
+    from lmfab.data.prep.readers import iter_documents
 
     raw = b"".join(T.sha256_128(T.normalize(d.text)) for d in iter_documents(paths))
     return np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)

@@ -28,7 +28,7 @@ import zstandard
 
 from lmfab.data.curate import text as T
 from lmfab.data.curate.recipe import Recipe
-from lmfab.data.readers import Document, ReadStats, iter_documents
+from lmfab.data.prep.readers import Document, ReadStats, iter_documents
 
 MAX_BATCH_CHARS = 4_000_000
 

@@ -39,10 +39,10 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmfab.data.encode import split_hash
-from lmfab.data.pack import EOS_TOKEN
-from lmfab.data.progress import Progress
-from lmfab.data.readers import Document, iter_documents, list_files
+from lmfab.data.prep.encode import split_hash
+from lmfab.data.prep.pack import EOS_TOKEN
+from lmfab.data.prep.progress import Progress
+from lmfab.data.prep.readers import Document, iter_documents, list_files
 
 PAD_TOKEN = "<|pad|>"
 PRETOKENIZERS = ("gpt2", "gpt2-marks")

@@ -21,7 +21,7 @@ Two stages, so that the expensive one runs in parallel and resumes per file:
    (``out/seq2048/``, ``out/seq8192/``) is a complete dataset: ``tokenizer.json``,
    ``train/`` and ``val/`` shards and ``meta.json``, which ``train_input.data_dir`` can
    name directly. With ``doc_index`` each shard gets a ``.docs.npy`` sidecar of document
-   start offsets (see ``shards.py``). ``pack.json`` at the top is written last and marks
+   start offsets (see ``lmfab.data.shards``). ``pack.json`` at the top is written last and marks
    the whole run done; the work files are then removed (``keep_work`` keeps them).
 
 Splits: ``val_inputs`` files go to ``val`` whole (the curation pipeline's holdout);
@@ -51,14 +51,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmfab import __version__
-from lmfab.data.encode import (
+from lmfab.data.prep.encode import (
     encode_files,
     file_key,
     load_result,
     write_json,
 )
-from lmfab.data.progress import Progress
-from lmfab.data.readers import list_files
+from lmfab.data.prep.progress import Progress
+from lmfab.data.prep.readers import list_files
 from lmfab.data.shards import ShardWriter, shard_dtype
 from lmfab.data.shards import tokenizer_hash as file_sha256
 

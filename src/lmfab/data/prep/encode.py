@@ -6,7 +6,7 @@ whole files. Otherwise the main process reads each input file in order
 hands them to a pool of worker processes
 (``spawn``; each loads ``tokenizer.json`` once, with Hugging Face's own thread pool off so
 that a process is a core, and encodes with tiktoken where that is provably the same
-tokenizer (:mod:`lmfab.data.fastbpe`), else with HF's ``encode_batch_fast``;
+tokenizer (:mod:`lmfab.data.prep.tiktoken_bpe`), else with HF's ``encode_batch_fast``;
 ``LMFAB_ENCODER=hf`` forces HF). A worker returns the chunk's ids,
 every document followed by EOS, plus per-document length, byte count and split hash. At most
 ``3 * processes`` chunks are in flight, so memory stays bounded, and results are consumed in
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from lmfab.data.fastbpe import tiktoken_encoding
-from lmfab.data.progress import Progress
-from lmfab.data.readers import iter_documents
+from lmfab.data.prep.progress import Progress
+from lmfab.data.prep.readers import iter_documents
+from lmfab.data.prep.tiktoken_bpe import tiktoken_encoding
 
 CHUNK_BYTES = 1 << 20  # text per encode task
 CHUNK_DOCS = 2048
@@ -62,7 +62,7 @@ def _init_worker(tokenizer_path: str, eos_id: int, n_vocab: int, seed: int, one_
         _WORKER["error"] = f"{tokenizer_path}: cannot load the tokenizer in a worker: {err}"
         return
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is just text
-    # GPT-2-style BPE: the same tokens through tiktoken, ~3.8x faster (data/fastbpe.py).
+    # GPT-2-style BPE: the same tokens through tiktoken, ~3.8x faster (prep/tiktoken_bpe.py).
     fast = None if os.environ.get("LMFAB_ENCODER") == "hf" else tiktoken_encoding(tokenizer_path)
     _WORKER.update(tok=tok, fast=fast, eos=eos_id, n_vocab=n_vocab, seed=seed,
                    path=tokenizer_path)
