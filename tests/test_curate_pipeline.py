@@ -165,10 +165,10 @@ def test_workers_and_resume_give_identical_output(corpus, reference_run, tmp_pat
 
 
 def test_changed_recipe_refuses_to_resume(corpus, reference_run):
-    from lmfab.config import ConfigError
+    from lmfab.data.errors import DataConfigError
 
     root, _ = corpus
-    with pytest.raises(ConfigError, match="different recipe"):
+    with pytest.raises(DataConfigError, match="different recipe"):
         curate(recipe([str(root)], reference_run[0], filter={"min_chars": 10}), workers=1,
                progress=False)
 

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lmfab.config.load import ConfigError
 from lmfab.data.curate import tasks as K
 from lmfab.data.curate.dedup import global_dedup
 from lmfab.data.curate.executor import make_executor
 from lmfab.data.curate.recipe import Recipe, recipe_to_dict
 from lmfab.data.curate.stats import build_stats, format_table
+from lmfab.data.errors import DataConfigError
 from lmfab.data.prep.readers import list_files
 
 SPLITS = ("train", "holdout")
@@ -76,7 +76,7 @@ def _estimated_bytes(path: str) -> int:
 def plan_tasks(recipe: Recipe) -> list[dict]:
     files = _list_inputs(recipe.read.inputs)
     if not files:
-        raise ConfigError(f"read.inputs: no input files found in {recipe.read.inputs}")
+        raise DataConfigError(f"read.inputs: no input files found in {recipe.read.inputs}")
     tasks = []
     for fi, path in enumerate(files):
         slices = 1
@@ -179,7 +179,7 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
     resolved = json.dumps(recipe_to_dict(recipe), sort_keys=True)
     stored = work / "recipe.json"
     if stored.exists() and stored.read_text() != resolved:
-        raise ConfigError(f"{out}: holds the output of a different recipe; delete it or choose "
+        raise DataConfigError(f"{out}: holds the output of a different recipe; delete it or choose "
                           f"another write.output (stored recipe: {stored})")
     K.atomic_write_bytes(stored, resolved.encode())
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
