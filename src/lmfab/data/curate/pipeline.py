@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmfab.atomic import atomic_write_bytes, read_done, write_done
 from lmfab.data.curate import tasks as K
 from lmfab.data.curate.dedup import global_dedup
 from lmfab.data.curate.executor import make_executor
@@ -167,7 +168,7 @@ def _save_npz(path: Path, **arrays) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    K.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = None,
@@ -181,7 +182,7 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
     if stored.exists() and stored.read_text() != resolved:
         raise DataConfigError(f"{out}: holds the output of a different recipe; delete it or choose "
                           f"another write.output (stored recipe: {stored})")
-    K.atomic_write_bytes(stored, resolved.encode())
+    atomic_write_bytes(stored, resolved.encode())
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     t_start = time.perf_counter()
     tasks = plan_tasks(recipe)
@@ -200,15 +201,15 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
         t0 = time.perf_counter()
         keep = dec["near_keep"]
         plan_path = work / "plan.npz"
-        if not (work / "plan.done").exists():
+        if read_done(work / "plan.done") is None:
             p = _plan(recipe, arrays, keep, sources)
             offsets = np.concatenate(([0], np.cumsum([s["n"] for s in summaries])))
             task_of = np.searchsorted(offsets, p["row"], side="right") - 1
             _save_npz(plan_path, task=task_of, local=p["row"] - offsets[task_of],
                       row=p["row"], split=p["split"], shard=p["shard"], rank=p["rank"])
-            K.mark_done(work / "plan.done", p["info"])
+            write_done(work / "plan.done", p["info"])
         plan = dict(np.load(plan_path))
-        plan_info = json.loads((work / "plan.done").read_text())
+        plan_info = read_done(work / "plan.done")
         (work / "scatter").mkdir(exist_ok=True)
         ex.map(K.scatter_task, [(str(work), t["index"], recipe.write.keep_meta) for t in tasks],
                "mix/split: scatter")
@@ -225,8 +226,8 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
     stats["executor"] = {"kind": executor, "workers": ex.workers}
     stats["tasks"] = len(tasks)
     rejects = [m for s in summaries for m in s["rejects"]]
-    K.atomic_write_bytes(out / "rejects.txt", "".join(m + "\n" for m in rejects).encode())
-    K.atomic_write_bytes(out / "stats.json", json.dumps(stats, indent=1).encode())
+    atomic_write_bytes(out / "rejects.txt", "".join(m + "\n" for m in rejects).encode())
+    atomic_write_bytes(out / "stats.json", json.dumps(stats, indent=1).encode())
     if progress:
         print(format_table(stats))
     return stats
@@ -284,9 +285,9 @@ def _shingle_loader(recipe: Recipe, work: Path, summaries: list[dict], ex):
 def _dedup_phase(recipe: Recipe, work: Path, arrays: dict, summaries: list[dict], log,
                  ex) -> dict:
     path = work / "dedup.npz"
-    if (work / "dedup.done").exists():
-        z = dict(np.load(path))
-        return {**z, "info": json.loads((work / "dedup.done").read_text())}
+    info = read_done(work / "dedup.done")
+    if info is not None:
+        return {**dict(np.load(path)), "info": info}
     n = len(arrays["ordinal"])
     if recipe.exact_dedup is None and recipe.near_dedup is None:
         dec = {"exact_keep": np.ones(n, bool), "near_keep": np.ones(n, bool),
@@ -306,7 +307,7 @@ def _dedup_phase(recipe: Recipe, work: Path, arrays: dict, summaries: list[dict]
                         arrays["ordinal"], dec["cluster"])
     _save_npz(path, exact_keep=dec["exact_keep"], near_keep=dec["near_keep"],
               cluster=dec["cluster"])
-    K.mark_done(work / "dedup.done", dec["info"])
+    write_done(work / "dedup.done", dec["info"])
     shutil.rmtree(work / "verify", ignore_errors=True)  # the n-gram sets: 8 B per n-gram
     return dec
 
@@ -327,4 +328,4 @@ def _write_clusters(path: Path, summaries: list[dict], work: Path, ordinal: np.n
     for k, (_, rows) in enumerate(sorted(groups.items(), key=lambda g: ordinal[g[1][0]])):
         lines.append(json.dumps({"cluster": k, "ids": [ids[i] for i in rows], "kept": ids[rows[0]]},
                                 ensure_ascii=False))
-    K.atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))

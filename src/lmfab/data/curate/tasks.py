@@ -10,7 +10,7 @@
 * ``gather_task`` -- one output shard: its buckets from every task, sorted by rank, written
   as ``jsonl.zst``.
 
-Every file is written under a temporary name and renamed; the marker is written last, so
+Every file is written atomically (:mod:`lmfab.atomic`); the done marker is written last, so
 a killed run leaves either a complete task or none (resume = skip the marked ones).
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,21 +25,12 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from lmfab.atomic import atomic_open, atomic_write_bytes, read_done, write_done
 from lmfab.data.curate import text as T
 from lmfab.data.curate.recipe import Recipe
 from lmfab.data.prep.readers import Document, ReadStats, iter_documents
 
 MAX_BATCH_CHARS = 4_000_000
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def mark_done(path: Path, info: dict | None = None) -> None:
-    atomic_write_bytes(path, json.dumps(info or {}).encode())
 
 
 class _Rejects(ReadStats):
@@ -88,7 +78,7 @@ def map_task(recipe: Recipe, task: dict, work: str) -> dict:
     work_dir = Path(work) / "map"
     tid = f"t{task['index']:05d}"
     done = work_dir / f"{tid}.done"
-    if done.exists():
+    if read_done(done) is not None:
         return json.loads((work_dir / f"{tid}.json").read_text())
     r = recipe
     k, n_slices, block = task["slice"], task["slices"], r.read.block_lines
@@ -165,7 +155,7 @@ def map_task(recipe: Recipe, task: dict, work: str) -> dict:
         "rejects": rejects.all_errors, "seconds": dict(secs),
     }
     atomic_write_bytes(work_dir / f"{tid}.json", json.dumps(summary).encode())
-    mark_done(done)
+    write_done(done)
     return summary
 
 
@@ -222,7 +212,7 @@ def shingle_task(recipe: Recipe, work: str, index: int, local: list[int]) -> int
     base = Path(work) / "verify"
     tid = f"t{index:05d}"
     done = base / f"{tid}.done"
-    if done.exists():
+    if read_done(done) is not None:
         return 0
     nd = recipe.near_dedup
     with open(Path(work) / "map" / f"{tid}.docs.jsonl.zst", "rb") as raw:
@@ -233,8 +223,7 @@ def shingle_task(recipe: Recipe, work: str, index: int, local: list[int]) -> int
     del lines
     mh = MinHasher(nd.ngram, nd.num_perm, nd.bands, nd.rows, nd.seed, nd.hashing)
     counts = np.zeros(len(texts), dtype=np.int64)
-    tmp = base / f"{tid}.u64.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(base / f"{tid}.u64") as f:
         i = 0
         while i < len(texts):
             j, chars = i, 0
@@ -249,22 +238,19 @@ def shingle_task(recipe: Recipe, work: str, index: int, local: list[int]) -> int
                 counts[i + d] = len(u)
                 f.write(u.astype("<u8", copy=False).tobytes())
             i = j
-    os.replace(tmp, base / f"{tid}.u64")
     buf = io.BytesIO()
     np.savez(buf, local=np.asarray(local, dtype=np.int64),
              offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
     atomic_write_bytes(base / f"{tid}.npz", buf.getvalue())
-    mark_done(done)
+    write_done(done)
     return len(local)
 
 
 def _write_docs(path: Path, kept: list[tuple]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=1).stream_writer(raw) as out:
+    with atomic_open(path) as raw, zstandard.ZstdCompressor(level=1).stream_writer(raw) as out:
         for _, source, text, _, doc_id, meta, _ in kept:
             rec = {"text": text, "source": source, "id": doc_id, "meta": meta}
             out.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-    os.replace(tmp, path)
 
 
 def read_docs(path: Path) -> list[dict]:
@@ -284,7 +270,7 @@ def scatter_task(work: str, index: int, keep_meta: bool) -> int:
     """Write task ``index``'s planned copies into bucket files, one per (split, shard)."""
     base = Path(work)
     done = base / "scatter" / f"t{index:05d}.done"
-    if done.exists():
+    if read_done(done) is not None:
         return 0
     plan = np.load(base / "plan.npz")
     sel = plan["task"] == index
@@ -301,7 +287,7 @@ def scatter_task(work: str, index: int, keep_meta: bool) -> int:
         buckets[(sp, sh)].append(f"{rk}\t{lines[li]}\n")
     for (sp, sh), rows in buckets.items():
         atomic_write_bytes(out_dir / f"{sp}-{sh:05d}.txt", "".join(rows).encode("utf-8"))
-    mark_done(done)
+    write_done(done)
     return len(local)
 
 
@@ -310,7 +296,7 @@ def gather_task(work: str, split_name: str, split_id: int, shard: int, n_tasks: 
     """Concatenate one output shard's buckets in rank order into a jsonl.zst file."""
     base = Path(work)
     done = base / "gather" / f"{split_name}-{shard:05d}.done"
-    if done.exists():
+    if read_done(done) is not None:
         return 0
     rows: list[tuple[int, str]] = []
     for t in range(n_tasks):
@@ -327,5 +313,5 @@ def gather_task(work: str, split_name: str, split_id: int, shard: int, n_tasks: 
     data = "".join(rec + "\n" for _, rec in rows).encode("utf-8")
     atomic_write_bytes(out, zstandard.ZstdCompressor(level=level).compress(data))
     (base / "gather").mkdir(exist_ok=True)
-    mark_done(done)
+    write_done(done)
     return len(rows)

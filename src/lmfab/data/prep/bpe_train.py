@@ -39,6 +39,7 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmfab.atomic import atomic_path
 from lmfab.data.prep.encode import split_hash
 from lmfab.data.prep.pack import EOS_TOKEN
 from lmfab.data.prep.progress import Progress
@@ -302,8 +303,8 @@ def train_tokenizer(
     log.done()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out) + ".tmp")
-    os.replace(str(out) + ".tmp", out)
+    with atomic_path(out) as tmp:
+        tok.save(str(tmp))
     return {
         "tokenizer": str(out),
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),

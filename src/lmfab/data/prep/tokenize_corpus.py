@@ -36,6 +36,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from lmfab.atomic import atomic_path
 from lmfab.data.prep.bpe_train import train_tokenizer
 from lmfab.data.prep.encode import split_hash
 from lmfab.data.prep.pack import (
@@ -102,8 +103,8 @@ def tokenize_corpus(
         load_checked_tokenizer(tokenizer)
         out.mkdir(parents=True, exist_ok=True)
         if not (tok_path.exists() and os.path.samefile(tokenizer, tok_path)):
-            shutil.copyfile(tokenizer, str(tok_path) + ".tmp")
-            os.replace(str(tok_path) + ".tmp", tok_path)
+            with atomic_path(tok_path) as tmp:
+                shutil.copyfile(tokenizer, tmp)
     else:
         train_tokenizer(
             files, tok_path, vocab_size=vocab_size, min_frequency=min_frequency,
