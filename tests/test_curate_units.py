@@ -48,6 +48,29 @@ def test_cli_turns_a_bad_recipe_into_one_message(tmp_path, capsys):
     assert rc == 2 and "missing.yaml: params file not found" in capsys.readouterr().err
 
 
+def test_steps_count_per_source_and_stage():
+    from lmfab.data.curate.steps import WorkDoc, build_steps
+
+    r = recipe_from_dict({"read": {"inputs": ["x"]}, "write": {"output": "o"},
+                          "clean": {}, "filter": {"min_chars": 5}})
+    read, clean, filt = build_steps(r)
+    docs = [("A", "Cafe\u0301 au lait"), ("A", "tiny"), ("B", "long enough text")]
+    kept = []
+    for source, text in docs:
+        d = WorkDoc(source, text, len(text.encode("utf-8")))
+        if read(d) and clean(d) and filt(d):
+            kept.append(d)
+    assert [d.text for d in kept] == ["Caf\u00e9 au lait", "long enough text"]  # NFC, 1 byte less
+    assert kept[0].norm == "café au lait"
+    assert read.counts() == {"A": [2, 18, 2, 18], "B": [1, 16, 1, 16]}
+    assert clean.counts() == {"A": [2, 18, 2, 17], "B": [1, 16, 1, 16]}
+    assert filt.counts() == {"A": [2, 17, 1, 13], "B": [1, 16, 1, 16]}
+    bare = build_steps(recipe_from_dict({"read": {"inputs": ["x"]}, "write": {"output": "o"}}))
+    d = WorkDoc("A", "x", 1)
+    assert all(step(d) for step in bare) and d.norm == ""
+    assert [step.counts() for step in bare[1:]] == [{}, {}]  # absent stages count nothing
+
+
 def test_normalize_matches_slimpajama_formula():
     rng = random.Random(0)
     alphabet = "aZ9 \t\n\r\x0b\x0c\x1c\x85\u00a0\u2028\u3000.,!?'\"-_()[]{}éÉİK\u212aﬁ\u0301مرحبا🙂"

@@ -74,7 +74,7 @@ def _estimated_bytes(path: str) -> int:
     return 3 * size if path.endswith(".parquet") else size
 
 
-def plan_tasks(recipe: Recipe) -> list[dict]:
+def plan_tasks(recipe: Recipe) -> list[K.MapTask]:
     files = _list_inputs(recipe.read.inputs)
     if not files:
         raise DataConfigError(f"read.inputs: no input files found in {recipe.read.inputs}")
@@ -84,8 +84,8 @@ def plan_tasks(recipe: Recipe) -> list[dict]:
         if not path.endswith((".txt", ".md")):
             slices = max(1, math.ceil(_estimated_bytes(path) / (recipe.read.task_mb * 1e6)))
         for k in range(slices):
-            tasks.append({"index": len(tasks), "file": fi, "path": path, "slice": k,
-                          "slices": slices})
+            tasks.append(K.MapTask(index=len(tasks), file=fi, path=path, slice=k,
+                                   slices=slices))
     return tasks
 
 
@@ -186,12 +186,13 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     t_start = time.perf_counter()
     tasks = plan_tasks(recipe)
-    log(f"curate: {len(tasks)} map tasks over {len({t['path'] for t in tasks})} files; "
+    log(f"curate: {len(tasks)} map tasks over {len({t.path for t in tasks})} files; "
         f"stages: {' -> '.join(recipe.stages())}")
     ex = make_executor(executor, workers, address, progress)
     try:
         t0 = time.perf_counter()
-        summaries = ex.map(K.map_task, [(recipe, t, str(work)) for t in tasks], "read/clean/filter/hash")
+        summaries = ex.map(K.map_task, [(recipe, str(work), t) for t in tasks],
+                           "read/clean/filter/hash")
         wall = {"map": time.perf_counter() - t0}
         sources = sorted({s for sm in summaries for s in sm["sources"]})
         arrays = _load_arrays(work, summaries, sources)
@@ -211,11 +212,14 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
         plan = dict(np.load(plan_path))
         plan_info = read_done(work / "plan.done")
         (work / "scatter").mkdir(exist_ok=True)
-        ex.map(K.scatter_task, [(str(work), t["index"], recipe.write.keep_meta) for t in tasks],
+        ex.map(K.scatter_task,
+               [(str(work), K.ScatterTask(t.index, recipe.write.keep_meta)) for t in tasks],
                "mix/split: scatter")
         shards = [(name, s, int(plan["shard"][plan["split"] == s].max()) + 1
                    if (plan["split"] == s).any() else 0) for s, name in enumerate(SPLITS)]
-        gathers = [(str(work), name, s, k, len(tasks), str(out), recipe.write.compression_level)
+        gathers = [(str(work), K.GatherTask(split_name=name, split_id=s, shard=k,
+                                            n_tasks=len(tasks), output=str(out),
+                                            level=recipe.write.compression_level))
                    for name, s, n in shards for k in range(n)]
         ex.map(K.gather_task, gathers, "write: gather shards")
         wall["mix_split_write"] = time.perf_counter() - t0
@@ -257,8 +261,9 @@ def _shingle_loader(recipe: Recipe, work: Path, summaries: list[dict], ex):
         load.set_bytes = 0
         rows = np.unique(rows)
         task = np.searchsorted(offsets, rows, side="right") - 1
-        jobs = [(recipe, str(work), int(summaries[t]["index"]),
-                 (rows[task == t] - offsets[t]).tolist()) for t in np.unique(task).tolist()]
+        jobs = [(recipe, str(work), K.ShingleTask(int(summaries[t]["index"]),
+                                                  (rows[task == t] - offsets[t]).tolist()))
+                for t in np.unique(task).tolist()]
         (work / "verify").mkdir(exist_ok=True)
         ex.map(K.shingle_task, jobs, "near_dedup: exact verify (n-gram sets)")
         where: dict[int, tuple[np.ndarray, int, int]] = {}
