@@ -187,7 +187,7 @@ def test_subset_of_stages(corpus, tmp_path):
 
 def test_cli_runs_without_torch(corpus, tmp_path):
     root, _ = corpus
-    recipe_path = REPO / "configs" / "data" / "slimpajama.yaml"
+    recipe_path = REPO / "configs" / "data" / "default.yaml"
     code = (
         "import sys; from lmfab.cli import main; "
         f"rc = main(['data', 'curate', {str(recipe_path)!r}, '--workers', '1', "

@@ -16,7 +16,7 @@ from tests.test_curate_pipeline import REPO
 
 
 def test_recipe_strict_and_overrides(tmp_path):
-    path = REPO / "configs" / "data" / "slimpajama.yaml"
+    path = REPO / "configs" / "data" / "slimpajama-original.yaml"
     r = load_recipe(path, ["read.inputs=[a, b]", f"write.output={tmp_path}",
                            "near_dedup.bands=8", "mix.weights={Books: 2}"])
     assert r.read.inputs == ["a", "b"] and r.near_dedup.bands == 8
@@ -38,7 +38,7 @@ def test_recipe_strict_and_overrides(tmp_path):
 def test_cli_turns_a_bad_recipe_into_one_message(tmp_path, capsys):
     from lmfab.cli import main
 
-    path = REPO / "configs" / "data" / "slimpajama.yaml"
+    path = REPO / "configs" / "data" / "default.yaml"
     rc = main(["data", "curate", str(path), "--set", f"write.output={tmp_path}",
                "--set", "near_dedup.row=3"])
     err = capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Data curation: the SlimPajama recipe as a resumable pipeline over document streams.
 
-    lmfab data curate configs/data/slimpajama.yaml --set read.inputs=[../shared/corpus] \
+    lmfab data curate configs/data/default.yaml --set read.inputs=[../shared/corpus] \
         --set write.output=runs/curated [--workers N] [--executor ray --address HOST:PORT]
 
 Modules:
