@@ -8,6 +8,9 @@ RUN_DIR ?= runs/demo
 DATA_DIR ?= runs/data/curated-sample
 CURATED_DIR ?= runs/curated/sample
 DEMO_SET ?=
+# The curation recipe of the demo: lmfab's default (SlimPajama's stages, near-dedup with exact
+# verification); RECIPE=configs/data/slimpajama-original.yaml reproduces SlimPajama's setting.
+RECIPE ?= configs/data/default.yaml
 DEMO_VOCAB ?= 4096
 DEMO_SEQ ?= 128
 PROMPT ?= ROMEO.
@@ -29,8 +32,8 @@ demo: install demo-run
 # curate -> tokenize -> train (+ in-loop eval) -> eval -> generate, on the shipped sample.
 # Re-running skips finished work: the tokenized data is reused and the run resumes.
 demo-run:
-	@echo "== 1/5 curate: the SlimPajama recipe (clean, filter, exact + MinHash dedup, mix, split)"
-	$(BIN)/lmfab data curate configs/data/slimpajama.yaml \
+	@echo "== 1/5 curate: $(RECIPE) (clean, filter, exact + verified MinHash dedup, mix, split)"
+	$(BIN)/lmfab data curate $(RECIPE) \
 		--set 'read.inputs=[data/sample/books.jsonl.zst]' --set write.output=$(CURATED_DIR)
 	@echo "== 2/5 tokenize: train a byte-level BPE and pack token shards"
 	$(BIN)/lmfab data tokenize --input $(CURATED_DIR)/train --out $(DATA_DIR) \

@@ -11,7 +11,7 @@ Both tools run here, in this process's machine, with SlimPajama's parameters: 12
   (candidates verified by signature agreement >= 0.8), ``oph-exact`` (candidates verified by
   their exact character-13-gram Jaccard >= 0.8, ``near_dedup.verify: exact``), ``perm``
   (128 universal hashes), and a ``-bXrY`` suffix for other banding (``oph-verify-b16r8``:
-  16 bands x 8 rows; ``oph-exact-b16r8`` is ``configs/data/slimpajama-verified.yaml``'s).
+  16 bands x 8 rows; ``oph-exact-b16r8`` is ``configs/data/default.yaml``'s).
 * datatrove (pip install datatrove; not a dependency of lmfab): MinhashDedupSignature ->
   Buckets -> Cluster, ``MinhashConfig(n_grams, num_buckets=9, hashes_per_bucket=13)``,
   32-bit sha1 shingle hashes (datatrove 0.10.1 passes ``str`` to xxhash 4, which refuses

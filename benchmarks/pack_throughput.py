@@ -10,7 +10,7 @@ What is measured (MB = 10^6 bytes of UTF-8 document text):
   ``TOKENIZERS_PARALLELISM=false`` -- the per-core ceiling of the tokenizer itself (no
   reading, no writing).
 * ``hf-rayon``: the same with HF's rayon thread pool on (all cores, one process).
-* ``pack-pN``: ``lmfab.data.pack.pack_corpus`` end to end with N encoding processes: read
+* ``pack-pN``: ``lmfab.data.prep.pack.pack_corpus`` end to end with N encoding processes: read
   ``jsonl.zst``, encode, write work files, pack into shards of one MSL, ``meta.json``.
   Per core = rate / N; scaling = rate / rate(p1).
 * MB per CPU-second: the same work over the CPU time spent (the process and its reaped
@@ -41,9 +41,9 @@ from pathlib import Path
 
 import zstandard
 
-from lmfab.data.pack import pack_corpus
-from lmfab.data.readers import iter_documents, list_files
-from lmfab.data.tokenizer import train_tokenizer
+from lmfab.data.prep.bpe_train import train_tokenizer
+from lmfab.data.prep.pack import pack_corpus
+from lmfab.data.prep.readers import iter_documents, list_files
 
 
 def build_sample(inputs: list[str], max_bytes: int, out: Path, n_files: int = 8) -> list[str]:

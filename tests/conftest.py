@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The shipped sample, tokenized with a 512-token BPE into seq_len=32 windows (~seconds)."""
-    from lmfab.data.tokenize import tokenize_corpus
+    from lmfab.data.prep.tokenize_corpus import tokenize_corpus
 
     out = tmp_path_factory.mktemp("data") / "tiny"
     tokenize_corpus([str(SAMPLE)], str(out), seq_len=32, vocab_size=512, val_fraction=0.05,

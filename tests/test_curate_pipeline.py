@@ -165,10 +165,10 @@ def test_workers_and_resume_give_identical_output(corpus, reference_run, tmp_pat
 
 
 def test_changed_recipe_refuses_to_resume(corpus, reference_run):
-    from lmfab.config import ConfigError
+    from lmfab.data.errors import DataConfigError
 
     root, _ = corpus
-    with pytest.raises(ConfigError, match="different recipe"):
+    with pytest.raises(DataConfigError, match="different recipe"):
         curate(recipe([str(root)], reference_run[0], filter={"min_chars": 10}), workers=1,
                progress=False)
 
@@ -187,7 +187,7 @@ def test_subset_of_stages(corpus, tmp_path):
 
 def test_cli_runs_without_torch(corpus, tmp_path):
     root, _ = corpus
-    recipe_path = REPO / "configs" / "data" / "slimpajama.yaml"
+    recipe_path = REPO / "configs" / "data" / "default.yaml"
     code = (
         "import sys; from lmfab.cli import main; "
         f"rc = main(['data', 'curate', {str(recipe_path)!r}, '--workers', '1', "

@@ -7,32 +7,68 @@ import random
 import numpy as np
 import pytest
 
-from lmfab.config import ConfigError
 from lmfab.data.curate import load_recipe, recipe_from_dict
 from lmfab.data.curate.dedup import candidate_pairs, exact_groups
 from lmfab.data.curate.minhash import MinHasher, agreement
 from lmfab.data.curate.text import normalize, normalize_reference
+from lmfab.data.errors import DataConfigError
 from tests.test_curate_pipeline import REPO
 
 
 def test_recipe_strict_and_overrides(tmp_path):
-    path = REPO / "configs" / "data" / "slimpajama.yaml"
+    path = REPO / "configs" / "data" / "slimpajama-original.yaml"
     r = load_recipe(path, ["read.inputs=[a, b]", f"write.output={tmp_path}",
                            "near_dedup.bands=8", "mix.weights={Books: 2}"])
     assert r.read.inputs == ["a", "b"] and r.near_dedup.bands == 8
     assert r.mix.weights == {"Books": 2.0} and r.stages()[-1] == "write"
-    with pytest.raises(ConfigError, match=r"near_dedup\.row: unknown key.*did you mean 'rows'"):
+    with pytest.raises(DataConfigError, match=r"near_dedup\.row: unknown key.*did you mean 'rows'"):
         load_recipe(path, [f"write.output={tmp_path}", "near_dedup.row=3"])
-    with pytest.raises(ConfigError, match="bands x rows = 130 exceeds num_perm=128"):
+    with pytest.raises(DataConfigError, match="bands x rows = 130 exceeds num_perm=128"):
         load_recipe(path, [f"write.output={tmp_path}", "read.inputs=[x]", "near_dedup.bands=10"])
-    with pytest.raises(ConfigError, match=r"write\.output: expected a string"):
+    with pytest.raises(DataConfigError, match=r"write\.output: expected a string"):
         load_recipe(path, ["read.inputs=[x]"])
-    with pytest.raises(ConfigError, match=r"filter\.filters\[0\]: unknown filter"):
+    with pytest.raises(DataConfigError, match=r"filter\.filters\[0\]: unknown filter"):
         recipe_from_dict({"read": {"inputs": ["x"]}, "write": {"output": "o"},
                           "filter": {"filters": ["nope"]}})
-    with pytest.raises(ConfigError, match=r"mix\.weights\.A: expected a number"):
+    with pytest.raises(DataConfigError, match=r"mix\.weights\.A: expected a number"):
         recipe_from_dict({"read": {"inputs": ["x"]}, "write": {"output": "o"},
                           "mix": {"weights": {"A": "x"}}})
+
+
+def test_cli_turns_a_bad_recipe_into_one_message(tmp_path, capsys):
+    from lmfab.cli import main
+
+    path = REPO / "configs" / "data" / "default.yaml"
+    rc = main(["data", "curate", str(path), "--set", f"write.output={tmp_path}",
+               "--set", "near_dedup.row=3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith(f"lmfab: error: {path}: near_dedup.row: unknown key")
+    rc = main(["data", "curate", str(tmp_path / "missing.yaml")])
+    assert rc == 2 and "missing.yaml: params file not found" in capsys.readouterr().err
+
+
+def test_steps_count_per_source_and_stage():
+    from lmfab.data.curate.steps import WorkDoc, build_steps
+
+    r = recipe_from_dict({"read": {"inputs": ["x"]}, "write": {"output": "o"},
+                          "clean": {}, "filter": {"min_chars": 5}})
+    read, clean, filt = build_steps(r)
+    docs = [("A", "Cafe\u0301 au lait"), ("A", "tiny"), ("B", "long enough text")]
+    kept = []
+    for source, text in docs:
+        d = WorkDoc(source, text, len(text.encode("utf-8")))
+        if read(d) and clean(d) and filt(d):
+            kept.append(d)
+    assert [d.text for d in kept] == ["Caf\u00e9 au lait", "long enough text"]  # NFC, 1 byte less
+    assert kept[0].norm == "café au lait"
+    assert read.counts() == {"A": [2, 18, 2, 18], "B": [1, 16, 1, 16]}
+    assert clean.counts() == {"A": [2, 18, 2, 17], "B": [1, 16, 1, 16]}
+    assert filt.counts() == {"A": [2, 17, 1, 13], "B": [1, 16, 1, 16]}
+    bare = build_steps(recipe_from_dict({"read": {"inputs": ["x"]}, "write": {"output": "o"}}))
+    d = WorkDoc("A", "x", 1)
+    assert all(step(d) for step in bare) and d.norm == ""
+    assert [step.counts() for step in bare[1:]] == [{}, {}]  # absent stages count nothing
 
 
 def test_normalize_matches_slimpajama_formula():

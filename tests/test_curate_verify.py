@@ -72,9 +72,17 @@ def test_verify_setting_parses():
     from lmfab.data.curate import load_recipe
     from tests.test_curate_pipeline import REPO
 
-    r = load_recipe(REPO / "configs" / "data" / "slimpajama-verified.yaml",
+    r = load_recipe(REPO / "configs" / "data" / "default.yaml",
                     ["read.inputs=[x]", "write.output=o"])
     assert r.near_dedup.verify_mode() == "exact" and (r.near_dedup.bands, r.near_dedup.rows) == (16, 8)
+    # SlimPajama's own parameters stay a named recipe; the default differs only in near_dedup
+    o = load_recipe(REPO / "configs" / "data" / "slimpajama-original.yaml",
+                    ["read.inputs=[x]", "write.output=o"])
+    nd = o.near_dedup
+    assert (nd.ngram, nd.num_perm, nd.bands, nd.rows, nd.verify_mode()) == (13, 128, 9, 13, "none")
+    assert o.filter.min_chars == 200 and o.clean.normalization == "NFC"
+    assert o.stages() == r.stages() and all(
+        getattr(o, s) == getattr(r, s) for s in o.stages() if s != "near_dedup")
 
 
 # -- end to end: planted near-duplicates, decoys just below the threshold, a chain -----------

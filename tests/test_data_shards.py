@@ -147,8 +147,8 @@ def test_tokenizer_hash(tmp_path):
 
 def test_offline_modules_do_not_import_torch():
     code = (
-        "import sys; import lmfab.data.shards, lmfab.data.loader, lmfab.data.readers, "
-        "lmfab.data.tokenize; assert 'torch' not in sys.modules, 'torch imported'"
+        "import sys; import lmfab.data.shards, lmfab.data.loader, lmfab.data.prep.readers, "
+        "lmfab.data.prep.tokenize_corpus; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -327,7 +327,7 @@ def test_cuda_graph_step_trains_like_the_eager_step_and_resumes(tiny_data, tmp_p
 def test_cuda_graph_step_with_dropout_and_a_new_sequence_length(tiny_data, tmp_path, capsys):
     """Dropout (CUDA RNG) inside the captured step, compiled, and a seq_len stage change:
     the new batch shape warms up and captures again, and the run trains on."""
-    from lmfab.data.tokenize import tokenize_corpus
+    from lmfab.data.prep.tokenize_corpus import tokenize_corpus
 
     long64 = tmp_path / "long64"
     tokenize_corpus([str(REPO / "data" / "sample" / "books.jsonl.zst")], str(long64),

@@ -360,7 +360,7 @@ def test_two_process_ddp_matches_one_process_accumulation(tiny_data, tmp_path):
 
 def test_alibi_run_evaluates_at_4x_its_training_length(tiny_data, tmp_path):
     """eval_input.seq_len longer than training, through the loop: ALiBi extrapolates."""
-    from lmfab.data.tokenize import tokenize_corpus
+    from lmfab.data.prep.tokenize_corpus import tokenize_corpus
 
     from .conftest import SAMPLE
 

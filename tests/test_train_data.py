@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lmfab.config import ConfigError, load_config
 from lmfab.config.load import train_stages
-from lmfab.data.tokenize import tokenize_corpus
+from lmfab.data.prep.tokenize_corpus import tokenize_corpus
 from lmfab.train import checkpoint as ckpt
 from lmfab.train.loop import run_mode
 

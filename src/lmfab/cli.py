@@ -30,7 +30,7 @@ models and fit the scaling laws that predict the big run."""
 
 EPILOG = """\
 examples:
-  lmfab data curate configs/data/slimpajama.yaml --set write.output=runs/curated
+  lmfab data curate configs/data/default.yaml --set write.output=runs/curated
   lmfab data tokenize --input runs/curated/train --out runs/data --seq-len 128
   lmfab train --params configs/train/tiny.yaml --dry-run
   lmfab train --params configs/train/tiny.yaml --model-dir runs/x --num-devices 2
@@ -161,7 +161,7 @@ def _tokenize_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _curate_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML, e.g. configs/data/slimpajama.yaml")
+    p.add_argument("recipe", help="recipe YAML, e.g. configs/data/default.yaml")
     _sets(p, "recipe", "write.output=runs/curated")
     p.add_argument("--workers", type=int, help="local processes or Ray CPUs (default: all cores)")
     p.add_argument("--executor", default="local", choices=["local", "ray"],
@@ -359,7 +359,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from lmfab.data.tokenize import tokenize_corpus
+    from lmfab.data.prep.tokenize_corpus import tokenize_corpus
 
     tokenize_corpus(args.input, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
                     tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed)
@@ -377,7 +377,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     import json
 
-    from lmfab.data.tokenizer import train_tokenizer
+    from lmfab.data.prep.bpe_train import train_tokenizer
 
     specials = [args.eos_token, *([args.pad_token] if args.pad_token else []), *args.special_tokens]
     summary = train_tokenizer(
@@ -396,7 +396,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_report(args: argparse.Namespace) -> int:
-    from lmfab.data.fertility import fertility_report, format_table
+    from lmfab.data.prep.fertility import fertility_report, format_table
 
     report = fertility_report(args.tokenizer, args.input, max_bytes=int(args.max_bytes),
                               split=args.split, val_fraction=args.val_fraction, seed=args.seed,
@@ -408,7 +408,7 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from lmfab.data.pack import pack_corpus
+    from lmfab.data.prep.pack import pack_corpus
 
     try:
         seq_lens = [int(x) for x in args.seq_len.split(",") if x.strip()]

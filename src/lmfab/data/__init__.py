@@ -1,19 +1,17 @@
-"""lmfab's data layer: from raw documents to token windows for the training loop.
+"""lmfab's data layer, split by when it runs.
 
-Offline pipeline (no torch):
-    readers   -- ``iter_documents``: jsonl / jsonl.zst / txt / md files and folders -> Documents
-    tokenizer -- ``train_tokenizer``: byte-level BPE from a weighted streaming sample
-    fertility -- ``fertility_report``: tokens/word and bytes/token per source and language
-    pack      -- ``pack_corpus``: encode on all cores (resumable per file), pack one stream
-                 into shards at one or more seq_lens; ``meta.json`` per MSL, ``pack.json``
-    tokenize  -- ``tokenize_corpus``: train (or load) a tokenizer + pack at one seq_len, in
-                 the flat single-MSL layout (``make demo``)
+Runtime (here; numpy only, what training and eval import -- the loop converts to torch):
     shards    -- the ``*.tok`` token-shard format: ``write_shard``, ``open_shard``, ``ShardWriter``
-
-Runtime (numpy only; the training loop converts to torch):
     loader    -- ``TokenDataset``, ``BatchLoader`` (rank-aware, deterministic, exactly
                  resumable), ``iterate_eval``
     mixture   -- ``MixtureLoader``: several datasets with exact weights, same guarantees
 
-Nothing is imported here, so ``import lmfab.data.loader`` stays light.
+Offline preparation (``lmfab.data.prep``, no torch): raw documents -> tokenizer -> shards.
+Curation (``lmfab.data.curate``, no torch): the SlimPajama recipe over document streams.
+
+The split follows datatrove (offline steps over document streams) and Cerebras' Model Zoo
+(``data_preparation/`` apart from the runtime ``data/`` input pipeline): what a training
+job imports stays small, and preparation can change without touching the loader. The
+shard format is the contract between the two. Nothing is imported here, so
+``import lmfab.data.loader`` stays light.
 """

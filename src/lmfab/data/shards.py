@@ -21,8 +21,8 @@ The file size is therefore exactly ``64 + n_tokens * itemsize``; anything else i
 as truncated (or as trailing garbage). A window holds ``seq_len + 1`` tokens because a
 training example is ``inputs = w[:-1], targets = w[1:]``.
 
-Writes go to ``<path>.tmp`` and are moved into place with ``os.replace``, so a shard that
-exists is complete: a crash leaves at worst a ``.tmp`` file, never a short ``.tok``.
+Writes go to ``<path>.tmp`` and are moved into place with ``os.replace``
+(:mod:`lmfab.atomic`), so a shard that exists is complete: a crash leaves at worst a ``.tmp`` file, never a short ``.tok``.
 
 ``ShardWriter`` turns a stream of token ids (documents, each followed by EOS) into shards of
 whole windows, as ``lmfab data pack`` / ``lmfab data tokenize`` pack them.
@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from lmfab.atomic import atomic_open
 
 MAGIC = b"LMFABTOK"
 FORMAT_VERSION = 1
@@ -174,17 +176,9 @@ def write_shard(
     header = ShardHeader(dtype.itemsize, window, int(data.size), tokenizer_hash.lower())
     raw = _HEADER.pack(MAGIC, FORMAT_VERSION, dtype.itemsize, window, 0, data.size, hash_raw)
 
-    tmp = Path(str(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(raw)
-            f.write(memoryview(data).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, fsync=True) as f:
+        f.write(raw)
+        f.write(memoryview(data).cast("B"))
     return header
 
 
@@ -345,10 +339,8 @@ def shard_dtype(vocab_size: int, dtype: str | np.dtype | None = None) -> np.dtyp
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         np.save(f, np.ascontiguousarray(array, dtype="<i8"))
-    os.replace(tmp, path)
 
 
 def read_doc_starts(shard_path: PathLike) -> np.ndarray:

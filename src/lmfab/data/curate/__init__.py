@@ -1,6 +1,6 @@
 """Data curation: the SlimPajama recipe as a resumable pipeline over document streams.
 
-    lmfab data curate configs/data/slimpajama.yaml --set read.inputs=[../shared/corpus] \
+    lmfab data curate configs/data/default.yaml --set read.inputs=[../shared/corpus] \
         --set write.output=runs/curated [--workers N] [--executor ray --address HOST:PORT]
 
 Modules:
@@ -8,12 +8,15 @@ Modules:
     text      -- cleaning, SlimPajama normalization, named filters, exact-dedup hash
     minhash   -- vectorized MinHash signatures (one-permutation or 128 permutations), LSH keys
     dedup     -- global exact + near dedup over keys; connected components
-    tasks     -- map / scatter / gather task functions that executors run
+    steps     -- the per-document steps of a map task (read, clean, filter), each with its
+                 own per-source counters
+    tasks     -- the named task records and the map / shingle / scatter / gather functions
+                 that executors run
     executor  -- local process pool or Ray
     pipeline  -- ``curate(recipe)``: phases, resume markers, plan (mix / split / decontaminate)
     stats     -- stats.json and SlimPajama's per-source byte-reduction table
 
-The offline pipeline never imports torch (tests/test_curate_pipeline.py checks it).
+The offline pipeline never imports torch (tests/test_data_layout.py checks it).
 See docs/curation.md.
 """
 

@@ -1,7 +1,8 @@
 """Executors: run a list of independent tasks on local processes or on a Ray cluster.
 
 Both have one method, ``map(fn, tasks, desc)``, that returns the results in task order
-whatever order they finish in, and prints a progress line per stage to stderr. The pipeline
+whatever order they finish in, and shows each stage's progress on stderr
+(:mod:`lmfab.data.prep.progress`: a bar with ETA on a terminal, plain lines in logs). The pipeline
 decides *what* the tasks are (from file sizes and the recipe, never from the number of
 workers), so the output is the same for any executor and worker count; the executor only
 decides *where* they run (the pattern of datatrove's LocalPipelineExecutor / RayPipeline
@@ -15,36 +16,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
+from lmfab.data.prep.progress import Progress
 
-class Progress:
-    """A one-line progress counter on stderr: ``[stage] 12/40 tasks 3.1s``."""
 
-    def __init__(self, desc: str, total: int, enabled: bool = True):
-        self.desc, self.total, self.done = desc, total, 0
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-        self._last = 0.0
-        self._show(force=True)
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        self._show(force=self.done == self.total)
-
-    def _show(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self._last < 0.5):
-            return
-        self._last = now
-        end = "\n" if self.done == self.total else ""
-        sys.stderr.write(f"\r[{self.desc}] {self.done}/{self.total} tasks "
-                         f"{now - self.t0:6.1f}s{end}")
-        sys.stderr.flush()
+def _progress(desc: str, total: int, enabled: bool) -> Progress:
+    bar = Progress("curate", enabled, docs=False)
+    bar.start(desc, total, unit="tasks")
+    return bar
 
 
 class LocalExecutor:
@@ -57,12 +39,13 @@ class LocalExecutor:
         self.progress = progress
 
     def map(self, fn: Callable, tasks: Sequence[tuple], desc: str) -> list[Any]:
-        bar = Progress(desc, len(tasks), self.progress)
+        bar = _progress(desc, len(tasks), self.progress)
         if self.workers == 1 or len(tasks) <= 1:
             out = []
             for args in tasks:
                 out.append(fn(*args))
-                bar.update()
+                bar.tick(files=1)
+            bar.done()
             return out
         results: list[Any] = [None] * len(tasks)
         # spawn: workers start clean (no inherited threads or locks); the pipeline is light.
@@ -74,7 +57,8 @@ class LocalExecutor:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
                     results[futures[f]] = f.result()
-                    bar.update()
+                    bar.tick(files=1)
+        bar.done()
         return results
 
     def close(self) -> None:
@@ -111,7 +95,7 @@ class RayExecutor:
 
     def map(self, fn: Callable, tasks: Sequence[tuple], desc: str) -> list[Any]:
         ray = self._ray
-        bar = Progress(desc, len(tasks), self.progress)
+        bar = _progress(desc, len(tasks), self.progress)
         remote = ray.remote(num_cpus=1, max_retries=2)(fn)
         refs = [remote.remote(*args) for args in tasks]
         index = {ref: i for i, ref in enumerate(refs)}
@@ -121,7 +105,8 @@ class RayExecutor:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 results[index[ref]] = ray.get(ref)
-                bar.update()
+                bar.tick(files=1)
+        bar.done()
         return results
 
     def close(self) -> None:

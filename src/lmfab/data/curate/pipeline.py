@@ -31,13 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lmfab.config.load import ConfigError
+from lmfab.atomic import atomic_write_bytes, read_done, write_done
 from lmfab.data.curate import tasks as K
 from lmfab.data.curate.dedup import global_dedup
 from lmfab.data.curate.executor import make_executor
 from lmfab.data.curate.recipe import Recipe, recipe_to_dict
 from lmfab.data.curate.stats import build_stats, format_table
-from lmfab.data.readers import list_files
+from lmfab.data.errors import DataConfigError
+from lmfab.data.prep.readers import list_files
 
 SPLITS = ("train", "holdout")
 
@@ -73,18 +74,18 @@ def _estimated_bytes(path: str) -> int:
     return 3 * size if path.endswith(".parquet") else size
 
 
-def plan_tasks(recipe: Recipe) -> list[dict]:
+def plan_tasks(recipe: Recipe) -> list[K.MapTask]:
     files = _list_inputs(recipe.read.inputs)
     if not files:
-        raise ConfigError(f"read.inputs: no input files found in {recipe.read.inputs}")
+        raise DataConfigError(f"read.inputs: no input files found in {recipe.read.inputs}")
     tasks = []
     for fi, path in enumerate(files):
         slices = 1
         if not path.endswith((".txt", ".md")):
             slices = max(1, math.ceil(_estimated_bytes(path) / (recipe.read.task_mb * 1e6)))
         for k in range(slices):
-            tasks.append({"index": len(tasks), "file": fi, "path": path, "slice": k,
-                          "slices": slices})
+            tasks.append(K.MapTask(index=len(tasks), file=fi, path=path, slice=k,
+                                   slices=slices))
     return tasks
 
 
@@ -100,7 +101,7 @@ def _u01(ordinal: np.ndarray, salt: np.ndarray | int, seed: int) -> np.ndarray:
 
 def _eval_keys(paths: list[str]) -> np.ndarray:
     from lmfab.data.curate import text as T
-    from lmfab.data.readers import iter_documents
+    from lmfab.data.prep.readers import iter_documents
 
     raw = b"".join(T.sha256_128(T.normalize(d.text)) for d in iter_documents(paths))
     return np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
@@ -167,7 +168,7 @@ def _save_npz(path: Path, **arrays) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    K.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = None,
@@ -179,18 +180,19 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
     resolved = json.dumps(recipe_to_dict(recipe), sort_keys=True)
     stored = work / "recipe.json"
     if stored.exists() and stored.read_text() != resolved:
-        raise ConfigError(f"{out}: holds the output of a different recipe; delete it or choose "
+        raise DataConfigError(f"{out}: holds the output of a different recipe; delete it or choose "
                           f"another write.output (stored recipe: {stored})")
-    K.atomic_write_bytes(stored, resolved.encode())
+    atomic_write_bytes(stored, resolved.encode())
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     t_start = time.perf_counter()
     tasks = plan_tasks(recipe)
-    log(f"curate: {len(tasks)} map tasks over {len({t['path'] for t in tasks})} files; "
+    log(f"curate: {len(tasks)} map tasks over {len({t.path for t in tasks})} files; "
         f"stages: {' -> '.join(recipe.stages())}")
     ex = make_executor(executor, workers, address, progress)
     try:
         t0 = time.perf_counter()
-        summaries = ex.map(K.map_task, [(recipe, t, str(work)) for t in tasks], "read/clean/filter/hash")
+        summaries = ex.map(K.map_task, [(recipe, str(work), t) for t in tasks],
+                           "read/clean/filter/hash")
         wall = {"map": time.perf_counter() - t0}
         sources = sorted({s for sm in summaries for s in sm["sources"]})
         arrays = _load_arrays(work, summaries, sources)
@@ -200,21 +202,24 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
         t0 = time.perf_counter()
         keep = dec["near_keep"]
         plan_path = work / "plan.npz"
-        if not (work / "plan.done").exists():
+        if read_done(work / "plan.done") is None:
             p = _plan(recipe, arrays, keep, sources)
             offsets = np.concatenate(([0], np.cumsum([s["n"] for s in summaries])))
             task_of = np.searchsorted(offsets, p["row"], side="right") - 1
             _save_npz(plan_path, task=task_of, local=p["row"] - offsets[task_of],
                       row=p["row"], split=p["split"], shard=p["shard"], rank=p["rank"])
-            K.mark_done(work / "plan.done", p["info"])
+            write_done(work / "plan.done", p["info"])
         plan = dict(np.load(plan_path))
-        plan_info = json.loads((work / "plan.done").read_text())
+        plan_info = read_done(work / "plan.done")
         (work / "scatter").mkdir(exist_ok=True)
-        ex.map(K.scatter_task, [(str(work), t["index"], recipe.write.keep_meta) for t in tasks],
+        ex.map(K.scatter_task,
+               [(str(work), K.ScatterTask(t.index, recipe.write.keep_meta)) for t in tasks],
                "mix/split: scatter")
         shards = [(name, s, int(plan["shard"][plan["split"] == s].max()) + 1
                    if (plan["split"] == s).any() else 0) for s, name in enumerate(SPLITS)]
-        gathers = [(str(work), name, s, k, len(tasks), str(out), recipe.write.compression_level)
+        gathers = [(str(work), K.GatherTask(split_name=name, split_id=s, shard=k,
+                                            n_tasks=len(tasks), output=str(out),
+                                            level=recipe.write.compression_level))
                    for name, s, n in shards for k in range(n)]
         ex.map(K.gather_task, gathers, "write: gather shards")
         wall["mix_split_write"] = time.perf_counter() - t0
@@ -225,8 +230,8 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
     stats["executor"] = {"kind": executor, "workers": ex.workers}
     stats["tasks"] = len(tasks)
     rejects = [m for s in summaries for m in s["rejects"]]
-    K.atomic_write_bytes(out / "rejects.txt", "".join(m + "\n" for m in rejects).encode())
-    K.atomic_write_bytes(out / "stats.json", json.dumps(stats, indent=1).encode())
+    atomic_write_bytes(out / "rejects.txt", "".join(m + "\n" for m in rejects).encode())
+    atomic_write_bytes(out / "stats.json", json.dumps(stats, indent=1).encode())
     if progress:
         print(format_table(stats))
     return stats
@@ -256,8 +261,9 @@ def _shingle_loader(recipe: Recipe, work: Path, summaries: list[dict], ex):
         load.set_bytes = 0
         rows = np.unique(rows)
         task = np.searchsorted(offsets, rows, side="right") - 1
-        jobs = [(recipe, str(work), int(summaries[t]["index"]),
-                 (rows[task == t] - offsets[t]).tolist()) for t in np.unique(task).tolist()]
+        jobs = [(recipe, str(work), K.ShingleTask(int(summaries[t]["index"]),
+                                                  (rows[task == t] - offsets[t]).tolist()))
+                for t in np.unique(task).tolist()]
         (work / "verify").mkdir(exist_ok=True)
         ex.map(K.shingle_task, jobs, "near_dedup: exact verify (n-gram sets)")
         where: dict[int, tuple[np.ndarray, int, int]] = {}
@@ -284,9 +290,9 @@ def _shingle_loader(recipe: Recipe, work: Path, summaries: list[dict], ex):
 def _dedup_phase(recipe: Recipe, work: Path, arrays: dict, summaries: list[dict], log,
                  ex) -> dict:
     path = work / "dedup.npz"
-    if (work / "dedup.done").exists():
-        z = dict(np.load(path))
-        return {**z, "info": json.loads((work / "dedup.done").read_text())}
+    info = read_done(work / "dedup.done")
+    if info is not None:
+        return {**dict(np.load(path)), "info": info}
     n = len(arrays["ordinal"])
     if recipe.exact_dedup is None and recipe.near_dedup is None:
         dec = {"exact_keep": np.ones(n, bool), "near_keep": np.ones(n, bool),
@@ -306,7 +312,7 @@ def _dedup_phase(recipe: Recipe, work: Path, arrays: dict, summaries: list[dict]
                         arrays["ordinal"], dec["cluster"])
     _save_npz(path, exact_keep=dec["exact_keep"], near_keep=dec["near_keep"],
               cluster=dec["cluster"])
-    K.mark_done(work / "dedup.done", dec["info"])
+    write_done(work / "dedup.done", dec["info"])
     shutil.rmtree(work / "verify", ignore_errors=True)  # the n-gram sets: 8 B per n-gram
     return dec
 
@@ -327,4 +333,4 @@ def _write_clusters(path: Path, summaries: list[dict], work: Path, ordinal: np.n
     for k, (_, rows) in enumerate(sorted(groups.items(), key=lambda g: ordinal[g[1][0]])):
         lines.append(json.dumps({"cluster": k, "ids": [ids[i] for i in rows], "kept": ids[rows[0]]},
                                 ensure_ascii=False))
-    K.atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))

@@ -7,10 +7,11 @@ split, write -- because it is SlimPajama's (Soboleva et al. 2023, "SlimPajama: A
 cleaned and deduplicated version of RedPajama", Cerebras blog / github.com/Cerebras/
 modelzoo/.../data_preparation/slimpajama).
 
-The schema is dataclasses converted by :mod:`lmfab.config.load`'s strict converter, so an
-unknown key fails with its path and a "did you mean" hint exactly as a params file does;
-``--set a.b=c`` overrides are applied to the raw mapping first (``apply_overrides``).
-Cross-field rules are in :func:`check_recipe`. No torch here.
+The schema is dataclasses converted by :mod:`lmfab.strict_yaml`'s strict converter (the one
+params files use), so an unknown key fails with its path and a "did you mean" hint exactly
+as a params file does; ``--set a.b=c`` overrides are applied to the raw mapping first
+(``apply_overrides``). Cross-field rules are in :func:`check_recipe`. Every error is a
+:class:`lmfab.data.errors.DataConfigError` prefixed with the recipe file. No torch here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lmfab.config.load import ConfigError, _to_dataclass, apply_overrides, read_yaml
+from lmfab.data.errors import DataConfigError
+from lmfab.strict_yaml import SchemaError, apply_overrides, read_yaml, to_dataclass
 
 STAGES = ("read", "clean", "filter", "exact_dedup", "near_dedup", "mix", "split", "write")
 
@@ -141,10 +143,10 @@ def _fix_dicts(raw: dict) -> tuple[dict, dict | None]:
         if weights is None:
             weights = {}
         if not isinstance(weights, dict):
-            raise ConfigError(f"mix.weights: expected a mapping source -> weight, got {weights!r}")
+            raise DataConfigError(f"mix.weights: expected a mapping source -> weight, got {weights!r}")
         for k, v in weights.items():
             if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-                raise ConfigError(f"mix.weights.{k}: expected a number >= 0, got {v!r}")
+                raise DataConfigError(f"mix.weights.{k}: expected a number >= 0, got {v!r}")
         rest = {k: v for k, v in mix.items() if k != "weights"}
         return {**raw, "mix": rest}, {str(k): float(v) for k, v in weights.items()}
     return raw, None
@@ -157,56 +159,59 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
             if name in raw and raw[name] is None and name not in ("read", "write"):
                 raw = {**raw, name: {}}
         raw, weights = _fix_dicts(raw)
-        recipe = _to_dataclass(raw, Recipe, "")
+        recipe = to_dataclass(raw, Recipe, "")
         if weights is not None:
             recipe.mix.weights = weights
         check_recipe(recipe)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    except SchemaError as e:
+        raise DataConfigError(f"{source}: {e}") from None
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     """Read a recipe YAML, apply ``--set`` overrides, convert and check it."""
-    raw = apply_overrides(read_yaml(path), list(overrides))
+    try:
+        raw = apply_overrides(read_yaml(path), list(overrides))
+    except SchemaError as e:
+        raise DataConfigError(str(e)) from None
     return recipe_from_dict(raw, source=str(path))
 
 
 def check_recipe(r: Recipe) -> None:
     if not r.read.inputs:
-        raise ConfigError("read.inputs: at least one input file or folder is required")
+        raise DataConfigError("read.inputs: at least one input file or folder is required")
     if r.read.task_mb <= 0 or r.read.block_lines <= 0:
-        raise ConfigError("read.task_mb and read.block_lines: must be positive")
+        raise DataConfigError("read.task_mb and read.block_lines: must be positive")
     if r.filter is not None:
         from lmfab.data.curate.text import FILTERS
 
         if r.filter.min_chars < 0:
-            raise ConfigError(f"filter.min_chars: must be >= 0, got {r.filter.min_chars}")
+            raise DataConfigError(f"filter.min_chars: must be >= 0, got {r.filter.min_chars}")
         for i, name in enumerate(r.filter.filters):
             if name not in FILTERS:
-                raise ConfigError(
+                raise DataConfigError(
                     f"filter.filters[{i}]: unknown filter {name!r}; known: {', '.join(FILTERS)}"
                 )
     n = r.near_dedup
     if n is not None:
         if n.ngram <= 0 or n.num_perm <= 0 or n.bands <= 0 or n.rows <= 0:
-            raise ConfigError("near_dedup.ngram, num_perm, bands, rows: must be positive")
+            raise DataConfigError("near_dedup.ngram, num_perm, bands, rows: must be positive")
         if n.bands * n.rows > n.num_perm:
-            raise ConfigError(
+            raise DataConfigError(
                 f"near_dedup: bands x rows = {n.bands * n.rows} exceeds num_perm={n.num_perm}"
             )
         if n.hashing == "one_permutation" and n.num_perm & (n.num_perm - 1):
-            raise ConfigError(
+            raise DataConfigError(
                 f"near_dedup.num_perm={n.num_perm}: one_permutation needs a power of two"
             )
         if not 0.0 < n.threshold <= 1.0:
-            raise ConfigError(f"near_dedup.threshold: must be in (0, 1], got {n.threshold}")
+            raise DataConfigError(f"near_dedup.threshold: must be in (0, 1], got {n.threshold}")
     if r.split is not None and not 0.0 <= r.split.holdout_fraction < 1.0:
-        raise ConfigError("split.holdout_fraction: must be in [0, 1)")
+        raise DataConfigError("split.holdout_fraction: must be in [0, 1)")
     if r.mix is not None and r.mix.default_weight < 0:
-        raise ConfigError("mix.default_weight: must be >= 0")
+        raise DataConfigError("mix.default_weight: must be >= 0")
     if r.write.shard_docs <= 0:
-        raise ConfigError("write.shard_docs: must be positive")
+        raise DataConfigError("write.shard_docs: must be positive")
 
 
 def recipe_to_dict(r: Recipe) -> dict:

@@ -6,9 +6,9 @@ import json
 
 from tokenizers import Tokenizer
 
-from lmfab.data.fastbpe import tiktoken_encoding
-from lmfab.data.readers import iter_documents
-from lmfab.data.tokenizer import make_pre_tokenizer
+from lmfab.data.prep.bpe_train import make_pre_tokenizer
+from lmfab.data.prep.readers import iter_documents
+from lmfab.data.prep.tiktoken_bpe import tiktoken_encoding
 
 from .conftest import SAMPLE
 
@@ -37,7 +37,7 @@ def test_not_used_where_it_could_differ(tiny_data, tmp_path):
 
 
 def test_pack_output_is_the_same_with_either_encoder(tiny_data, tmp_path, monkeypatch):
-    from lmfab.data.pack import pack_corpus
+    from lmfab.data.prep.pack import pack_corpus
 
     def pack(name: str) -> bytes:
         out = tmp_path / name

@@ -7,7 +7,7 @@ import json
 import pytest
 import zstandard
 
-from lmfab.data.readers import Document, ReadStats, iter_documents
+from lmfab.data.prep.readers import Document, ReadStats, iter_documents
 
 RECORDS = [
     {"text": "first doc", "meta": {"redpajama_set_name": "Books"}},

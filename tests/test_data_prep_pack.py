@@ -14,13 +14,13 @@ import zstandard
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lmfab.cli import main
-from lmfab.data import encode as encode_mod
-from lmfab.data.encode import split_hash
 from lmfab.data.loader import TokenDataset
-from lmfab.data.pack import EOS_TOKEN, pack_corpus
-from lmfab.data.readers import iter_documents
+from lmfab.data.prep import encode as encode_mod
+from lmfab.data.prep.bpe_train import train_tokenizer
+from lmfab.data.prep.encode import split_hash
+from lmfab.data.prep.pack import EOS_TOKEN, pack_corpus
+from lmfab.data.prep.readers import iter_documents
 from lmfab.data.shards import open_shard, read_doc_starts, read_header
-from lmfab.data.tokenizer import train_tokenizer
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "books.jsonl.zst"
 ARABIC = "بسم الله الرحمن الرحيم. الحمد لله رب العالمين. هذا نص عربي قصير للاختبار.\n"
@@ -114,8 +114,8 @@ def test_one_file_on_two_processes_is_chunked_and_identical(corpus, tmp_path):
 
 KILL_AFTER_TWO_FILES = """
 import os, signal, sys
-from lmfab.data import encode
-from lmfab.data.pack import pack_corpus
+from lmfab.data.prep import encode
+from lmfab.data.prep.pack import pack_corpus
 real, done = encode._FileWork.finish, []
 def finish(self):
     real(self)
@@ -233,6 +233,7 @@ def test_cli_pack(corpus, tmp_path, capsys):
 
 
 def test_offline_pipeline_does_not_import_torch():
-    code = ("import sys; import lmfab.data.pack, lmfab.data.tokenizer, lmfab.data.fertility, "
-            "lmfab.data.mixture, lmfab.data.tokenize; assert 'torch' not in sys.modules")
+    code = ("import sys; import lmfab.data.prep.pack, lmfab.data.prep.bpe_train, "
+            "lmfab.data.prep.fertility, lmfab.data.mixture, lmfab.data.prep.tokenize_corpus; "
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -21,7 +21,7 @@ Two stages, so that the expensive one runs in parallel and resumes per file:
    (``out/seq2048/``, ``out/seq8192/``) is a complete dataset: ``tokenizer.json``,
    ``train/`` and ``val/`` shards and ``meta.json``, which ``train_input.data_dir`` can
    name directly. With ``doc_index`` each shard gets a ``.docs.npy`` sidecar of document
-   start offsets (see ``shards.py``). ``pack.json`` at the top is written last and marks
+   start offsets (see ``lmfab.data.shards``). ``pack.json`` at the top is written last and marks
    the whole run done; the work files are then removed (``keep_work`` keeps them).
 
 Splits: ``val_inputs`` files go to ``val`` whole (the curation pipeline's holdout);
@@ -51,14 +51,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmfab import __version__
-from lmfab.data.encode import (
+from lmfab.atomic import atomic_path, atomic_write_json, read_done
+from lmfab.data.prep.encode import (
     encode_files,
     file_key,
     load_result,
-    write_json,
 )
-from lmfab.data.progress import Progress
-from lmfab.data.readers import list_files
+from lmfab.data.prep.progress import Progress
+from lmfab.data.prep.readers import list_files
 from lmfab.data.shards import ShardWriter, shard_dtype
 from lmfab.data.shards import tokenizer_hash as file_sha256
 
@@ -165,7 +165,7 @@ def pack_corpus(
         "params": params,
         "datasets": {f"seq{t}": {"seq_len": t, "splits": m["splits"]} for t, m in metas.items()},
     }
-    write_json(marker, done)
+    atomic_write_json(marker, done)
     if not keep_work:
         shutil.rmtree(out / WORK_NAME, ignore_errors=True)
     return done
@@ -291,7 +291,7 @@ def pack_files(
                 for s, c in sorted(sources.items())
             },
         }
-        write_json(d / META_NAME, meta)
+        atomic_write_json(d / META_NAME, meta)
         metas[t] = meta
         if progress:
             tr = split_stats["train"]
@@ -371,9 +371,9 @@ def finished_marker(marker: Path, params: dict[str, Any], what: str) -> dict[str
     """The contents of a finished run's ``marker`` file (pack.json, meta.json) when it was
     made with ``params``; None when there is none; a ValueError naming what differs when it
     was made with other inputs or parameters (``what``: "pack", "tokenization")."""
-    if not marker.exists():
+    done = read_done(marker)
+    if done is None:
         return None
-    done = json.loads(marker.read_text(encoding="utf-8"))
     changed = diff_params(done.get("params", {}), params)
     if changed:
         out = marker.parent
@@ -397,5 +397,5 @@ def diff_params(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _copy(src: str | os.PathLike, dst: Path) -> None:
     if dst.exists() and os.path.samefile(src, dst):
         return
-    shutil.copyfile(src, str(dst) + ".tmp")
-    os.replace(str(dst) + ".tmp", dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)

@@ -6,7 +6,7 @@ whole files. Otherwise the main process reads each input file in order
 hands them to a pool of worker processes
 (``spawn``; each loads ``tokenizer.json`` once, with Hugging Face's own thread pool off so
 that a process is a core, and encodes with tiktoken where that is provably the same
-tokenizer (:mod:`lmfab.data.fastbpe`), else with HF's ``encode_batch_fast``;
+tokenizer (:mod:`lmfab.data.prep.tiktoken_bpe`), else with HF's ``encode_batch_fast``;
 ``LMFAB_ENCODER=hf`` forces HF). A worker returns the chunk's ids,
 every document followed by EOS, plus per-document length, byte count and split hash. At most
 ``3 * processes`` chunks are in flight, so memory stays bounded, and results are consumed in
@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from lmfab.data.fastbpe import tiktoken_encoding
-from lmfab.data.progress import Progress
-from lmfab.data.readers import iter_documents
+from lmfab.atomic import AtomicFile, atomic_open, atomic_write_json
+from lmfab.data.prep.progress import Progress
+from lmfab.data.prep.readers import iter_documents
+from lmfab.data.prep.tiktoken_bpe import tiktoken_encoding
 
 CHUNK_BYTES = 1 << 20  # text per encode task
 CHUNK_DOCS = 2048
@@ -62,7 +63,7 @@ def _init_worker(tokenizer_path: str, eos_id: int, n_vocab: int, seed: int, one_
         _WORKER["error"] = f"{tokenizer_path}: cannot load the tokenizer in a worker: {err}"
         return
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is just text
-    # GPT-2-style BPE: the same tokens through tiktoken, ~3.8x faster (data/fastbpe.py).
+    # GPT-2-style BPE: the same tokens through tiktoken, ~3.8x faster (prep/tiktoken_bpe.py).
     fast = None if os.environ.get("LMFAB_ENCODER") == "hf" else tiktoken_encoding(tokenizer_path)
     _WORKER.update(tok=tok, fast=fast, eos=eos_id, n_vocab=n_vocab, seed=seed,
                    path=tokenizer_path)
@@ -230,13 +231,13 @@ def _chunks(path: Path, text_key: str, fw: _FileWork) -> Iterator[tuple[list[str
 
 
 class _FileWork:
-    """One input file's encoded output, written to ``.tmp`` files and renamed at the end."""
+    """One input file's encoded output, written atomically (:mod:`lmfab.atomic`): the ids
+    stream into ``f<i>.bin.tmp`` and every file is in place before the ``.json`` marker."""
 
     def __init__(self, work_dir: Path, index: int, key: dict, dtype: np.dtype) -> None:
         self.base = work_dir / f"f{index:05d}"
         self.key, self.dtype = key, dtype
-        self.tmp = Path(f"{self.base}.bin.tmp")
-        self.f = open(self.tmp, "wb")  # noqa: SIM115 -- closed in finish() / abort()
+        self.ids = AtomicFile(f"{self.base}.bin", fsync=True)
         self.lengths: list[np.ndarray] = []
         self.u: list[np.ndarray] = []
         self.nb: list[np.ndarray] = []
@@ -248,25 +249,21 @@ class _FileWork:
         return self.sources.setdefault(name, len(self.sources))
 
     def append(self, ids, lengths, u, nb, src) -> None:
-        self.f.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype)).cast("B"))
+        self.ids.file.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype)).cast("B"))
         self.lengths.append(lengths)
         self.u.append(u)
         self.nb.append(nb)
         self.src.append(np.asarray(src, dtype=np.int32))
 
     def finish(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
         cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
         arrays = {
             "lengths": cat(self.lengths, np.int64), "u": cat(self.u, np.float64),
             "nbytes": cat(self.nb, np.int64), "src": cat(self.src, np.int32),
         }
-        with open(f"{self.base}.npz.tmp", "wb") as f:
+        with atomic_open(f"{self.base}.npz") as f:
             np.savez(f, **arrays)
-        os.replace(self.tmp, f"{self.base}.bin")
-        os.replace(f"{self.base}.npz.tmp", f"{self.base}.npz")
+        self.ids.commit()
         marker = {
             "key": self.key,
             "documents": int(arrays["lengths"].size),
@@ -275,12 +272,10 @@ class _FileWork:
             "text_bytes": int(arrays["nbytes"].sum()),
             "sources": list(self.sources),
         }
-        write_json(Path(f"{self.base}.json"), marker)
+        atomic_write_json(Path(f"{self.base}.json"), marker)  # the file's done marker, last
 
     def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        self.ids.abort()
 
 
 def file_key(path: Path, tok_hash: str, seed: int, dtype: np.dtype, text_key: str) -> dict:
@@ -304,9 +299,3 @@ def load_result(work_dir: Path, i: int) -> dict[str, Any]:
         arrays = {k: z[k] for k in ("lengths", "u", "nbytes", "src")}
     return {**marker, **arrays}
 
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (tmp + rename)."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -5,11 +5,11 @@ there is one code path:
 
 1. **Tokenizer.** Either load an existing ``tokenizer.json`` (it must contain the EOS token
    ``<|endoftext|>``), or train a GPT-2-style byte-level BPE with
-   ``lmfab.data.tokenizer.train_tokenizer`` on the *train* documents only (the ones pack
+   ``lmfab.data.prep.bpe_train.train_tokenizer`` on the *train* documents only (the ones pack
    will not hold out), ``<|endoftext|>`` as the only special token. Byte-level BPE without
    a normalizer is lossless: ``decode(encode(text)) == text`` for every string. The file is
-   saved as ``out_dir/tokenizer.json``; its sha256 ties the shards to it (``shards.py``).
-2. **Split and pack** with ``lmfab.data.pack.pack_files`` at one ``seq_len``, into
+   saved as ``out_dir/tokenizer.json``; its sha256 ties the shards to it (``lmfab.data.shards``).
+2. **Split and pack** with ``lmfab.data.prep.pack.pack_files`` at one ``seq_len``, into
    ``out_dir/{train,val}/shard_00000.tok ...`` (the flat layout of a single-MSL dataset).
    A document goes to ``val`` when ``split_hash(text, seed) < val_fraction`` (deterministic,
    independent of order, exact duplicates on the same side); with none below it the
@@ -22,7 +22,7 @@ there is one code path:
 ``out_dir/meta.json`` is written last and marks completion (DESIGN principle 8): a re-run
 with the same inputs and parameters returns at once ("already tokenized"); a re-run with
 different ones is refused, because its shards would silently mix with the old ones. A
-killed run resumes its encoding per input file (``out_dir/work/``, see ``pack.py``).
+killed run resumes its encoding per input file (``out_dir/work/``, see ``prep/pack.py``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from lmfab.data.encode import split_hash
-from lmfab.data.pack import (
+from lmfab.atomic import atomic_path
+from lmfab.data.prep.bpe_train import train_tokenizer
+from lmfab.data.prep.encode import split_hash
+from lmfab.data.prep.pack import (
     EOS_TOKEN,
     META_FORMAT,
     META_NAME,
@@ -48,9 +50,8 @@ from lmfab.data.pack import (
     load_checked_tokenizer,
     pack_files,
 )
-from lmfab.data.readers import list_files
+from lmfab.data.prep.readers import list_files
 from lmfab.data.shards import tokenizer_hash as file_sha256
-from lmfab.data.tokenizer import train_tokenizer
 
 __all__ = ["EOS_TOKEN", "load_tokenizer", "read_meta", "split_hash", "tokenize_corpus"]
 SPLITS = ("train", "val")
@@ -102,8 +103,8 @@ def tokenize_corpus(
         load_checked_tokenizer(tokenizer)
         out.mkdir(parents=True, exist_ok=True)
         if not (tok_path.exists() and os.path.samefile(tokenizer, tok_path)):
-            shutil.copyfile(tokenizer, str(tok_path) + ".tmp")
-            os.replace(str(tok_path) + ".tmp", tok_path)
+            with atomic_path(tok_path) as tmp:
+                shutil.copyfile(tokenizer, tmp)
     else:
         train_tokenizer(
             files, tok_path, vocab_size=vocab_size, min_frequency=min_frequency,

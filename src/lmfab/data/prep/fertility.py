@@ -4,7 +4,7 @@ Fertility is how many tokens a tokenizer spends on a text: **tokens per word** (
 whitespace-separated strings, the usual definition; it is what makes a language expensive
 to train on and to serve) and **bytes per token** (UTF-8 bytes over tokens; the
 compression, comparable across scripts). Both are computed per group -- a document's
-source and its language (``tokenizer.detect_lang``, by script) -- and over all documents,
+source and its language (``bpe_train.detect_lang``, by script) -- and over all documents,
 for one or several ``tokenizer.json`` side by side: lmfab's own, or any Hugging Face one
 (a GPT-2 file included; special tokens are not added, a literal ``<|endoftext|>`` counts as
 text).
@@ -30,10 +30,10 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from lmfab.data.encode import split_hash
-from lmfab.data.progress import Progress
-from lmfab.data.readers import iter_documents, list_files
-from lmfab.data.tokenizer import detect_lang, sample_hash
+from lmfab.data.prep.bpe_train import detect_lang, sample_hash
+from lmfab.data.prep.encode import split_hash
+from lmfab.data.prep.progress import Progress
+from lmfab.data.prep.readers import iter_documents, list_files
 
 SPLITS = ("all", "train", "val")
 

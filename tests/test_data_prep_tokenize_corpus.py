@@ -10,9 +10,15 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from lmfab.data.loader import TokenDataset
-from lmfab.data.readers import iter_documents
+from lmfab.data.prep.readers import iter_documents
+from lmfab.data.prep.tokenize_corpus import (
+    EOS_TOKEN,
+    load_tokenizer,
+    read_meta,
+    split_hash,
+    tokenize_corpus,
+)
 from lmfab.data.shards import read_header, tokenizer_hash
-from lmfab.data.tokenize import EOS_TOKEN, load_tokenizer, read_meta, split_hash, tokenize_corpus
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "books.jsonl.zst"
 SEQ_LEN, VOCAB, VAL, SEED = 64, 512, 0.1, 0

@@ -39,10 +39,11 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmfab.data.encode import split_hash
-from lmfab.data.pack import EOS_TOKEN
-from lmfab.data.progress import Progress
-from lmfab.data.readers import Document, iter_documents, list_files
+from lmfab.atomic import atomic_path
+from lmfab.data.prep.encode import split_hash
+from lmfab.data.prep.pack import EOS_TOKEN
+from lmfab.data.prep.progress import Progress
+from lmfab.data.prep.readers import Document, iter_documents, list_files
 
 PAD_TOKEN = "<|pad|>"
 PRETOKENIZERS = ("gpt2", "gpt2-marks")
@@ -302,8 +303,8 @@ def train_tokenizer(
     log.done()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out) + ".tmp")
-    os.replace(str(out) + ".tmp", out)
+    with atomic_path(out) as tmp:
+        tok.save(str(tmp))
     return {
         "tokenizer": str(out),
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),

@@ -9,16 +9,16 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmfab.cli import main
-from lmfab.data.encode import split_hash
-from lmfab.data.fertility import fertility_report, format_table
-from lmfab.data.readers import iter_documents
-from lmfab.data.tokenizer import (
+from lmfab.data.prep.bpe_train import (
     PAD_TOKEN,
     detect_lang,
     parse_weights,
     sampling_rates,
     train_tokenizer,
 )
+from lmfab.data.prep.encode import split_hash
+from lmfab.data.prep.fertility import fertility_report, format_table
+from lmfab.data.prep.readers import iter_documents
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "books.jsonl.zst"
 ARABIC = [
