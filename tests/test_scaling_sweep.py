@@ -93,7 +93,7 @@ def test_plan_predicts_loss_from_a_fit(tmp_path):
 
     C = [1e17 * 2**i for i in range(8)]
     noise = [1.002, 0.998, 1.001, 0.999, 1.003, 0.997, 1.0, 1.001]
-    law = fit_power_law(C, [((c / 5.984e22) ** -0.0737 + 0.5066) * e for c, e in zip(C, noise)],
+    law = fit_power_law(C, [((c / 5.984e22) ** -0.0737 + 0.5066) * e for c, e in zip(C, noise, strict=True)],
                         bootstrap=50)
     (tmp_path / "fit.json").write_text(json.dumps({"power": law.to_dict()}))
     got = predicted_loss(tmp_path, 1e20)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 from scipy.special import logsumexp
+
+from lmfab.atomic import atomic_path
 
 LEVEL = 0.9  # central interval of the bootstrap percentiles
 STATUSES = ("done", "failed", "diverged", "unfinished", "missing")
@@ -715,15 +716,10 @@ def _power_points(res: Results, minima: list[IsoflopMinimum], loss_key: str
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` beside ``path``, then rename: a reader never sees half a file. The
-    temporary name is the process id's (files get the umask's mode, unlike mkstemp's 0600)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """``write(tmp)`` beside ``path``, then rename (:mod:`lmfab.atomic`): a reader never sees
+    half a file."""
+    with atomic_path(path) as tmp:
         write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _g(x: float | None, fmt: str = ".3g") -> str:

@@ -131,7 +131,6 @@ def model_fields(fam: Family, n_layer: int, d_model: int, d_head: int) -> dict:
 def count(fields: dict, seq_len: int) -> tuple[int, float]:
     """(parameters without position embeddings, training FLOPs per token) of a shape."""
     from lmfab.config.load import config_from_dict
-
     from lmfab.models.gpt import build_model
 
     cfg = config_from_dict({"model": fields, "optimizer": {},
@@ -346,12 +345,10 @@ def plan_command(*, family: str, flops: float | None, params: float | None,
     for c in changes:
         print(f"  muTransfer: {c}")
     if out:
-        import os
+        from lmfab.atomic import atomic_write_text
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{out}.tmp")
-        tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
-        os.replace(tmp, out)
+        atomic_write_text(out, yaml.safe_dump(raw, sort_keys=False))
         print(f"lmfab: wrote {out}  (train it: lmfab run --params {out} --mode train_and_eval "
               f"--model_dir runs/NAME)")
     return {**p.to_dict(), "params": raw}

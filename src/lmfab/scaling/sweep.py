@@ -51,6 +51,7 @@ from pathlib import Path
 
 import yaml
 
+from lmfab.atomic import atomic_write_json, atomic_write_text
 from lmfab.scaling.plan import PlanError, load_family, merge, params_dict, plan
 
 SPECIAL_AXES = {"peak_lr", "parametrization", "tokens", "params"}
@@ -276,9 +277,7 @@ def write_params(point: Point, out: Path) -> Path:
     pdir = out / "points" / point.name
     pdir.mkdir(parents=True, exist_ok=True)
     params_file = pdir / "params.yaml"
-    tmp = params_file.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(point.params, sort_keys=False))
-    os.replace(tmp, params_file)
+    atomic_write_text(params_file, yaml.safe_dump(point.params, sort_keys=False))
     return params_file
 
 
@@ -303,7 +302,7 @@ def _run_point(point: Point, out: Path, extra_env: dict, lock: threading.Lock,
         except ValueError:
             pass
     if rc == 0:
-        (pdir / "wall.json").write_text(json.dumps(info))
+        atomic_write_json(pdir / "wall.json", info)
     with lock:
         progress[0] += 1
         status = "ok" if rc == 0 else f"exit {rc} (see {pdir / 'run.log'})"
@@ -404,11 +403,8 @@ def _last_error(log: Path) -> str:
 
 
 def write_results(rows: list[dict], out: Path) -> None:
-    for name, text in (("results.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
-                       ("results.csv", _csv(rows))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out / "results.csv", _csv(rows))
 
 
 def _csv(rows: list[dict]) -> str:
