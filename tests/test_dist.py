@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmfab import checkpoint as ckpt
 from lmfab.config import load_config
-from lmfab.train import checkpoint as ckpt
 from lmfab.train.loop import run_mode
 
 from .conftest import CONFIGS, REPO, tiny_overrides

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
+from lmfab import checkpoint as ckpt
 from lmfab.config import load_config
-from lmfab.train import checkpoint as ckpt
 from lmfab.train.loop import run_mode
 
 from .conftest import CONFIGS, REPO, tiny_overrides

@@ -185,20 +185,20 @@ def test_compile_module_maps_compile_mode():
 def test_resume_check_refuses_a_key_only_the_checkpoint_has(tmp_path):
     import yaml
 
+    from lmfab.checkpoint import check_resumable
     from lmfab.config import ConfigError, load_config, write_config
-    from lmfab.train.loop import _check_resumable
 
     from .conftest import CONFIGS
 
     cfg = load_config(CONFIGS / "train" / "tiny.yaml")
     write_config(cfg, tmp_path / "config.yaml")
     (tmp_path / "state.json").write_text('{"format": 1, "step": 1, "loader": {"stage": 0}}')
-    _check_resumable(tmp_path, cfg)  # the same config resumes
+    check_resumable(tmp_path, cfg)  # the same config resumes
     raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
     raw["model"]["n_experts"] = 8  # a field this lmfab does not have
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="n_experts"):
-        _check_resumable(tmp_path, cfg)
+        check_resumable(tmp_path, cfg)
 
 
 _INTERPRETER_CHECK = """

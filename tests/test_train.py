@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmfab import checkpoint as ckpt
 from lmfab.config import ConfigError, load_config
-from lmfab.train import checkpoint as ckpt
 from lmfab.train import loop
 from lmfab.train.loop import run_mode
 

@@ -125,7 +125,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     if already_launched():
         world_size = world_size_from_env()
 
-    from lmfab.config import load_config
+    from lmfab.tools.modelzoo import load_config
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
@@ -282,10 +282,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_mup(args: argparse.Namespace) -> int:
     import json
 
-    from lmfab.config.load import load_config, load_model_config, write_config
+    from lmfab.config.load import write_config
+    from lmfab.tools.modelzoo import load_config, load_model_config
 
     if args.mup_verb == "transfer":
-        from lmfab.mup.transfer import transfer
+        from lmfab.tools.mutransfer import transfer
 
         target, changes = transfer(load_config(args.proxy), load_config(args.target))
         write_config(target, args.out)
@@ -293,7 +294,7 @@ def cmd_mup(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
         return 0
 
-    from lmfab.mup.coord_check import coord_check, format_table, plot, spread
+    from lmfab.tools.coord_check import coord_check, format_table, plot, spread
 
     overrides = list(args.overrides) + ([f"n_layer={args.n_layer}"] if args.n_layer else [])
     cfg = load_model_config(args.params, overrides)
@@ -316,7 +317,8 @@ def cmd_mup(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from lmfab.config.load import load_config, write_config
+    from lmfab.config.load import write_config
+    from lmfab.tools.modelzoo import load_config
 
     cfg = load_config(args.file)  # converts, prints notices, validates
     write_config(cfg, args.out)

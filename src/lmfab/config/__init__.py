@@ -1,7 +1,7 @@
 """Params files: typed schema, strict loading, ``--set`` overrides, resolved-config output."""
 
+from lmfab.config.errors import ConfigError
 from lmfab.config.load import (
-    ConfigError,
     apply_overrides,
     check_config,
     config_from_dict,

@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import importlib.util
 import os
-import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -25,11 +24,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lmfab.config.errors import ConfigError
 from lmfab.config.schema import Config, ModelConfig, RunConfig
 
-
-class ConfigError(ValueError):
-    """A params file or override that lmfab cannot honour. The message names the key path."""
+__all__ = ["ConfigError"]  # re-exported: lmfab.config.load.ConfigError stays importable
 
 
 def _hint(key: str, choices: typing.Iterable[str]) -> str:
@@ -239,20 +237,29 @@ def config_from_dict(
 def load_config(
     path: str | Path, overrides: typing.Sequence[str] = (), *, world_size: int = 1
 ) -> Config:
-    """Read a params YAML, apply ``--set`` overrides, convert and check it."""
-    raw = read_yaml(path)
-    from lmfab.config.modelzoo import convert_modelzoo, looks_like_modelzoo
+    """Read an lmfab params YAML, apply ``--set`` overrides, convert and check it.
 
-    if looks_like_modelzoo(raw):
-        try:
-            raw, notices = convert_modelzoo(raw)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        for note in notices:
-            print(f"lmfab: {path}: Model Zoo import: {note}", file=sys.stderr)
+    A Cerebras Model Zoo params file is refused with a pointer to the importer
+    (:func:`lmfab.tools.modelzoo.load_config` reads both, as ``lmfab run`` does)."""
+    raw = read_yaml(path)
+    refuse_modelzoo(raw, path)
     raw = apply_overrides(raw, overrides)
     return config_from_dict(raw, world_size=world_size, source=str(path),
                             base_dir=Path(path).parent)
+
+
+def looks_like_modelzoo(raw: dict) -> bool:
+    """A Cerebras Model Zoo params mapping (recognised by ``model.hidden_size``)."""
+    model = raw.get("model")
+    return isinstance(model, dict) and "hidden_size" in model
+
+
+def refuse_modelzoo(raw: dict, path: str | Path) -> None:
+    if looks_like_modelzoo(raw):
+        raise ConfigError(
+            f"{path}: a Cerebras Model Zoo params file (model.hidden_size); lmfab.config reads "
+            "lmfab params only: use lmfab.tools.modelzoo.load_config (as `lmfab run` does) or "
+            "`lmfab import modelzoo FILE -o OUT`")
 
 
 def load_model_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ModelConfig:
@@ -260,11 +267,15 @@ def load_model_config(path: str | Path, overrides: typing.Sequence[str] = ()) ->
 
     Overrides name model fields directly (``n_layer=2``) or with the section (``model.n_layer=2``).
     """
-    raw = read_yaml(path)
-    if "model" in raw:
-        from lmfab.config.modelzoo import convert_modelzoo, looks_like_modelzoo
+    return model_config_from_dict(read_yaml(path), path, overrides)
 
-        raw = convert_modelzoo(raw)[0]["model"] if looks_like_modelzoo(raw) else raw["model"]
+
+def model_config_from_dict(raw: dict, path: str | Path,
+                           overrides: typing.Sequence[str] = ()) -> ModelConfig:
+    """:func:`load_model_config` on a mapping already read from ``path``."""
+    if "model" in raw:
+        refuse_modelzoo(raw, path)
+        raw = raw["model"]
     raw = apply_overrides({"model": dict(raw)},
                           [o if o.startswith("model.") else f"model.{o}" for o in overrides])
     try:

@@ -24,7 +24,7 @@ class ModelConfig:
     enabled by ``mup_base_d_model``: with m = d_model / mup_base_d_model the output logits are
     multiplied by ``output_mult / m``, hidden matrices are initialised with std / sqrt(m) and
     trained with Adam LR / m. They are derived where they are used (init, forward, optimizer
-    groups; see :mod:`lmfab.mup`), never stored on tensors.
+    groups; see :mod:`lmfab.models.mup`), never stored on tensors.
     """
 
     n_layer: int

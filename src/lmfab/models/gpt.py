@@ -10,7 +10,7 @@ models (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases). Attention li
 Construction is cheap and allocation-free on the meta device; :meth:`GPT.init_weights`
 fills the parameters explicitly: normal(0, init_std), residual output projections scaled by
 1/sqrt(2 * n_layer) as in GPT-2, and muP's 1/sqrt(fan-in multiplier) on hidden matrices
-(:mod:`lmfab.mup`). Model code is written for one device: parallelism is applied from
+(:mod:`lmfab.models.mup`). Model code is written for one device: parallelism is applied from
 outside (:mod:`lmfab.dist`). No torch.distributed here.
 """
 
@@ -26,7 +26,7 @@ from lmfab.config.schema import ModelConfig
 from lmfab.models.activation import bias_gelu
 from lmfab.models.attention import Attention, causal_block_mask
 from lmfab.models.loss import fused_linear_cross_entropy
-from lmfab.mup import fan_in_multiplier, multipliers
+from lmfab.models.mup import fan_in_multiplier, multipliers
 
 
 class MLP(nn.Module):

@@ -11,19 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmfab.checkpoint import run_tokenizer
 from lmfab.config.load import ConfigError, TrainStage
 from lmfab.config.schema import Config
 from lmfab.data.loader import BatchLoader, TokenDataset
 from lmfab.data.mixture import MixtureLoader
 from lmfab.data.shards import tokenizer_hash
 from lmfab.dist.world import World
-
-
-def run_tokenizer(cfg: Config) -> Path | None:
-    """The tokenizer.json of the run: the first training source's."""
-    first = cfg.train_input.data_dir or cfg.train_input.mixture[0].data_dir
-    tok = Path(first) / "tokenizer.json"
-    return tok if tok.is_file() else None
 
 
 def open_dataset(cfg: Config, data_dir: str | Path, split: str, seq_len: int) -> TokenDataset:

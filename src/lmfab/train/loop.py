@@ -10,11 +10,9 @@ checkpoint in ``model_dir`` resumes automatically; ``init_from`` loads weights o
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,30 +21,28 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lmfab import checkpoint as ckpt
 from lmfab.config.load import (
     ConfigError,
     config_notes,
-    config_to_dict,
     micro_batching,
     resolved_precision,
     train_stages,
-    write_config,
 )
-from lmfab.config.schema import Config, ModelConfig
+from lmfab.config.schema import Config
 from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, init_world, parallelize, shutdown
 from lmfab.dist.launch import record_rank_code
 from lmfab.dist.parallel import is_fsdp, no_sync, resolve_strategy, sharded_fill
-from lmfab.eval.loss import evaluate_loss
 from lmfab.models.gpt import GPT, build_model, materialize
-from lmfab.train import checkpoint as ckpt
-from lmfab.train.data import make_loader, open_dataset, run_tokenizer, stage_at
+from lmfab.train.data import make_loader, open_dataset, stage_at
 from lmfab.train.graph import WARMUP_STEPS, WARMUP_STEPS_DDP, StepGraph
 from lmfab.train.metrics import MetricsLogger, console, format_duration, peak_flops
 from lmfab.train.optim import build_optimizer, clip_and_step, make_capturable, set_lr
 from lmfab.train.plan import format_plan, plan_run
 from lmfab.train.profile import StepProfiler, format_summary
 from lmfab.train.schedule import LRSchedule
+from lmfab.train.validate import evaluate_loss
 
 MODES = ("train", "eval", "train_and_eval", "eval_all")
 
@@ -124,36 +120,6 @@ def setup(cfg: Config, model_dir: str | Path) -> Run:
         wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16, grad_accum=accum)
     log = MetricsLogger(model_dir, enabled=world.is_main, tensorboard=cfg.runconfig.tensorboard)
     return Run(cfg, world, model_dir, model, wrapped, autocast_for(cfg, world.device), log)
-
-
-def _check_resumable(saved: Path, cfg: Config) -> None:
-    import yaml
-
-    fmt = ckpt.checkpoint_format(ckpt.read_state(saved))
-    if fmt != ckpt.FORMAT:
-        raise ConfigError(
-            f"{saved}: cannot resume, the checkpoint's layout is format {fmt} and this lmfab "
-            f"reads format {ckpt.FORMAT}; use a new --model_dir, or --init_from {saved} to "
-            "start a new run from its weights"
-        )
-
-    saved_model = yaml.safe_load((saved / "config.yaml").read_text())["model"]
-    now = config_to_dict(cfg)["model"]
-    # A key the checkpoint lacks was added to ModelConfig after it was written; its default
-    # keeps the old behaviour, so that default matches.
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-                if f.default is not dataclasses.MISSING}
-    missing = object()
-    diff = {k: (saved_model.get(k), v) for k, v in now.items()
-            if saved_model.get(k, defaults.get(k, missing)) != v}
-    # A key only the checkpoint has (a field since renamed or removed) is a difference too.
-    diff.update({k: (v, None) for k, v in saved_model.items() if k not in now})
-    if diff:
-        raise ConfigError(
-            f"{saved}: cannot resume, the model section differs from the checkpoint's "
-            f"(key: (checkpoint, now)) {diff}; use a new --model_dir, or --init_from to "
-            "start a new run from these weights"
-        )
 
 
 def evaluate(run: Run, dataset: TokenDataset) -> dict:
@@ -281,7 +247,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     step, tokens_seen = 0, 0
     newest = ckpt.latest_checkpoint(run.model_dir)
     if newest is not None:
-        _check_resumable(newest, cfg)
+        ckpt.check_resumable(newest, cfg)
         state = ckpt.load_checkpoint(newest, model=run.model, optimizer=optimizer, world=world)
         step, tokens_seen = state["step"], state.get("tokens", 0)
         run.say(f"resumed from {newest} (step {step})")
@@ -302,11 +268,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
                 "(use a new --model_dir, or --init_from)")
         loader.load_state_dict(state["loader"]["state"])
     if world.is_main:
-        run.model_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, run.model_dir / "config.yaml")
-        tok = run_tokenizer(cfg)
-        if tok is not None:
-            shutil.copyfile(tok, run.model_dir / "tokenizer.json")
+        ckpt.write_run_files(cfg, run.model_dir)
     run.say(format_plan(plan))
     for note in config_notes(cfg, world.device.type):
         run.say(f"note: {note}")

@@ -3,7 +3,7 @@
 Matrices of the transformer blocks decay; norms, biases and embeddings do not (the usual
 GPT practice; embeddings are a lookup whose rows see sparse gradients, and with tied
 embeddings decay would also shrink the output layer). Under muP each hidden matrix's
-learning rate is divided by its fan-in width multiplier (:mod:`lmfab.mup`): every group
+learning rate is divided by its fan-in width multiplier (:mod:`lmfab.models.mup`): every group
 carries ``lr_mult`` and the loop sets ``lr = schedule(step) * lr_mult``.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lmfab.config.schema import ModelConfig, OptimizerConfig
-from lmfab.mup import fan_in_multiplier
+from lmfab.models.mup import fan_in_multiplier
 
 
 def param_groups(model: nn.Module, weight_decay: float, model_cfg: ModelConfig) -> list[dict]:
