@@ -2,7 +2,7 @@
 # The issue-2 GPU check on one GPU: GPU tests, real-data training runs of the 124M and 1.3B
 # shapes (bf16, compiled, a few dozen steps), then the throughput benchmark beside HF GPT-2.
 # Usage: benchmarks/gpu_check.sh OUTDIR DATA1024 DATA2048 [part]
-#   part: all (default) | runs | bench124 | bench13b | fp8 | graphs | long | alibi | mlp | stepgraph
+#   part: all (default) | runs | bench124 | bench13b | fp8 | graphs | long | alibi | mlp
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
@@ -62,12 +62,6 @@ if [[ $part == graphs ]]; then
   VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-200} benchmarks/throughput_sweep.sh "$out/graphs" \
       configs/train/gpt2-124m.yaml 30 10 "default=lmfab" \
       "cudagraphs=lmfab;--set runconfig.compile_mode=reduce-overhead" | tee "$out/graphs.md"
-fi
-if [[ $part == stepgraph ]]; then
-  # runconfig.cuda_graph (the whole step captured and replayed) against the default step, at
-  # 124M and 1.3B, each profiled for 3 steps: the launch-lead line says whether the host or
-  # the GPU sets the pace (~6 min).
-  both_shapes stepgraph 200 "default=lmfab" "cuda_graph=lmfab;--set runconfig.cuda_graph=true"
 fi
 if [[ $part == mlp ]]; then
   # runconfig.mlp_kernel: the bias + GELU kernels alone against inductor's, then whole steps

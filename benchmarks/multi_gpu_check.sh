@@ -5,13 +5,8 @@
 #         curves   124M loss curve, 1 GPU x 2 accumulation vs 2 GPUs, same global batch
 #         scale124 124M DDP throughput on 1 and 2 GPUs               (~1 min)
 #         scale13b 1.3B DDP and FSDP2 throughput on 1 and 2 GPUs     (~4 min)
-#         host124  124M DDP on 1 and 2 GPUs, 100 steps, as is and with runconfig.gc_steps=50
-#                  (~3 min). "As is" has the pinned batch copies, which have no switch: compare
-#                  it with session 3's figures from before them (docs/benchmarks.md)
 #         trace124 124M DDP on 1 and 2 GPUs, no accumulation, profiled on every rank: the
 #                  timeline line (GPU active, NCCL, exposed NCCL) per rank      (~3 min)
-#         graph124 124M DDP on 1 and 2 GPUs, no accumulation, 100 steps: as is and with
-#                  runconfig.cuda_graph (the whole step, all-reduces included, one graph)  (~5 min)
 #         fsdp124  the no-accumulation gap with FSDP2 instead of DDP: 124M on 1 GPU and DDP
 #                  on 2, then FSDP2 on 2 keeping the gathered blocks (ZeRO-2) with fp32 or
 #                  bf16 gradient reduction, and resharding with bf16 reduction    (~8 min)
@@ -35,24 +30,11 @@
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, fsdp124, fsdp13b1, ddp16, accum, ddp13b, fsdp13b or big}
+part=${4:?part: tests, curves, scale124, scale13b, trace124, fsdp124, fsdp13b1, ddp16, accum, ddp13b, fsdp13b or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
 
-# variants124 PART LABEL=SETTING...: 124M DDP on 1 and 2 GPUs, no accumulation, 100 steps in
-# 10-step intervals, once per label with --set runconfig.SETTING (none when empty), into
-# OUT/PART-LABEL; prints the table rows prefixed by the label
-variants124() {
-  local part=$1 v label setting extra; shift
-  for v in "$@"; do
-    label=${v%%=*}; setting=${v#*=}; extra=()
-    [[ -n $setting ]] && extra=(--set "runconfig.$setting")
-    $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
-        --steps 100 --log_steps 10 --set train_input.data_dir="$d1024" ${extra[@]+"${extra[@]}"} \
-        --out "$out/$part-$label" 2>&1 | grep "^| ddp" | sed "s/^/$label /"
-  done
-}
 case $part in
   tests)
     $py -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$out/pytest_gpu.txt" ;;
@@ -73,8 +55,6 @@ case $part in
   scale13b)
     $py benchmarks/scaling.py --params configs/train/cerebras-gpt-1.3b.yaml --devices 1,2 \
         --strategies ddp,fsdp --steps 30 --set train_input.data_dir="$d2048" --out "$out/scale13b" 2>&1 | tail -10 ;;
-  host124)
-    variants124 host124 default= gc50=gc_steps=50 ;;
   trace124)
     # The no-accumulation gap (94-96%): 124M on 1 and 2 GPUs, every micro-batch all-reduced,
     # steps 21-23 profiled on every rank: GPU active time, NCCL time, and the NCCL time no
@@ -85,8 +65,6 @@ case $part in
     for f in "$out"/trace124/ddp-*/profile/kernels_rank*.txt; do
       echo "== ${f#"$out"/}"; head -9 "$f"
     done ;;
-  graph124)
-    variants124 graph124 default= cuda_graph=cuda_graph=true ;;
   fsdp124|fsdp13b1|ddp16)
     # No accumulation (one reduction per micro-batch). FSDP2 reduce-scatters each block's
     # gradients during backward (DDP's last buckets are reduced after it), steps AdamW on half

@@ -143,12 +143,12 @@ def _parallelize_worker(rank: int, port: int, sets: list[str], out: str) -> None
     torch._dynamo.config.optimize_ddp = "unset"  # parallelize must set it either way
     model = build_model(cfg.model)
     if cfg.runconfig.strategy == "fsdp":
-        wrapped = parallelize(model, world, cfg.runconfig)
+        wrapped = parallelize(model, world, cfg.runconfig).module
         model.to_empty(device=world.device)
         model.init_weights(torch.Generator().manual_seed(0), fill=sharded_fill)
     else:
         model = materialize(model, world.device, seed=0)
-        wrapped = parallelize(model, world, cfg.runconfig)
+        wrapped = parallelize(model, world, cfg.runconfig).module
     torch.manual_seed(rank)  # different data on each rank, the same in every test run
     idx = torch.randint(0, cfg.model.vocab_size, (2, 17))
     loss = wrapped(idx[:, :-1], idx[:, 1:])

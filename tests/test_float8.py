@@ -13,9 +13,9 @@ import torch
 
 from lmfab import checkpoint as ckpt
 from lmfab.config import ConfigError, load_config
-from lmfab.config.load import config_notes
 from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train.loop import run_mode
+from lmfab.train.plan import config_notes
 
 from .conftest import CONFIGS, tiny_overrides
 

@@ -108,6 +108,19 @@ def test_every_import_runs_one_way():
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
+def test_no_torch_distributed_in_model_code():
+    """Model code is written for one device; parallelism is applied from outside."""
+    bad = []
+    for part in ("models", "kernels"):
+        for path in sorted((SRC / part).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                bad += [f"{path.relative_to(SRC.parent)}:{node.lineno}: {n}"
+                        for n in names if n.startswith("torch.distributed")]
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("importer, imported", [
     ("lmfab.models.gpt", "lmfab.train.optim"),  # up the layers
     ("lmfab.config.load", "lmfab.tools.modelzoo"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -145,44 +144,6 @@ def test_profile_steps_write_a_table_and_trace_per_rank(tiny_data, tmp_path):
     run_mode(cfg, mode="train", model_dir=tmp_path / "resumed")
     resumed = json.loads((tmp_path / "resumed" / "profile" / "kernels_rank0.json").read_text())
     assert resumed["steps"] == [5, 6]
-
-
-def test_gc_steps_collects_at_fixed_steps_and_restores_the_collector(tiny_data, tmp_path,
-                                                                    monkeypatch):
-    import gc
-
-    calls = []
-    real_collect = gc.collect
-    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(a) or real_collect(*a))
-    seen_enabled = []
-    real_tick = loop.manual_gc
-
-    @contextlib.contextmanager
-    def spy(every):
-        with real_tick(every) as tick:
-            yield lambda step: (seen_enabled.append(gc.isenabled()), tick(step))
-
-    monkeypatch.setattr(loop, "manual_gc", spy)
-    assert gc.isenabled()
-    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 22, "runconfig.gc_steps": 2})
-    run_mode(cfg, mode="train", model_dir=tmp_path / "run")
-    assert calls.count((1,)) == 10  # steps 2, 4, ..., 22 but 20
-    assert calls.count(()) >= 2  # the full collection before freezing, and at step 20
-    assert seen_enabled == [False] * 22  # disabled during the loop
-    assert gc.isenabled() and gc.get_freeze_count() == 0  # restored afterwards
-
-
-def test_gc_steps_restores_the_collector_after_an_error(tiny_data, tmp_path, monkeypatch):
-    import gc
-
-    def boom(*a, **k):
-        raise RuntimeError("step failed")
-
-    monkeypatch.setattr(loop, "_train_step", boom)
-    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 3, "runconfig.gc_steps": 2})
-    with pytest.raises(RuntimeError, match="step failed"):
-        run_mode(cfg, mode="train", model_dir=tmp_path / "run")
-    assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_a_failure_inside_the_profile_window_stops_the_profiler(tiny_data, tmp_path, monkeypatch):

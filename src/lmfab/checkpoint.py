@@ -225,7 +225,7 @@ def write_run_files(cfg: Config, model_dir: str | Path) -> None:
 def read_run_config(ckpt: str | Path) -> Config:
     """The resolved config written beside a checkpoint."""
     path = Path(ckpt) / "config.yaml"
-    return config_from_dict(read_yaml(path), source=str(path))
+    return config_from_dict(read_yaml(path), source=str(path), resolved=True)
 
 
 def find_tokenizer(ckpt: str | Path, cfg: Config) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import os
 import types
 import typing
@@ -25,7 +24,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from lmfab.config.errors import ConfigError
-from lmfab.config.schema import Config, ModelConfig, RunConfig
+from lmfab.config.schema import Config, ModelConfig
 
 __all__ = ["ConfigError"]  # re-exported: lmfab.config.load.ConfigError stays importable
 
@@ -220,11 +219,37 @@ def resolve_model_preset(model: Any, base_dir: Path | None = None, _seen: tuple 
     return {**base, **{k: v for k, v in model.items() if k != "preset"}}
 
 
+# runconfig keys that lmfab no longer has, and why (docs/decisions.md). A params file that
+# sets one fails saying so; a resolved config written before (beside a checkpoint) loads.
+REMOVED_RUN_KEYS = {
+    "cuda_graph": "the whole-step CUDA graph was removed (measured at noise level: +0.6% at "
+                  "124M on an H200); drop the key",
+    "gc_steps": "the fixed-step garbage collection was removed (measured at noise level); "
+                "drop the key",
+}
+
+
+def upgrade_runconfig(raw: dict, *, resolved: bool) -> dict:
+    """``raw`` with its runconfig section in today's layout. ``resolved``: a config lmfab
+    wrote itself (beside a checkpoint), whose removed keys are dropped; in a params file
+    they fail with the reason."""
+    run = raw.get("runconfig")
+    if not isinstance(run, dict) or not any(k in run for k in REMOVED_RUN_KEYS):
+        return raw
+    for key in REMOVED_RUN_KEYS:
+        if key in run and not resolved:
+            raise ConfigError(f"runconfig.{key}: {REMOVED_RUN_KEYS[key]}")
+    return {**raw, "runconfig": {k: v for k, v in run.items() if k not in REMOVED_RUN_KEYS}}
+
+
 def config_from_dict(
-    raw: dict, *, world_size: int = 1, source: str = "params", base_dir: Path | None = None
+    raw: dict, *, world_size: int = 1, source: str = "params", base_dir: Path | None = None,
+    resolved: bool = False,
 ) -> Config:
-    """Convert and check a raw mapping. Errors are prefixed with ``source`` (the file)."""
+    """Convert and check a raw mapping. Errors are prefixed with ``source`` (the file).
+    ``resolved``: the mapping is a config lmfab wrote (see :func:`upgrade_runconfig`)."""
     try:
+        raw = upgrade_runconfig(raw, resolved=resolved)
         if "model" in raw:
             raw = {**raw, "model": resolve_model_preset(raw["model"], base_dir)}
         cfg = _to_dataclass(raw, Config, "")
@@ -403,82 +428,6 @@ def train_stages(cfg: Config, world_size: int = 1) -> list[TrainStage]:
     return stages
 
 
-def resolved_precision(r: RunConfig, device_type: str) -> str:
-    """``runconfig.precision`` on this device: bf16 or fp32 (auto: bf16 on CUDA)."""
-    if r.precision == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    return r.precision
-
-
-def uses_fused_loss(r: RunConfig, device_type: str) -> bool:
-    """``runconfig.loss``: fused, or auto on CUDA."""
-    return r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
-
-
-def uses_fused_mlp(r: RunConfig, device_type: str) -> bool:
-    """``runconfig.mlp_kernel``: fused, or auto on CUDA where Triton is installed (without it
-    the op runs its PyTorch fallback, which inductor cannot fuse: slower than standard)."""
-    if r.mlp_kernel == "auto":
-        return device_type == "cuda" and importlib.util.find_spec("triton") is not None
-    return r.mlp_kernel == "fused"
-
-
-def split_ddp_graph(r: RunConfig, grad_accum: int) -> bool:
-    """``runconfig.ddp_split_graph``, with auto resolved: cut the compiled graph at DDP's
-    buckets (overlap each all-reduce with backward) only when every micro-batch reduces.
-    With accumulation the cut graph runs on every micro-batch and its lost fusion costs more
-    than the overlap wins (2 H200s, 1.3B shape, 4 micro-batches: 96.4% scaling cut, 98.3%
-    whole; docs/benchmarks.md)."""
-    if r.ddp_split_graph == "auto":
-        return grad_accum < 2
-    return bool(r.ddp_split_graph)
-
-
-def config_notes(cfg: Config, device_type: str) -> list[str]:
-    """Settings that are valid but have no effect in this combination (said, not refused)."""
-    r, notes = cfg.runconfig, []
-    fused = uses_fused_loss(r, device_type)
-    if r.loss_chunk and not fused:
-        notes.append(f"runconfig.loss_chunk={r.loss_chunk} has no effect: the loss is the "
-                     "standard one here (runconfig.loss=fused to use it)")
-    if r.mlp_kernel == "fused" and (cfg.model.mlp not in ("gelu", "gelu_tanh")
-                                    or not cfg.model.bias):
-        notes.append(f"runconfig.mlp_kernel=fused has no effect: it fuses bias + GELU, and "
-                     f"this model has mlp={cfg.model.mlp}, bias={cfg.model.bias}")
-    elif r.mlp_kernel == "fused" and r.float8 != "off":
-        notes.append("runconfig.mlp_kernel=fused has no effect with runconfig.float8: the "
-                     "float8 layer adds its bias itself")
-    if r.compile_mode != "default" and not r.compile:
-        notes.append(f"runconfig.compile_mode={r.compile_mode} has no effect without "
-                     "runconfig.compile: true")
-    if r.cuda_graph and device_type != "cuda":
-        notes.append("runconfig.cuda_graph=true has no effect: CUDA graphs need a CUDA device")
-    elif r.cuda_graph and cfg.optimizer.fused == "off":
-        notes.append("runconfig.cuda_graph=true has no effect with optimizer.fused=off: the "
-                     "captured step needs fused AdamW")
-    if r.residual_dtype == "bf16" and resolved_precision(r, device_type) != "bf16":
-        notes.append("runconfig.residual_dtype=bf16 has no effect: precision is fp32 here")
-    if r.checkpoint_every != 1 and not r.activation_checkpointing:
-        notes.append(f"runconfig.checkpoint_every={r.checkpoint_every} has no effect without "
-                     "runconfig.activation_checkpointing: true")
-    if r.float8 != "off" and not r.compile:
-        notes.append(f"runconfig.float8={r.float8} without runconfig.compile: the scaling "
-                     "casts run as separate kernels, usually slower than bf16")
-    if r.ddp_split_graph is False and (not r.compile or r.strategy == "fsdp"):
-        notes.append("runconfig.ddp_split_graph=false has no effect: it concerns DDP under "
-                     "torch.compile")
-    if not r.fsdp_reshard_after_forward and r.strategy == "ddp":
-        notes.append("runconfig.fsdp_reshard_after_forward=false has no effect with "
-                     "runconfig.strategy=ddp")
-    if r.profile_steps and r.profile_start >= r.max_steps:
-        notes.append(f"runconfig.profile_steps has no effect: profile_start={r.profile_start} "
-                     f"is not before max_steps={r.max_steps}")
-    elif r.profile_steps and device_type != "cuda":
-        notes.append("runconfig.profile_steps on a CPU: the trace holds CPU ops only, and the "
-                     "kernel table is empty")
-    return notes
-
-
 def check_config(cfg: Config, *, world_size: int = 1) -> None:
     """Cross-field checks: combinations that cannot run fail here, not at step 1000."""
     m, o, t, e, r = cfg.model, cfg.optimizer, cfg.train_input, cfg.eval_input, cfg.runconfig
@@ -529,23 +478,8 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError("runconfig.max_steps must be >= 0 and runconfig.log_steps > 0")
     if r.checkpoint_steps < 0 or r.eval_steps < 0 or r.keep_checkpoints < 0:
         raise ConfigError("runconfig.checkpoint_steps, eval_steps, keep_checkpoints: >= 0")
-    if r.profile_steps < 0 or r.profile_start < 0 or r.gc_steps < 0:
-        raise ConfigError("runconfig.profile_steps, profile_start, gc_steps: >= 0")
-    if r.cuda_graph and r.compile and r.compile_mode in ("reduce-overhead", "max-autotune"):
-        raise ConfigError(
-            f"runconfig.cuda_graph with compile_mode={r.compile_mode}: both capture CUDA "
-            "graphs, and a capture cannot hold another; use one (cuda_graph graphs the whole "
-            "step, reduce-overhead only the compiled regions)")
-    if r.cuda_graph and r.activation_checkpointing:
-        raise ConfigError(
-            "runconfig.cuda_graph with activation_checkpointing: the checkpointed blocks save "
-            "and restore the CUDA RNG state, which a graph capture forbids; use one of them "
-            "(the steps that need checkpointing are long enough not to need the graph)")
-    if r.cuda_graph and r.grad_reduce_dtype != "fp32" and r.strategy != "fsdp" and world_size > 1:
-        raise ConfigError(
-            f"runconfig.cuda_graph with grad_reduce_dtype={r.grad_reduce_dtype}: DDP's bf16 "
-            "reduction runs a Python hook per bucket, which the captured step does not cover; "
-            "use one of them")
+    if r.profile_steps < 0 or r.profile_start < 0:
+        raise ConfigError("runconfig.profile_steps, profile_start: >= 0")
     if r.checkpoint_every < 1:
         raise ConfigError(f"runconfig.checkpoint_every: must be >= 1, got {r.checkpoint_every}")
     if not r.ddp_bucket_mb > 0:

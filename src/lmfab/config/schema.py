@@ -162,26 +162,18 @@ class RunConfig:
     # epilogues, minutes more), max-autotune, reduce-overhead (CUDA graphs).
     compile_mode: Literal["default", "tuned", "max-autotune-no-cudagraphs", "max-autotune",
                           "reduce-overhead"] = "default"
-    # Capture the whole training step (every micro-batch's forward and backward, the clip,
-    # AdamW) as one CUDA graph after 3 eager warm-up steps, and replay it: one launch per
-    # step instead of thousands, for steps whose kernels are shorter than the host's launch
-    # time (the profile's launch-lead line tells). CUDA, fused AdamW, one process or DDP
-    # (11 warm-up steps then; the all-reduces are captured too); not FSDP2 (a note says it
-    # is off), not with activation checkpointing (refused). compile_mode reduce-overhead
-    # graphs only the compiled regions.
-    cuda_graph: bool = False
     # Kernel for softmax attention (learned / rope positions; ALiBi always uses FlexAttention):
     # auto = cuDNN first on Hopper GPUs (1.5-1.8x flash there, docs/benchmarks.md), PyTorch's
     # own choice elsewhere; or one SDPA backend first (the others stay as fall-backs).
     attention_backend: Literal["auto", "torch", "cudnn", "flash", "efficient", "math"] = "auto"
-    # Output projection + cross-entropy (models/loss.py): fused = one matmul and one row
+    # Output projection + cross-entropy (kernels/cross_entropy.py): fused = one matmul and one row
     # kernel that turns the logits into their gradient in place (Triton on CUDA); standard =
     # F.cross_entropy on full fp32 logits; auto = fused on CUDA, standard elsewhere.
     loss: Literal["auto", "fused", "standard"] = "auto"
     # fused only: positions per block (0: all at once). A block computes its gradients in
     # forward, so only (loss_chunk x vocab) logits exist: long sequences, large vocabularies.
     loss_chunk: int = 0
-    # The MLP's bias + GELU (models/activation.py): fused = one Triton kernel each way, the
+    # The MLP's bias + GELU (kernels/bias_gelu.py): fused = one Triton kernel each way, the
     # bias gradient made in the backward kernel's pass; standard = the GEMM adds the bias and
     # torch (inductor) applies GELU; auto = fused on CUDA (with Triton). GELU MLPs with biases.
     mlp_kernel: Literal["auto", "fused", "standard"] = "auto"
@@ -225,9 +217,6 @@ class RunConfig:
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     peak_flops_per_device: float | None = None  # for MFU; known GPUs are detected
     tensorboard: bool = True
-    # Python's garbage collector: 0 = automatic; N = collected at every N-th step on all
-    # ranks together, frozen and disabled in between (no rank pauses while others wait)
-    gc_steps: int = 0
     # torch.profiler over steps profile_start+1 .. profile_start+profile_steps (0: off): each
     # rank writes GPU kernel time per category and a Chrome trace to model_dir/profile/.
     profile_steps: int = 0

@@ -15,23 +15,48 @@ Order (DESIGN.md, as torchtitan): activation checkpointing -> torch.compile -> D
   after forward, or keep them for backward). Both reduce gradients in fp32, or in bf16 with
   ``grad_reduce_dtype: bf16``.
 
-The module returned is what the loop calls; the model object itself is what checkpoints
-save (FSDP2 turns it into a sharded module in place).
+It returns :class:`Parallel`: the module the loop calls and what was chosen. The model object
+itself is what checkpoints save (FSDP2 turns it into a sharded module in place). Nothing
+here sets attributes on the model: its kernels were chosen when it was built
+(:mod:`lmfab.models.execution`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lmfab.config.load import ConfigError, split_ddp_graph, uses_fused_loss, uses_fused_mlp
+from lmfab.config.errors import ConfigError
 from lmfab.config.schema import RunConfig
 from lmfab.dist.world import World
-from lmfab.models.attention import set_attention_backend
-from lmfab.models.gpt import MLP
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """What :func:`parallelize` built: the module the loop calls and the choices it made."""
+
+    module: nn.Module  # DDP, the FSDP2-sharded model itself, or the (compiled) model
+    strategy: str  # ddp or fsdp (ddp on one device: no wrapper)
+    compiled: bool
+    checkpointed_blocks: int = 0
+    float8_layers: int = 0
+    split_graph: bool | None = None  # DDP under compile on several devices: cut at buckets
+
+
+def split_ddp_graph(r: RunConfig, grad_accum: int) -> bool:
+    """``runconfig.ddp_split_graph``, with auto resolved: cut the compiled graph at DDP's
+    buckets (overlap each all-reduce with backward) only when every micro-batch reduces.
+    With accumulation the cut graph runs on every micro-batch and its lost fusion costs more
+    than the overlap wins (2 H200s, 1.3B shape, 4 micro-batches: 96.4% scaling cut, 98.3%
+    whole; docs/benchmarks.md)."""
+    if r.ddp_split_graph == "auto":
+        return grad_accum < 2
+    return bool(r.ddp_split_graph)
 
 
 def resolve_strategy(run: RunConfig, world: World, n_params: int) -> str:
@@ -97,22 +122,14 @@ def compile_module(module: nn.Module, run: RunConfig) -> None:
 
 
 def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = False,
-                grad_accum: int = 1) -> nn.Module:
-    """Prepare ``model`` for training as ``run`` says (kernels, float8, activation
-    checkpointing, compile, DDP or FSDP2). ``grad_accum``: micro-batches per optimizer step
-    on each device, for ``ddp_split_graph: auto``."""
-    set_attention_backend(model, run.attention_backend, world.device)
-    model.fused_loss = uses_fused_loss(run, world.device.type)
-    model.loss_chunk = run.loss_chunk
-    fused_mlp = uses_fused_mlp(run, world.device.type)
-    for module in model.modules():
-        if isinstance(module, MLP):
-            module.fused_act = fused_mlp
-    model.residual_dtype = torch.bfloat16 if bf16 and run.residual_dtype == "bf16" else None
-    if run.float8 != "off":
-        apply_float8(model, run.float8, world.device)
-    if run.activation_checkpointing:
-        apply_activation_checkpointing(model, run.checkpoint_every)
+                grad_accum: int = 1) -> Parallel:
+    """Wrap ``model`` for training as ``run`` says: float8 layers, activation checkpointing,
+    compile, DDP or FSDP2, in that order. The kernels are the model's own, chosen when it
+    was built. ``grad_accum``: micro-batches per optimizer step on each device, for
+    ``ddp_split_graph: auto``."""
+    f8 = apply_float8(model, run.float8, world.device) if run.float8 != "off" else 0
+    ac = apply_activation_checkpointing(model, run.checkpoint_every) \
+        if run.activation_checkpointing else 0
     strategy = resolve_strategy(run, world, sum(p.numel() for p in model.parameters()))
     if strategy == "fsdp" and world.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -131,34 +148,24 @@ def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = 
                 compile_module(block, run)
             fully_shard(block, mp_policy=mp, reshard_after_forward=run.fsdp_reshard_after_forward)
         fully_shard(model, mp_policy=mp)  # FSDP2 keeps the root gathered after forward itself
-        model.lmfab_strategy = "fsdp"
-        return model
+        return Parallel(model, "fsdp", run.compile, ac, f8)
     if run.compile:
         compile_module(model, run)
-    model.lmfab_strategy = "ddp"
     if world.distributed:
         # Read by dynamo when it first compiles the forward (lazily, inside DDP's forward):
         # cut the graph at the gradient buckets, or keep it whole. One model per process.
-        torch._dynamo.config.optimize_ddp = split_ddp_graph(run, grad_accum)
-        # runconfig.cuda_graph: DDP is built on the side stream the step is later captured
-        # on (its gradient hooks keep the stream they were made on)
-        graph_stream = torch.cuda.Stream(world.device) \
-            if run.cuda_graph and world.device.type == "cuda" else None
-        with torch.cuda.stream(graph_stream) if graph_stream is not None \
-                else contextlib.nullcontext():
-            ddp = DDP(
-                model,
-                device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                gradient_as_bucket_view=True,
-                bucket_cap_mb=run.ddp_bucket_mb,
-            )
+        split = split_ddp_graph(run, grad_accum)
+        torch._dynamo.config.optimize_ddp = split
+        ddp = DDP(
+            model,
+            device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+            bucket_cap_mb=run.ddp_bucket_mb,
+        )
         if run.grad_reduce_dtype == "bf16":
             ddp.register_comm_hook(None, bf16_reduce_hook)
-        if graph_stream is not None:
-            torch.cuda.current_stream(world.device).wait_stream(graph_stream)
-            ddp.lmfab_graph_stream = graph_stream
-        return ddp
-    return model
+        return Parallel(ddp, "ddp", run.compile, ac, f8, split if run.compile else None)
+    return Parallel(model, "ddp", run.compile, ac, f8)
 
 
 def bf16_reduce_hook(group, bucket):
@@ -191,7 +198,8 @@ def sharded_fill(param: torch.Tensor, fn) -> None:
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    return getattr(model, "lmfab_strategy", "ddp") == "fsdp"
+    """Sharded by FSDP2 (``fully_shard`` makes the module an ``FSDPModule``)."""
+    return isinstance(model, FSDPModule)
 
 
 def no_sync(wrapped: nn.Module, skip: bool):

@@ -1,6 +1,8 @@
 """What a run will do, before it does it: batch split, parameters, FLOPs, memory.
 
-Used by ``lmfab run --dry-run`` and printed at the start of every run. The memory figure is
+Used by ``lmfab run --dry-run`` and printed at the start of every run; :func:`oom_advice`
+turns the same figures into what to change when a step runs out of memory, and
+:func:`config_notes` says which settings have no effect in this combination. The memory figure is
 an estimate, not a measurement: fp32 weights, gradients and AdamW moments (16 bytes per
 parameter, divided over the devices under FSDP) plus activations of one micro-batch (with
 activation checkpointing: each block's input plus one block's activations), using the per-layer
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lmfab.config.load import micro_batching, split_ddp_graph, uses_fused_loss
-from lmfab.config.schema import Config
+from lmfab.config.load import micro_batching
+from lmfab.config.schema import Config, RunConfig
+from lmfab.dist.parallel import split_ddp_graph
+from lmfab.models.execution import uses_fused_loss
 from lmfab.models.gpt import build_model
 
 
@@ -117,6 +121,74 @@ def plan_run(cfg: Config, world_size: int = 1, *, bytes_per_activation: int = 2,
         loss_chunked=chunked,
         ddp_graph=ddp_graph,
     )
+
+
+def resolved_precision(r: RunConfig, device_type: str) -> str:
+    """``runconfig.precision`` on this device: bf16 or fp32 (auto: bf16 on CUDA)."""
+    if r.precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return r.precision
+
+
+def config_notes(cfg: Config, device_type: str) -> list[str]:
+    """Settings that are valid but have no effect in this combination (said, not refused)."""
+    r, notes = cfg.runconfig, []
+    fused = uses_fused_loss(r, device_type)
+    if r.loss_chunk and not fused:
+        notes.append(f"runconfig.loss_chunk={r.loss_chunk} has no effect: the loss is the "
+                     "standard one here (runconfig.loss=fused to use it)")
+    if r.mlp_kernel == "fused" and (cfg.model.mlp not in ("gelu", "gelu_tanh")
+                                    or not cfg.model.bias):
+        notes.append(f"runconfig.mlp_kernel=fused has no effect: it fuses bias + GELU, and "
+                     f"this model has mlp={cfg.model.mlp}, bias={cfg.model.bias}")
+    elif r.mlp_kernel == "fused" and r.float8 != "off":
+        notes.append("runconfig.mlp_kernel=fused has no effect with runconfig.float8: the "
+                     "float8 layer adds its bias itself")
+    if r.compile_mode != "default" and not r.compile:
+        notes.append(f"runconfig.compile_mode={r.compile_mode} has no effect without "
+                     "runconfig.compile: true")
+    if r.residual_dtype == "bf16" and resolved_precision(r, device_type) != "bf16":
+        notes.append("runconfig.residual_dtype=bf16 has no effect: precision is fp32 here")
+    if r.checkpoint_every != 1 and not r.activation_checkpointing:
+        notes.append(f"runconfig.checkpoint_every={r.checkpoint_every} has no effect without "
+                     "runconfig.activation_checkpointing: true")
+    if r.float8 != "off" and not r.compile:
+        notes.append(f"runconfig.float8={r.float8} without runconfig.compile: the scaling "
+                     "casts run as separate kernels, usually slower than bf16")
+    if r.ddp_split_graph is False and (not r.compile or r.strategy == "fsdp"):
+        notes.append("runconfig.ddp_split_graph=false has no effect: it concerns DDP under "
+                     "torch.compile")
+    if not r.fsdp_reshard_after_forward and r.strategy == "ddp":
+        notes.append("runconfig.fsdp_reshard_after_forward=false has no effect with "
+                     "runconfig.strategy=ddp")
+    if r.profile_steps and r.profile_start >= r.max_steps:
+        notes.append(f"runconfig.profile_steps has no effect: profile_start={r.profile_start} "
+                     f"is not before max_steps={r.max_steps}")
+    elif r.profile_steps and device_type != "cuda":
+        notes.append("runconfig.profile_steps on a CPU: the trace holds CPU ops only, and the "
+                     "kernel table is empty")
+    return notes
+
+
+def oom_advice(r: RunConfig, n_params: int, world_size: int, sharded: bool, micro: int,
+               step: int) -> str:
+    """What to change when a training step runs out of device memory (``sharded``: FSDP2)."""
+    per_gpu = 16 * n_params / (world_size if sharded else 1) / 2**30
+    tips = []
+    if not sharded:
+        tips.append("runconfig.strategy: fsdp (shards that state over the GPUs; needs more "
+                    "than one)")
+    if not r.activation_checkpointing:
+        tips.append("runconfig.activation_checkpointing: true")
+    if micro > 1:
+        tips.append(f"a smaller train_input.micro_batch_size than {micro} (the global batch "
+                    "stays, through accumulation)")
+    if r.loss != "standard" and not r.loss_chunk:
+        tips.append("runconfig.loss_chunk (e.g. 4096) for long sequences")
+    return (f"lmfab: out of device memory in training step {step + 1}: {n_params / 1e9:.2f}B "
+            f"parameters hold ~{per_gpu:.0f} GiB per device in weights, gradients and AdamW "
+            f"state (16 bytes/parameter{', sharded' if sharded else ''}) before activations. "
+            f"Try: {'; '.join(tips) or 'more devices'}.")
 
 
 def human(n: float, unit: str = "") -> str:
