@@ -12,7 +12,7 @@
 #                  bf16 gradient reduction, and resharding with bf16 reduction    (~8 min)
 #         fsdp13b1 the same at 1.3B (micro-batch 12, no accumulation), ZeRO-2 only  (~8 min)
 #         ddp16    124M DDP, no accumulation, 60 steps: 1 GPU and 2 GPUs as shipped, then 2 GPUs
-#                  with runconfig.grad_reduce_dtype=bf16, graph cut at the buckets (as
+#                  with runconfig.parallel.grad_reduce_dtype=bf16, graph cut at the buckets (as
 #                  shipped) or whole (ddp_split_graph=false: all-reduces after backward) (~4 min)
 #         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
 #                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
@@ -60,8 +60,8 @@ case $part in
     # steps 21-23 profiled on every rank: GPU active time, NCCL time, and the NCCL time no
     # compute ran beside (exposed). Traces in OUT/trace124/ddp-*/profile/         (~3 min)
     $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
-        --steps 30 --log_steps 5 --set train_input.data_dir="$d1024" --set runconfig.profile_steps=3 \
-        --set runconfig.profile_start=20 --out "$out/trace124" 2>&1 | grep "^| ddp"
+        --steps 30 --log_steps 5 --set train_input.data_dir="$d1024" --set runconfig.profile.steps=3 \
+        --set runconfig.profile.start=20 --out "$out/trace124" 2>&1 | grep "^| ddp"
     for f in "$out"/trace124/ddp-*/profile/kernels_rank*.txt; do
       echo "== ${f#"$out"/}"; head -9 "$f"
     done ;;
@@ -99,7 +99,7 @@ case $part in
     for v in "${variants[@]}"; do
       IFS=: read -r label strategy settings <<< "$v"
       IFS=, read -ra kv <<< "$settings"
-      sets=(); for x in "${kv[@]}"; do sets+=(--set "runconfig.$x"); done
+      sets=(); for x in "${kv[@]}"; do sets+=(--set "runconfig.parallel.$x"); done
       $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies "$strategy" "${sets[@]}" \
           --baseline "$out/$part-$base/scaling.json" --out "$out/$part-$label" 2>&1 \
           | grep "^| $strategy" | sed "s/^/$label /"
@@ -118,7 +118,7 @@ case $part in
       $py benchmarks/scaling.py "${b13[@]}" --devices 1,2 --strategies ddp --out "$out/ddp13b-default" \
           2>&1 | grep "^| ddp" | sed "s/^/default /"
       for v in split:ddp_split_graph=true bucket200:ddp_bucket_mb=200; do
-        extra=(--set "runconfig.${v#*:}"); [[ $v == bucket200:* ]] && extra+=(--set runconfig.ddp_split_graph=true)
+        extra=(--set "runconfig.parallel.${v#*:}"); [[ $v == bucket200:* ]] && extra+=(--set runconfig.parallel.ddp_split_graph=true)
         $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies ddp "${extra[@]}" \
             --baseline "$out/ddp13b-default/scaling.json" --out "$out/ddp13b-${v%%:*}" 2>&1 \
             | grep "^| ddp" | sed "s/^/${v%%:*} /"
@@ -126,7 +126,7 @@ case $part in
     else
       for v in reshard:fsdp_reshard_after_forward=true keep:fsdp_reshard_after_forward=false; do
         base=(); [[ -f $out/ddp13b-default/scaling.json ]] && base=(--baseline "$out/ddp13b-default/scaling.json")
-        $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies fsdp --set "runconfig.${v#*:}" \
+        $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies fsdp --set "runconfig.parallel.${v#*:}" \
             ${base[@]+"${base[@]}"} --out "$out/fsdp13b-${v%%:*}" 2>&1 | grep "^| fsdp" | sed "s/^/${v%%:*} /"
       done
     fi ;;
@@ -135,8 +135,8 @@ case $part in
     small=(--set train_input.data_dir="$d2048" --set runconfig.checkpoint_at_end=false
            --set runconfig.tensorboard=false --set runconfig.log_steps=1)
     timeout 300 $py -m lmfab run --params configs/train/cerebras-gpt-13b.yaml --mode train \
-        --model_dir /tmp/big-ddp1 --num_devices 1 --max_steps 1 --set runconfig.strategy=ddp \
-        --set runconfig.compile=false --set train_input.batch_size=1 \
+        --model_dir /tmp/big-ddp1 --num_devices 1 --max_steps 1 --set runconfig.parallel.strategy=ddp \
+        --set runconfig.parallel.compile=false --set train_input.batch_size=1 \
         --set train_input.micro_batch_size=1 "${small[@]}" > "$out/big-ddp1.log" 2>&1
     echo "13B, plain DDP on one GPU: exit $?" | tee -a "$out/big-ddp1.log"
     grep -E "^lmfab: error|out of device memory" "$out/big-ddp1.log" | cut -c1-600

@@ -9,7 +9,7 @@ Implementations (``--impl``, comma-separated, run in the given order):
 
 - ``lmfab``        built as lmfab's loop builds it (``materialize(build_model(..., kernels=...))``,
                    ``build_optimizer`` with fused AdamW on CUDA, ``parallelize`` with
-                   ``runconfig.compile=true``, i.e. ``torch.compile(model)``);
+                   ``runconfig.parallel.compile=true``, i.e. ``torch.compile(model)``);
 - ``lmfab-eager``  the same without compile;
 - ``hf-eager``     ``transformers.GPT2LMHeadModel`` with ``attn_implementation="sdpa"``;
 - ``hf-compile``   the same under ``torch.compile``.
@@ -89,10 +89,10 @@ class Built:
 
 def build_lmfab(cfg: Config, device: torch.device, *, compile: bool, lr: float) -> Built:
     bf16 = precision_of(cfg, device) == "bf16"
-    kernels = choose_kernels(cfg.runconfig, device, bf16=bf16)
+    kernels = choose_kernels(cfg.runconfig.kernels, device, bf16=bf16)
     model = materialize(build_model(cfg.model, kernels=kernels), device, seed=cfg.runconfig.seed)
     world = World(rank=0, world_size=1, local_rank=0, device=device)
-    wrapped = parallelize(model, world, dataclasses.replace(cfg.runconfig, compile=compile),
+    wrapped = parallelize(model, world, dataclasses.replace(cfg.runconfig.parallel, compile=compile),
                           bf16=bf16).module
     wrapped.train()
     optimizer = build_optimizer(model, cfg.optimizer, device, cfg.model)

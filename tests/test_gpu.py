@@ -29,7 +29,7 @@ def _losses(model_dir):
 def test_bf16_training_on_gpu(tiny_data, tmp_path, compile_model):
     cfg = load_config(TINY, tiny_overrides(tiny_data, **{
         "runconfig.max_steps": 40, "runconfig.log_steps": 10,
-        "runconfig.compile": compile_model, "runconfig.device": "cuda"}))
+        "runconfig.parallel.compile": compile_model, "runconfig.device": "cuda"}))
     result = run_mode(cfg, mode="train_and_eval", model_dir=tmp_path / "r")
     losses = _losses(tmp_path / "r")
     assert losses[-1] < losses[0] - 0.5, losses
@@ -41,8 +41,8 @@ def test_bf16_training_on_gpu(tiny_data, tmp_path, compile_model):
 @pytest.mark.gpu
 def test_profile_steps_on_gpu_counts_gemm_time(tiny_data, tmp_path):
     cfg = load_config(TINY, tiny_overrides(tiny_data, **{
-        "runconfig.max_steps": 6, "runconfig.device": "cuda", "runconfig.profile_steps": 2,
-        "runconfig.profile_start": 3}))
+        "runconfig.max_steps": 6, "runconfig.device": "cuda", "runconfig.profile.steps": 2,
+        "runconfig.profile.start": 3}))
     run_mode(cfg, mode="train", model_dir=tmp_path / "r")
     s = json.loads((tmp_path / "r" / "profile" / "kernels_rank0.json").read_text())
     assert s["steps"] == [4, 5] and s["categories_ms"]["gemm"] > 0
@@ -62,13 +62,13 @@ def test_training_step_never_waits_for_the_gpu(tiny_data, tmp_path, compile_mode
     also checks that every batch is pinned first."""
     import numpy as np
 
-    from lmfab.config.load import train_stages
     from lmfab.train.data import make_loader
     from lmfab.train.loop import _train_step, setup, to_device
     from lmfab.train.optim import build_optimizer
+    from lmfab.train.plan import train_stages
 
     cfg = load_config(TINY, tiny_overrides(tiny_data, **{
-        "runconfig.device": "cuda", "runconfig.compile": compile_model}))
+        "runconfig.device": "cuda", "runconfig.parallel.compile": compile_model}))
     run = setup(cfg, tmp_path / "r")
     stage = train_stages(cfg, 1)[0]
     loader = make_loader(cfg, stage, run.world)
@@ -103,7 +103,7 @@ def test_float8_trains_compiled_on_a_gpu_with_fp8_tensor_cores(tiny_data, tmp_pa
     for mode in ("off", "tensorwise", "rowwise"):
         cfg = load_config(TINY, tiny_overrides(tiny_data, **{
             "runconfig.max_steps": 30, "runconfig.log_steps": 10, "runconfig.device": "cuda",
-            "runconfig.compile": True, "runconfig.float8": mode}))
+            "runconfig.parallel.compile": True, "runconfig.parallel.float8": mode}))
         run_mode(cfg, mode="train", model_dir=tmp_path / mode)
         curves[mode] = _losses(tmp_path / mode)
     for mode in ("tensorwise", "rowwise"):
@@ -197,10 +197,10 @@ def test_attention_backends_agree_in_compiled_model(backend):
 
 @pytest.mark.gpu
 def test_fused_loss_and_bf16_residual_train_like_standard(tiny_data, tmp_path):
-    """runconfig.loss=fused and residual_dtype=bf16 follow the standard loss curve."""
+    """runconfig.kernels.loss=fused and residual_dtype=bf16 follow the standard loss curve."""
     curves = {}
-    for name, extra in {"standard": {"runconfig.loss": "standard"},
-                        "fused": {"runconfig.loss": "fused", "runconfig.residual_dtype": "bf16"}}.items():
+    for name, extra in {"standard": {"runconfig.kernels.loss": "standard"},
+                        "fused": {"runconfig.kernels.loss": "fused", "runconfig.kernels.residual_dtype": "bf16"}}.items():
         cfg = load_config(TINY, tiny_overrides(tiny_data, **{
             "runconfig.max_steps": 30, "runconfig.log_steps": 10, "runconfig.device": "cuda",
             **extra}))
@@ -234,7 +234,7 @@ def test_fused_loss_kernel_beyond_two_to_the_31_elements():
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("shape", [(3, 77, 200), (1000, 3 * 128 + 5)])  # partial tiles, slices
 def test_bias_gelu_triton_kernels_match_reference(approximate, shape):
-    """runconfig.mlp_kernel=fused: the forward and backward Triton kernels against fp32 GELU of
+    """runconfig.kernels.mlp_kernel=fused: the forward and backward Triton kernels against fp32 GELU of
     the same bf16 inputs, and the bias gradient against the fp32 column sums."""
     from lmfab.kernels.bias_gelu import bias_gelu
 
@@ -257,7 +257,7 @@ def test_fused_mlp_kernel_trains_compiled_like_the_standard_one(tiny_data, tmp_p
     for kernel in ("standard", "fused"):
         cfg = load_config(TINY, tiny_overrides(tiny_data, **{
             "runconfig.max_steps": 30, "runconfig.log_steps": 10, "runconfig.device": "cuda",
-            "runconfig.compile": True, "runconfig.mlp_kernel": kernel}))
+            "runconfig.parallel.compile": True, "runconfig.kernels.mlp_kernel": kernel}))
         run_mode(cfg, mode="train", model_dir=tmp_path / kernel)
         curves[kernel] = _losses(tmp_path / kernel)
     for a, b in zip(curves["standard"], curves["fused"], strict=True):

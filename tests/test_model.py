@@ -142,7 +142,7 @@ def test_fused_loss_and_bf16_residual_in_the_model():
 
 
 def test_attention_backend_priority():
-    from lmfab.config import RunConfig
+    from lmfab.config import KernelsConfig
     from lmfab.models.attention import Attention
     from lmfab.models.execution import choose_kernels, sdpa_priority
 
@@ -155,7 +155,7 @@ def test_attention_backend_priority():
     assert sdpa_priority("torch", cuda) is None
     with pytest.raises(ValueError, match="attention backend 'fa3'"):
         sdpa_priority("fa3", cuda)
-    kernels = choose_kernels(RunConfig(attention_backend="flash"), cpu, bf16=False)
+    kernels = choose_kernels(KernelsConfig(attention_backend="flash"), cpu, bf16=False)
     model = materialize(build_model(small(), kernels=kernels), "cpu", seed=0)
     assert all(m.sdpa_backends is None for m in model.modules() if isinstance(m, Attention))
     # The priority list path runs through sdpa_kernel on any device.
@@ -167,8 +167,8 @@ def test_attention_backend_priority():
 
 
 def test_compile_module_maps_compile_mode():
-    """runconfig.compile_mode reaches torch.compile as its mode or inductor options."""
-    from lmfab.config import RunConfig
+    """runconfig.parallel.compile_mode reaches torch.compile as its mode or inductor options."""
+    from lmfab.config import ParallelConfig
     from lmfab.dist.parallel import compile_module
 
     class Recorder(torch.nn.Module):
@@ -180,7 +180,7 @@ def test_compile_module_maps_compile_mode():
                 "reduce-overhead": {"mode": "reduce-overhead"}}
     for mode, kwargs in expected.items():
         m = Recorder()
-        compile_module(m, RunConfig(compile=True, compile_mode=mode))
+        compile_module(m, ParallelConfig(compile=True, compile_mode=mode))
         assert m.seen == kwargs, mode
 
 

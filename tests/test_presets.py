@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lmfab.config import ModelConfig, OptimizerConfig
-from lmfab.config.load import _to_dataclass, check_config, list_presets, resolve_model_preset
+from lmfab.config.check import check_config
+from lmfab.config.load import _to_dataclass, list_presets, resolve_model_preset
 from lmfab.models import build_model, materialize
 from lmfab.train.optim import build_optimizer, set_lr
 

@@ -42,12 +42,25 @@ def _strip_launch_flags(argv: list[str]) -> list[str]:
     return out
 
 
+class _HelpConfig(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from lmfab.config.describe import help_text
+
+        print(help_text())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmfab", description=__doc__.split("\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
 
     r = verbs.add_parser("run", help="train / evaluate from one params YAML")
     r.add_argument("--params", required=True, help="params YAML")
+    r.add_argument("--help-config", action=_HelpConfig, help="list every params key with its "
+                   "type, default and help, then exit")
     r.add_argument("--mode", default="train", choices=["train", "eval", "train_and_eval", "eval_all"])
     r.add_argument("--model_dir", help="run directory (default: runconfig.model_dir)")
     r.add_argument("--num_steps", type=int, help="steps to run in this invocation")

@@ -8,7 +8,7 @@ Order (DESIGN.md, as torchtitan): activation checkpointing -> torch.compile -> D
 - Compile happens in place (``Module.compile``): the whole model under DDP, each block
   under FSDP2 (so the collectives stay outside the compiled graphs). Parameter names and
   the module object the loop saves do not change.
-- DDP replicates (``runconfig.ddp_bucket_mb`` per all-reduce; ``ddp_split_graph``: whether
+- DDP replicates (``runconfig.parallel.ddp_bucket_mb`` per all-reduce; ``ddp_split_graph``: whether
   dynamo cuts the compiled graph at the buckets so the all-reduces overlap backward). FSDP2
   (``fully_shard``) shards parameters, gradients and optimizer state per block, with bf16
   parameters on GPUs (``fsdp_reshard_after_forward``: free each block's gathered parameters
@@ -32,7 +32,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmfab.config.errors import ConfigError
-from lmfab.config.schema import RunConfig
+from lmfab.config.schema import ParallelConfig
 from lmfab.dist.world import World
 
 
@@ -48,8 +48,8 @@ class Parallel:
     split_graph: bool | None = None  # DDP under compile on several devices: cut at buckets
 
 
-def split_ddp_graph(r: RunConfig, grad_accum: int) -> bool:
-    """``runconfig.ddp_split_graph``, with auto resolved: cut the compiled graph at DDP's
+def split_ddp_graph(r: ParallelConfig, grad_accum: int) -> bool:
+    """``runconfig.parallel.ddp_split_graph``, with auto resolved: cut the compiled graph at DDP's
     buckets (overlap each all-reduce with backward) only when every micro-batch reduces.
     With accumulation the cut graph runs on every micro-batch and its lost fusion costs more
     than the overlap wins (2 H200s, 1.3B shape, 4 micro-batches: 96.4% scaling cut, 98.3%
@@ -59,10 +59,10 @@ def split_ddp_graph(r: RunConfig, grad_accum: int) -> bool:
     return bool(r.ddp_split_graph)
 
 
-def resolve_strategy(run: RunConfig, world: World, n_params: int) -> str:
+def resolve_strategy(par: ParallelConfig, world: World, n_params: int) -> str:
     """ddp or fsdp (``auto``: fsdp when AdamW training state would fill half the GPU)."""
-    if run.strategy != "auto":
-        return run.strategy
+    if par.strategy != "auto":
+        return par.strategy
     if world.device.type == "cuda":
         total = torch.cuda.get_device_properties(world.device).total_memory
         if 16 * n_params > 0.5 * total:
@@ -90,11 +90,11 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> int:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
-        raise ConfigError(f"runconfig.float8={recipe} needs torchao: pip install 'lmfab[fp8]' "
+        raise ConfigError(f"runconfig.parallel.float8={recipe} needs torchao: pip install 'lmfab[fp8]' "
                           f"({e})") from None
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
-        raise ConfigError(f"runconfig.float8={recipe}: {name} has no fp8 tensor cores (compute "
+        raise ConfigError(f"runconfig.parallel.float8={recipe}: {name} has no fp8 tensor cores (compute "
                           "capability 8.9+ needed: H100, H200, L40S, RTX 4090); set float8: off")
 
     def blocks_only(module: nn.Module, fqn: str) -> bool:
@@ -106,66 +106,66 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> int:
                                config=Float8LinearConfig.from_recipe_name(recipe))
     converted = sum(type(m).__name__ == "Float8Linear" for m in model.blocks.modules())
     if converted == 0 and before:
-        raise ConfigError(f"runconfig.float8={recipe}: no block linear layer has sizes that are "
+        raise ConfigError(f"runconfig.parallel.float8={recipe}: no block linear layer has sizes that are "
                           "multiples of 16; float8 would change nothing")
     return converted
 
 
-def compile_module(module: nn.Module, run: RunConfig) -> None:
-    """``torch.compile`` in place with ``runconfig.compile_mode``."""
-    if run.compile_mode == "default":
+def compile_module(module: nn.Module, par: ParallelConfig) -> None:
+    """``torch.compile`` in place with ``runconfig.parallel.compile_mode``."""
+    if par.compile_mode == "default":
         module.compile()
-    elif run.compile_mode == "tuned":
+    elif par.compile_mode == "tuned":
         module.compile(options={"coordinate_descent_tuning": True})
     else:
-        module.compile(mode=run.compile_mode)
+        module.compile(mode=par.compile_mode)
 
 
-def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = False,
+def parallelize(model: nn.Module, world: World, par: ParallelConfig, *, bf16: bool = False,
                 grad_accum: int = 1) -> Parallel:
-    """Wrap ``model`` for training as ``run`` says: float8 layers, activation checkpointing,
+    """Wrap ``model`` for training as ``par`` (``runconfig.parallel``) says: float8 layers, activation checkpointing,
     compile, DDP or FSDP2, in that order. The kernels are the model's own, chosen when it
     was built. ``grad_accum``: micro-batches per optimizer step on each device, for
     ``ddp_split_graph: auto``."""
-    f8 = apply_float8(model, run.float8, world.device) if run.float8 != "off" else 0
-    ac = apply_activation_checkpointing(model, run.checkpoint_every) \
-        if run.activation_checkpointing else 0
-    strategy = resolve_strategy(run, world, sum(p.numel() for p in model.parameters()))
+    f8 = apply_float8(model, par.float8, world.device) if par.float8 != "off" else 0
+    ac = apply_activation_checkpointing(model, par.checkpoint_every) \
+        if par.activation_checkpointing else 0
+    strategy = resolve_strategy(par, world, sum(p.numel() for p in model.parameters()))
     if strategy == "fsdp" and world.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if run.compile and run.compile_mode in ("reduce-overhead", "max-autotune"):
+        if par.compile and par.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError(
-                f"runconfig.compile_mode={run.compile_mode} uses CUDA graphs, which FSDP2's "
+                f"runconfig.parallel.compile_mode={par.compile_mode} uses CUDA graphs, which FSDP2's "
                 "per-block compile does not support; use default, tuned or "
                 "max-autotune-no-cudagraphs with strategy fsdp")
 
-        reduce = torch.bfloat16 if run.grad_reduce_dtype == "bf16" else torch.float32
+        reduce = torch.bfloat16 if par.grad_reduce_dtype == "bf16" else torch.float32
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                   reduce_dtype=reduce)
         for block in model.blocks:
-            if run.compile:
-                compile_module(block, run)
-            fully_shard(block, mp_policy=mp, reshard_after_forward=run.fsdp_reshard_after_forward)
+            if par.compile:
+                compile_module(block, par)
+            fully_shard(block, mp_policy=mp, reshard_after_forward=par.fsdp_reshard_after_forward)
         fully_shard(model, mp_policy=mp)  # FSDP2 keeps the root gathered after forward itself
-        return Parallel(model, "fsdp", run.compile, ac, f8)
-    if run.compile:
-        compile_module(model, run)
+        return Parallel(model, "fsdp", par.compile, ac, f8)
+    if par.compile:
+        compile_module(model, par)
     if world.distributed:
         # Read by dynamo when it first compiles the forward (lazily, inside DDP's forward):
         # cut the graph at the gradient buckets, or keep it whole. One model per process.
-        split = split_ddp_graph(run, grad_accum)
+        split = split_ddp_graph(par, grad_accum)
         torch._dynamo.config.optimize_ddp = split
         ddp = DDP(
             model,
             device_ids=[world.device.index] if world.device.type == "cuda" else None,
             gradient_as_bucket_view=True,
-            bucket_cap_mb=run.ddp_bucket_mb,
+            bucket_cap_mb=par.ddp_bucket_mb,
         )
-        if run.grad_reduce_dtype == "bf16":
+        if par.grad_reduce_dtype == "bf16":
             ddp.register_comm_hook(None, bf16_reduce_hook)
-        return Parallel(ddp, "ddp", run.compile, ac, f8, split if run.compile else None)
-    return Parallel(model, "ddp", run.compile, ac, f8)
+        return Parallel(ddp, "ddp", par.compile, ac, f8, split if par.compile else None)
+    return Parallel(model, "ddp", par.compile, ac, f8)
 
 
 def bf16_reduce_hook(group, bucket):

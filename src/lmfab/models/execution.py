@@ -2,7 +2,7 @@
 
 They change how the model computes, never what (the same loss and gradients up to rounding),
 so they are not model fields: checkpoints, presets and ``ModelConfig`` know nothing of them.
-:func:`choose_kernels` reads them from ``runconfig`` for a device; the model receives the
+:func:`choose_kernels` reads them from ``runconfig.kernels`` for a device; the model receives the
 frozen :class:`Kernels` at construction (``build_model(cfg.model, kernels=...)``) and nothing
 sets attributes on a built module afterwards. The default, ``PLAIN = Kernels()``, is the
 plain PyTorch path: what tests, evaluation and generation use unless they ask otherwise.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmfab.config.schema import RunConfig
+from lmfab.config.schema import KernelsConfig
 
 
 @dataclass(frozen=True)
@@ -31,24 +31,24 @@ class Kernels:
 PLAIN = Kernels()  # the plain PyTorch path, the default of every model
 
 
-def uses_fused_loss(r: RunConfig, device_type: str) -> bool:
-    """``runconfig.loss``: fused, or auto on CUDA."""
-    return r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
+def uses_fused_loss(k: KernelsConfig, device_type: str) -> bool:
+    """``runconfig.kernels.loss``: fused, or auto on CUDA."""
+    return k.loss == "fused" or (k.loss == "auto" and device_type == "cuda")
 
 
-def uses_fused_mlp(r: RunConfig, device_type: str) -> bool:
-    """``runconfig.mlp_kernel``: fused, or auto on CUDA where Triton is installed (without it
+def uses_fused_mlp(k: KernelsConfig, device_type: str) -> bool:
+    """``runconfig.kernels.mlp_kernel``: fused, or auto on CUDA where Triton is installed (without it
     the op runs its PyTorch fallback, which inductor cannot fuse: slower than standard)."""
-    if r.mlp_kernel == "auto":
+    if k.mlp_kernel == "auto":
         return device_type == "cuda" and importlib.util.find_spec("triton") is not None
-    return r.mlp_kernel == "fused"
+    return k.mlp_kernel == "fused"
 
 
 _SDPA_NAMES = ("cudnn", "flash", "efficient", "math")
 
 
 def sdpa_priority(name: str, device: torch.device) -> list | None:
-    """The SDPA backends, in priority order, for ``runconfig.attention_backend`` ``name`` on
+    """The SDPA backends, in priority order, for ``runconfig.kernels.attention_backend`` ``name`` on
     ``device``; None leaves PyTorch's own order (``torch``, CPUs, ``auto`` off Hopper).
 
     ``auto`` puts cuDNN first on Hopper (compute capability 9.x) where cuDNN is available: its
@@ -72,14 +72,14 @@ def sdpa_priority(name: str, device: torch.device) -> list | None:
     return [table[name]] + [table[n] for n in _SDPA_NAMES if n != name]
 
 
-def choose_kernels(r: RunConfig, device: torch.device, *, bf16: bool) -> Kernels:
-    """The kernels ``runconfig`` asks for on ``device`` (``bf16``: training under bf16
+def choose_kernels(k: KernelsConfig, device: torch.device, *, bf16: bool) -> Kernels:
+    """The kernels ``runconfig.kernels`` asks for on ``device`` (``bf16``: training under bf16
     autocast, which the bf16 residual stream needs)."""
-    order = sdpa_priority(r.attention_backend, device)
+    order = sdpa_priority(k.attention_backend, device)
     return Kernels(
-        fused_loss=uses_fused_loss(r, device.type),
-        loss_chunk=r.loss_chunk,
-        fused_mlp=uses_fused_mlp(r, device.type),
-        residual_dtype=torch.bfloat16 if bf16 and r.residual_dtype == "bf16" else None,
+        fused_loss=uses_fused_loss(k, device.type),
+        loss_chunk=k.loss_chunk,
+        fused_mlp=uses_fused_mlp(k, device.type),
+        residual_dtype=torch.bfloat16 if bf16 and k.residual_dtype == "bf16" else None,
         sdpa_backends=None if order is None else tuple(order),
     )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from lmfab.config.load import ConfigError, check_config
+from lmfab.config.check import check_config
+from lmfab.config.errors import ConfigError
 from lmfab.config.schema import Config, LRSegment
 from lmfab.train.schedule import LRSchedule
 

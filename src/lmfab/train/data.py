@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 
 from lmfab.checkpoint import run_tokenizer
-from lmfab.config.load import ConfigError, TrainStage, train_stages
+from lmfab.config.errors import ConfigError
 from lmfab.config.schema import Config
 from lmfab.data.loader import BatchLoader, TokenDataset
 from lmfab.data.mixture import MixtureLoader
 from lmfab.data.shards import tokenizer_hash
 from lmfab.dist.world import World
+from lmfab.train.plan import TrainStage, train_stages
 
 
 def open_dataset(cfg: Config, data_dir: str | Path, split: str, seq_len: int) -> TokenDataset:

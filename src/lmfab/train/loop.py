@@ -7,7 +7,7 @@ sequence-length stages, :class:`~lmfab.train.data.StagedData`; the profiler wind
 :class:`~lmfab.train.resume.Checkpointer`; the log line, :class:`~lmfab.train.metrics.StepMeter`),
 as in torchtitan's ``Trainer.train``. The global
 batch of the params file is split over the devices and micro-batches with gradient
-accumulation (``lmfab.config.micro_batching``); each device sees its contiguous slice of the
+accumulation (``lmfab.train.plan.micro_batching``); each device sees its contiguous slice of the
 same global batch, so the result does not depend on the device count. The newest complete
 checkpoint in ``model_dir`` resumes automatically; ``init_from`` loads weights only.
 """
@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lmfab import checkpoint as ckpt
-from lmfab.config.load import ConfigError, micro_batching
+from lmfab.config.errors import ConfigError
 from lmfab.config.schema import Config
 from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, init_world, parallelize, shutdown
@@ -38,7 +38,14 @@ from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train.data import StagedData, open_dataset
 from lmfab.train.metrics import MetricsLogger, StepMeter, console, format_duration, peak_flops
 from lmfab.train.optim import build_optimizer, clip_and_step, set_lr
-from lmfab.train.plan import config_notes, format_plan, oom_advice, plan_run, resolved_precision
+from lmfab.train.plan import (
+    config_notes,
+    format_plan,
+    micro_batching,
+    oom_advice,
+    plan_run,
+    resolved_precision,
+)
 from lmfab.train.profile import ProfileWindow
 from lmfab.train.resume import Checkpointer
 from lmfab.train.schedule import LRSchedule
@@ -98,7 +105,7 @@ def bytes_per_token(cfg: Config) -> float | None:
 
 
 def setup(cfg: Config, model_dir: str | Path) -> Run:
-    world = init_world(cfg.runconfig.device, cfg.runconfig.dist_backend)
+    world = init_world(cfg.runconfig.device, cfg.runconfig.parallel.dist_backend)
     torch.manual_seed(cfg.runconfig.seed + world.rank)
     model_dir = Path(model_dir)
     bf16 = precision_of(cfg, world.device) == "bf16"
@@ -107,18 +114,18 @@ def setup(cfg: Config, model_dir: str | Path) -> Run:
         _, accum = micro_batching(t.batch_size, t.micro_batch_size, world.world_size)
     except ConfigError:  # an eval-only run need not divide the training batch; train() says so
         accum = 1
-    kernels = choose_kernels(cfg.runconfig, world.device, bf16=bf16)
+    kernels = choose_kernels(cfg.runconfig.kernels, world.device, bf16=bf16)
     model = build_model(cfg.model, kernels=kernels)  # meta device
-    if world.distributed and resolve_strategy(cfg.runconfig, world, model.num_params()) == "fsdp":
+    if world.distributed and resolve_strategy(cfg.runconfig.parallel, world, model.num_params()) == "fsdp":
         # Shard first, then allocate and initialise only this rank's shards (FSDP2 on meta):
         # no rank ever holds the whole model.
-        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16, grad_accum=accum).module
+        wrapped = parallelize(model, world, cfg.runconfig.parallel, bf16=bf16, grad_accum=accum).module
         model.to_empty(device=world.device)
         gen = torch.Generator(device=world.device).manual_seed(cfg.runconfig.seed)
         model.init_weights(gen, fill=sharded_fill)
     else:
         model = materialize(model, world.device, seed=cfg.runconfig.seed)
-        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16, grad_accum=accum).module
+        wrapped = parallelize(model, world, cfg.runconfig.parallel, bf16=bf16, grad_accum=accum).module
     log = MetricsLogger(model_dir, enabled=world.is_main, tensorboard=cfg.runconfig.tensorboard)
     return Run(cfg, world, model_dir, model, wrapped, autocast_for(cfg, world.device), log)
 
@@ -193,7 +200,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     meter = StepMeter(world, run.log, tokens_per_step=plan.tokens_per_step, end=end, step=step,
                       flops_per_token=run.model.flops_per_token,
                       peak=peak_flops(world.device, r.peak_flops_per_device), say=run.say)
-    profile = ProfileWindow(r.profile_start, r.profile_steps, world.device, world.rank,
+    profile = ProfileWindow(r.profile.start, r.profile.steps, world.device, world.rank,
                             run.model_dir / "profile", run.say)
     t_start, result = time.perf_counter(), {}
     with profile:

@@ -1,6 +1,6 @@
 """GPU kernel time per step, by category: where a training step's time goes.
 
-Used by ``runconfig.profile_steps`` (every rank of ``lmfab run`` profiles the same steps and
+Used by ``runconfig.profile.steps`` (every rank of ``lmfab run`` profiles the same steps and
 writes a table and a Chrome/Perfetto trace under ``model_dir/profile/``) and by
 ``benchmarks/train_throughput.py --profile``. Kernel times are summed per category; on a
 GPU that overlaps communication with compute the sum can exceed the wall time, and the
@@ -221,7 +221,7 @@ def format_summary(s: dict, kernels: bool = True) -> str:
 
 
 class ProfileWindow:
-    """``runconfig.profile_steps`` in the loop: steps ``profile_start+1 ..
+    """``runconfig.profile.steps`` in the loop: steps ``profile_start+1 ..
     profile_start+profile_steps`` run under :class:`StepProfiler`, once per run. ``before(step)``
     opens the window (also when a resumed run starts inside it), ``after(step, end)`` closes
     it at its last step or at the end of the run and writes each rank's kernel table and
