@@ -11,7 +11,7 @@ Times forward + backward (bf16) of:
                      FlexAttention's own choice
 and checks every variant's output and gradients against SDPA with a float32 bias.
 Prints a table with time and ratio to sdpa-causal; the best variant is what
-``lmfab.models.attention.ALIBI_KERNEL_OPTIONS`` should hold.
+``lmfab.kernels.alibi.ALIBI_KERNEL_OPTIONS`` should hold.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # The one-GPU check: GPU tests, real-data training runs of the 124M and 1.3B
 # shapes (bf16, compiled, a few dozen steps), then the throughput benchmark beside HF GPT-2.
 # Usage: benchmarks/gpu_check.sh OUTDIR DATA1024 DATA2048 [part]
-#   part: all (default) | runs | bench124 | bench13b | fp8 | graphs | long | alibi | mlp | stepgraph
+#   part: all (default) | runs | bench124 | bench13b | fp8 | graphs | long | alibi | mlp
 # DATA*: dirs written by `lmfab data tokenize --seq_len 1024/2048` with a <=50304 vocab.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
@@ -48,12 +48,12 @@ if [[ $part == all || $part == bench13b ]]; then
       --json "$out/bench13b.json" 2>"$out/bench13b.err" | tee "$out/bench13b.md"
 fi
 if [[ $part == fp8 ]]; then
-  # runconfig.float8 against bf16, each variant in its own process (needs torchao: carry the
+  # runconfig.parallel.float8 against bf16, each variant in its own process (needs torchao: carry the
   # wheel and put it on PYTHONPATH). ~2 min at 124M, ~4 min at 1.3B.
   for c in gpt2-124m cerebras-gpt-1.3b; do
     VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-240} benchmarks/throughput_sweep.sh "$out/fp8-$c" \
-        configs/train/$c.yaml 20 8 "bf16=lmfab" "fp8_tensorwise=lmfab;--set runconfig.float8=tensorwise" \
-        "fp8_rowwise=lmfab;--set runconfig.float8=rowwise" | tee "$out/fp8-$c.md"
+        configs/train/$c.yaml 20 8 "bf16=lmfab" "fp8_tensorwise=lmfab;--set runconfig.parallel.float8=tensorwise" \
+        "fp8_rowwise=lmfab;--set runconfig.parallel.float8=rowwise" | tee "$out/fp8-$c.md"
   done
 fi
 if [[ $part == graphs ]]; then
@@ -61,28 +61,22 @@ if [[ $part == graphs ]]; then
   # host leaves the GPU idle 1.6 ms of a 60.7 ms step (the 2026-11-29 profile, dev/LOG.md). ~2 min.
   VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-200} benchmarks/throughput_sweep.sh "$out/graphs" \
       configs/train/gpt2-124m.yaml 30 10 "default=lmfab" \
-      "cudagraphs=lmfab;--set runconfig.compile_mode=reduce-overhead" | tee "$out/graphs.md"
-fi
-if [[ $part == stepgraph ]]; then
-  # runconfig.cuda_graph (the whole step captured and replayed) against the default step, at
-  # 124M and 1.3B, each profiled for 3 steps: the launch-lead line says whether the host or
-  # the GPU sets the pace (~6 min).
-  both_shapes stepgraph 200 "default=lmfab" "cuda_graph=lmfab;--set runconfig.cuda_graph=true"
+      "cudagraphs=lmfab;--set runconfig.parallel.compile_mode=reduce-overhead" | tee "$out/graphs.md"
 fi
 if [[ $part == mlp ]]; then
-  # runconfig.mlp_kernel: the bias + GELU kernels alone against inductor's, then whole steps
+  # runconfig.kernels.mlp_kernel: the bias + GELU kernels alone against inductor's, then whole steps
   # fused vs standard at 124M and 1.3B, profiled (~6 min).
   $py benchmarks/mlp_activation.py --json "$out/mlp.json" 2>"$out/mlp.err" | tee "$out/mlp.md"
-  both_shapes mlp 150 "fused=lmfab" "standard=lmfab;--set runconfig.mlp_kernel=standard"
+  both_shapes mlp 150 "fused=lmfab" "standard=lmfab;--set runconfig.kernels.mlp_kernel=standard"
 fi
 if [[ $part == long ]]; then
   # 1.3B at T=32768, one sequence per step: full activation checkpointing, every 2nd block,
-  # none (each in its own process; ~3 min). What runconfig.checkpoint_every buys, and costs.
+  # none (each in its own process; ~3 min). What runconfig.parallel.checkpoint_every buys, and costs.
   T=32768; lc=(--set model.max_seq_len=$T --micro_batch 1 --seq_len $T)
   VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-200} benchmarks/throughput_sweep.sh "$out/long" \
       configs/train/cerebras-gpt-1.3b.yaml 6 3 \
-      "ac_all=lmfab;${lc[*]};--set runconfig.activation_checkpointing=true" \
-      "ac_half=lmfab;${lc[*]};--set runconfig.activation_checkpointing=true;--set runconfig.checkpoint_every=2" \
+      "ac_all=lmfab;${lc[*]};--set runconfig.parallel.activation_checkpointing=true" \
+      "ac_half=lmfab;${lc[*]};--set runconfig.parallel.activation_checkpointing=true;--set runconfig.parallel.checkpoint_every=2" \
       "ac_none=lmfab;${lc[*]}" | tee "$out/long.md"
 fi
 if [[ $part == alibi ]]; then

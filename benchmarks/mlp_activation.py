@@ -9,7 +9,7 @@ row), bf16 activations and fp32 bias and weights:
 - ``act`` rows: the activation alone. ``inductor`` is ``torch.compile(F.gelu(z))`` with the
   gradient of z and the bias gradient ``dz.sum(0)`` (what the compiled model runs after a
   GEMM that added the bias in its epilogue); ``lmfab`` is
-  :func:`lmfab.models.activation.bias_gelu` on the bias-free GEMM output.
+  :func:`lmfab.kernels.bias_gelu.bias_gelu` on the bias-free GEMM output.
 - ``fc`` rows: the whole first MLP layer under bf16 autocast, ``F.gelu(F.linear(x, w, b))``
   compiled, against ``bias_gelu(F.linear(x, w), b)`` compiled: GEMMs included, so the
   difference is what a training step would see.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from lmfab.models.activation import bias_gelu  # noqa: E402
+from lmfab.kernels.bias_gelu import bias_gelu  # noqa: E402
 from lmfab.train.profile import cuda_time_ms  # noqa: E402
 
 SHAPES = {"124M": (32768, 768, 3072), "1.3B": (24576, 2048, 8192)}

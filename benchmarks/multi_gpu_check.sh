@@ -5,19 +5,14 @@
 #         curves   124M loss curve, 1 GPU x 2 accumulation vs 2 GPUs, same global batch
 #         scale124 124M DDP throughput on 1 and 2 GPUs               (~1 min)
 #         scale13b 1.3B DDP and FSDP2 throughput on 1 and 2 GPUs     (~4 min)
-#         host124  124M DDP on 1 and 2 GPUs, 100 steps, as is and with runconfig.gc_steps=50
-#                  (~3 min). "As is" has the pinned batch copies, which have no switch: compare
-#                  it with the first 2-GPU figures from before them (dev/LOG.md)
 #         trace124 124M DDP on 1 and 2 GPUs, no accumulation, profiled on every rank: the
 #                  timeline line (GPU active, NCCL, exposed NCCL) per rank      (~3 min)
-#         graph124 124M DDP on 1 and 2 GPUs, no accumulation, 100 steps: as is and with
-#                  runconfig.cuda_graph (the whole step, all-reduces included, one graph)  (~5 min)
 #         fsdp124  the no-accumulation gap with FSDP2 instead of DDP: 124M on 1 GPU and DDP
 #                  on 2, then FSDP2 on 2 keeping the gathered blocks (ZeRO-2) with fp32 or
 #                  bf16 gradient reduction, and resharding with bf16 reduction    (~8 min)
 #         fsdp13b1 the same at 1.3B (micro-batch 12, no accumulation), ZeRO-2 only  (~8 min)
 #         ddp16    124M DDP, no accumulation, 60 steps: 1 GPU and 2 GPUs as shipped, then 2 GPUs
-#                  with runconfig.grad_reduce_dtype=bf16, graph cut at the buckets (as
+#                  with runconfig.parallel.grad_reduce_dtype=bf16, graph cut at the buckets (as
 #                  shipped) or whole (ddp_split_graph=false: all-reduces after backward) (~4 min)
 #         accum    DDP at a fixed global batch reached by accumulation, gradients reduced once
 #                  per optimizer step: 124M at the shipped 512 (16 / 8 micro-batches per step
@@ -35,24 +30,11 @@
 # Everything lands in OUTDIR; the last lines printed are the part's table.
 set -uo pipefail
 out=${1:?outdir}; d1024=${2:?data dir seq_len 1024}; d2048=${3:?data dir seq_len 2048}
-part=${4:?part: tests, curves, scale124, scale13b, host124, trace124, graph124, fsdp124, fsdp13b1, ddp16, accum, ddp13b, fsdp13b or big}
+part=${4:?part: tests, curves, scale124, scale13b, trace124, fsdp124, fsdp13b1, ddp16, accum, ddp13b, fsdp13b or big}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 py=${PYTHON:-python3}
 
-# variants124 PART LABEL=SETTING...: 124M DDP on 1 and 2 GPUs, no accumulation, 100 steps in
-# 10-step intervals, once per label with --set runconfig.SETTING (none when empty), into
-# OUT/PART-LABEL; prints the table rows prefixed by the label
-variants124() {
-  local part=$1 v label setting extra; shift
-  for v in "$@"; do
-    label=${v%%=*}; setting=${v#*=}; extra=()
-    [[ -n $setting ]] && extra=(--set "runconfig.$setting")
-    $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
-        --steps 100 --log_steps 10 --set train_input.data_dir="$d1024" ${extra[@]+"${extra[@]}"} \
-        --out "$out/$part-$label" 2>&1 | grep "^| ddp" | sed "s/^/$label /"
-  done
-}
 case $part in
   tests)
     $py -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$out/pytest_gpu.txt" ;;
@@ -73,20 +55,16 @@ case $part in
   scale13b)
     $py benchmarks/scaling.py --params configs/train/cerebras-gpt-1.3b.yaml --devices 1,2 \
         --strategies ddp,fsdp --steps 30 --set train_input.data_dir="$d2048" --out "$out/scale13b" 2>&1 | tail -10 ;;
-  host124)
-    variants124 host124 default= gc50=gc_steps=50 ;;
   trace124)
     # The no-accumulation gap (94-96%): 124M on 1 and 2 GPUs, every micro-batch all-reduced,
     # steps 21-23 profiled on every rank: GPU active time, NCCL time, and the NCCL time no
     # compute ran beside (exposed). Traces in OUT/trace124/ddp-*/profile/         (~3 min)
     $py benchmarks/scaling.py --params configs/train/gpt2-124m.yaml --devices 1,2 --strategies ddp \
-        --steps 30 --log_steps 5 --set train_input.data_dir="$d1024" --set runconfig.profile_steps=3 \
-        --set runconfig.profile_start=20 --out "$out/trace124" 2>&1 | grep "^| ddp"
+        --steps 30 --log_steps 5 --set train_input.data_dir="$d1024" --set runconfig.profile.steps=3 \
+        --set runconfig.profile.start=20 --out "$out/trace124" 2>&1 | grep "^| ddp"
     for f in "$out"/trace124/ddp-*/profile/kernels_rank*.txt; do
       echo "== ${f#"$out"/}"; head -9 "$f"
     done ;;
-  graph124)
-    variants124 graph124 default= cuda_graph=cuda_graph=true ;;
   fsdp124|fsdp13b1|ddp16)
     # No accumulation (one reduction per micro-batch). FSDP2 reduce-scatters each block's
     # gradients during backward (DDP's last buckets are reduced after it), steps AdamW on half
@@ -121,7 +99,7 @@ case $part in
     for v in "${variants[@]}"; do
       IFS=: read -r label strategy settings <<< "$v"
       IFS=, read -ra kv <<< "$settings"
-      sets=(); for x in "${kv[@]}"; do sets+=(--set "runconfig.$x"); done
+      sets=(); for x in "${kv[@]}"; do sets+=(--set "runconfig.parallel.$x"); done
       $py benchmarks/scaling.py "${s[@]}" --devices 2 --strategies "$strategy" "${sets[@]}" \
           --baseline "$out/$part-$base/scaling.json" --out "$out/$part-$label" 2>&1 \
           | grep "^| $strategy" | sed "s/^/$label /"
@@ -140,7 +118,7 @@ case $part in
       $py benchmarks/scaling.py "${b13[@]}" --devices 1,2 --strategies ddp --out "$out/ddp13b-default" \
           2>&1 | grep "^| ddp" | sed "s/^/default /"
       for v in split:ddp_split_graph=true bucket200:ddp_bucket_mb=200; do
-        extra=(--set "runconfig.${v#*:}"); [[ $v == bucket200:* ]] && extra+=(--set runconfig.ddp_split_graph=true)
+        extra=(--set "runconfig.parallel.${v#*:}"); [[ $v == bucket200:* ]] && extra+=(--set runconfig.parallel.ddp_split_graph=true)
         $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies ddp "${extra[@]}" \
             --baseline "$out/ddp13b-default/scaling.json" --out "$out/ddp13b-${v%%:*}" 2>&1 \
             | grep "^| ddp" | sed "s/^/${v%%:*} /"
@@ -148,7 +126,7 @@ case $part in
     else
       for v in reshard:fsdp_reshard_after_forward=true keep:fsdp_reshard_after_forward=false; do
         base=(); [[ -f $out/ddp13b-default/scaling.json ]] && base=(--baseline "$out/ddp13b-default/scaling.json")
-        $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies fsdp --set "runconfig.${v#*:}" \
+        $py benchmarks/scaling.py "${b13[@]}" --devices 2 --strategies fsdp --set "runconfig.parallel.${v#*:}" \
             ${base[@]+"${base[@]}"} --out "$out/fsdp13b-${v%%:*}" 2>&1 | grep "^| fsdp" | sed "s/^/${v%%:*} /"
       done
     fi ;;
@@ -157,8 +135,8 @@ case $part in
     small=(--set train_input.data_dir="$d2048" --set runconfig.checkpoint_at_end=false
            --set runconfig.tensorboard=false --set runconfig.log_steps=1)
     timeout 300 $py -m lmfab run --params configs/train/cerebras-gpt-13b.yaml --mode train \
-        --model_dir /tmp/big-ddp1 --num_devices 1 --max_steps 1 --set runconfig.strategy=ddp \
-        --set runconfig.compile=false --set train_input.batch_size=1 \
+        --model_dir /tmp/big-ddp1 --num_devices 1 --max_steps 1 --set runconfig.parallel.strategy=ddp \
+        --set runconfig.parallel.compile=false --set train_input.batch_size=1 \
         --set train_input.micro_batch_size=1 "${small[@]}" > "$out/big-ddp1.log" 2>&1
     echo "13B, plain DDP on one GPU: exit $?" | tee -a "$out/big-ddp1.log"
     grep -E "^lmfab: error|out of device memory" "$out/big-ddp1.log" | cut -c1-600

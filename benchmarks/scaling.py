@@ -43,7 +43,7 @@ def run_point(args, n: int, strategy: str, micro: int) -> dict:
            "--set", f"train_input.batch_size={batch}",
            "--set", f"train_input.micro_batch_size={micro}",
            "--set", f"eval_input.batch_size={n}", "--set", "eval_input.micro_batch_size=1",
-           "--set", f"runconfig.strategy={strategy}", "--set", f"runconfig.log_steps={args.log_steps}",
+           "--set", f"runconfig.parallel.strategy={strategy}", "--set", f"runconfig.log_steps={args.log_steps}",
            "--set", "runconfig.checkpoint_steps=0", "--set", "runconfig.tensorboard=false"]
     if not args.checkpoint:  # the end-of-run checkpoint: 15 GB for the 1.3B shape, 156 GB at 13B
         cmd += ["--set", "runconfig.checkpoint_at_end=false"]

@@ -42,7 +42,7 @@ def main() -> int:
             if label == "flex":  # FlexAttention, causal block mask (lmfab's ALiBi kernel family)
                 from torch.nn.attention.flex_attention import flex_attention
 
-                from lmfab.models.attention import causal_block_mask
+                from lmfab.kernels.alibi import causal_block_mask
                 flex, mask = torch.compile(flex_attention), causal_block_mask(T, q.device)
 
                 def step(q=q, k=k, v=v, flex=flex, mask=mask):

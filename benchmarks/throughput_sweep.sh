@@ -3,7 +3,7 @@
 # Usage: benchmarks/throughput_sweep.sh OUTDIR CONFIG STEPS WARMUP VARIANT...
 # VARIANT_TIMEOUT (seconds, env) stops a variant that runs longer; its row then reads "-".
 #   VARIANT: label=impl[;--set KEY=VALUE ...][;--profile N]  e.g.
-#     "cudnn=lmfab;--set runconfig.attention_backend=cudnn;--profile 5"
+#     "cudnn=lmfab;--set runconfig.kernels.attention_backend=cudnn;--profile 5"
 # Each variant runs benchmarks/train_throughput.py; its table row, stderr (with the kernel
 # breakdown when profiled) and JSON land in OUTDIR as <label>.{md,err,json}.
 set -uo pipefail

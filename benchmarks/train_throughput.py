@@ -7,9 +7,9 @@ forward + backward, gradient clipping, AdamW step, zero_grad. No gradient accumu
 
 Implementations (``--impl``, comma-separated, run in the given order):
 
-- ``lmfab``        built as lmfab's loop builds it (``materialize(build_model(...))``,
+- ``lmfab``        built as lmfab's loop builds it (``materialize(build_model(..., kernels=...))``,
                    ``build_optimizer`` with fused AdamW on CUDA, ``parallelize`` with
-                   ``runconfig.compile=true``, i.e. ``torch.compile(model)``);
+                   ``runconfig.parallel.compile=true``, i.e. ``torch.compile(model)``);
 - ``lmfab-eager``  the same without compile;
 - ``hf-eager``     ``transformers.GPT2LMHeadModel`` with ``attn_implementation="sdpa"``;
 - ``hf-compile``   the same under ``torch.compile``.
@@ -63,11 +63,11 @@ except ImportError:
 from lmfab.config import Config, ConfigError, load_config  # noqa: E402
 from lmfab.dist import World, parallelize  # noqa: E402
 from lmfab.dist.world import select_device  # noqa: E402
+from lmfab.models.execution import choose_kernels  # noqa: E402
 from lmfab.models.gpt import build_model, materialize  # noqa: E402
-from lmfab.train.graph import WARMUP_STEPS, StepGraph  # noqa: E402
 from lmfab.train.loop import autocast_for, precision_of  # noqa: E402
 from lmfab.train.metrics import peak_flops  # noqa: E402
-from lmfab.train.optim import build_optimizer, clip_and_step, make_capturable, set_lr  # noqa: E402
+from lmfab.train.optim import build_optimizer, clip_and_step, set_lr  # noqa: E402
 
 IMPLS = ("lmfab", "lmfab-eager", "hf-eager", "hf-compile")
 GIB = 1024**3
@@ -88,10 +88,12 @@ class Built:
 
 
 def build_lmfab(cfg: Config, device: torch.device, *, compile: bool, lr: float) -> Built:
-    model = materialize(build_model(cfg.model), device, seed=cfg.runconfig.seed)
+    bf16 = precision_of(cfg, device) == "bf16"
+    kernels = choose_kernels(cfg.runconfig.kernels, device, bf16=bf16)
+    model = materialize(build_model(cfg.model, kernels=kernels), device, seed=cfg.runconfig.seed)
     world = World(rank=0, world_size=1, local_rank=0, device=device)
-    wrapped = parallelize(model, world, dataclasses.replace(cfg.runconfig, compile=compile),
-                          bf16=precision_of(cfg, device) == "bf16")
+    wrapped = parallelize(model, world, dataclasses.replace(cfg.runconfig.parallel, compile=compile),
+                          bf16=bf16).module
     wrapped.train()
     optimizer = build_optimizer(model, cfg.optimizer, device, cfg.model)
     set_lr(optimizer, lr)  # lmfab sets lr from its schedule every step
@@ -189,20 +191,8 @@ def run_impl(impl: str, cfg: Config, args, device: torch.device, flops_per_token
         built.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    run_step = train_step
-    if impl.startswith("lmfab") and cfg.runconfig.cuda_graph and is_cuda:
-        # as lmfab's loop does under runconfig.cuda_graph: eager steps, then one captured
-        # step replayed; the capture must happen in warm-up, not in the timed steps
-        if not built.optimizer.defaults.get("fused"):
-            raise ConfigError("runconfig.cuda_graph needs fused AdamW (optimizer.fused)")
-        if args.warmup <= WARMUP_STEPS:
-            raise ConfigError(f"runconfig.cuda_graph: --warmup must be > {WARMUP_STEPS} so the "
-                              "step is captured before the timed steps")
-        run_step = StepGraph(train_step, device,
-                             prepare=lambda: make_capturable(built.optimizer, device))
-
     def step(i: int) -> torch.Tensor:
-        return run_step(batches[i % len(batches)])
+        return train_step(batches[i % len(batches)])
 
     def sync() -> None:
         if is_cuda:

@@ -4,17 +4,16 @@ against the same references in tests/test_gpu.py), the clip folded into fused Ad
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmfab.config import ModelConfig
-from lmfab.config.load import split_ddp_graph
-from lmfab.config.schema import RunConfig
-from lmfab.models.activation import bias_gelu
+from lmfab.config.schema import KernelsConfig, ParallelConfig
+from lmfab.dist.parallel import split_ddp_graph
+from lmfab.kernels.bias_gelu import bias_gelu
+from lmfab.models.execution import Kernels
 from lmfab.models.gpt import MLP
 from lmfab.train.optim import clip_and_step
 
@@ -64,8 +63,8 @@ def test_fused_mlp_gives_the_plain_mlps_output_and_gradients(kind):
     cfg = ModelConfig(n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=8, mlp=kind)
     torch.manual_seed(0)
     plain = MLP(cfg)
-    fused = copy.deepcopy(plain)
-    fused.fused_act = True
+    fused = MLP(cfg, Kernels(fused_mlp=True))
+    fused.load_state_dict(plain.state_dict())
     x = torch.randn(2, 5, 32)
     for m in (plain, fused):
         m(x).pow(2).sum().backward()
@@ -84,13 +83,12 @@ def test_fused_mlp_leaves_a_replaced_first_layer_in_charge():
 
     cfg = ModelConfig(n_layer=1, n_head=2, d_model=16, vocab_size=64, max_seq_len=8)
     torch.manual_seed(0)
-    m = MLP(cfg)
+    m = MLP(cfg, Kernels(fused_mlp=True))
     shifted = Shifted(16, cfg.ffn_dim)
     shifted.load_state_dict(m.fc.state_dict())
     m.fc = shifted
     x = torch.randn(3, 16)
     expected = m.proj(F.gelu(shifted(x)))
-    m.fused_act = True
     torch.testing.assert_close(m(x), expected)
 
 
@@ -132,15 +130,15 @@ def test_clip_and_step_without_a_limit_steps_on_the_raw_gradients():
     ("auto", 1, True), ("auto", 2, False), ("auto", 8, False),
     (True, 8, True), (False, 1, False)])
 def test_ddp_graph_is_cut_only_when_every_micro_batch_reduces(setting, accum, split):
-    assert split_ddp_graph(RunConfig(ddp_split_graph=setting), accum) is split
+    assert split_ddp_graph(ParallelConfig(ddp_split_graph=setting), accum) is split
 
 
 def test_mlp_kernel_auto_is_fused_only_on_cuda():
-    from lmfab.config.load import uses_fused_mlp
+    from lmfab.models.execution import uses_fused_mlp
 
-    assert uses_fused_mlp(RunConfig(), "cpu") is False
-    assert uses_fused_mlp(RunConfig(mlp_kernel="fused"), "cpu") is True
-    assert uses_fused_mlp(RunConfig(mlp_kernel="standard"), "cuda") is False
+    assert uses_fused_mlp(KernelsConfig(), "cpu") is False
+    assert uses_fused_mlp(KernelsConfig(mlp_kernel="fused"), "cpu") is True
+    assert uses_fused_mlp(KernelsConfig(mlp_kernel="standard"), "cuda") is False
 
 
 def test_the_run_plan_says_how_ddp_meets_compile():
@@ -150,10 +148,10 @@ def test_the_run_plan_says_how_ddp_meets_compile():
     from .conftest import CONFIGS
 
     path = CONFIGS / "train" / "tiny.yaml"  # global batch 16, micro-batch 8
-    ddp = ["runconfig.compile=true", "runconfig.strategy=ddp"]
+    ddp = ["runconfig.parallel.compile=true", "runconfig.parallel.strategy=ddp"]
     assert plan_run(load_config(path, ddp), world_size=1).ddp_graph == ""  # no DDP
     assert plan_run(load_config(path, ddp[1:]), world_size=2).ddp_graph == ""  # not compiled
-    fsdp = ["runconfig.compile=true", "runconfig.strategy=fsdp"]
+    fsdp = ["runconfig.parallel.compile=true", "runconfig.parallel.strategy=fsdp"]
     assert plan_run(load_config(path, fsdp), world_size=2).ddp_graph == ""
     # 2 devices x micro-batch 8 = the global batch: every micro-batch all-reduces
     assert "cut at the gradient buckets" in format_plan(plan_run(load_config(path, ddp), 2))

@@ -18,7 +18,7 @@ def test_train_throughput_isolates_impls_and_writes_json(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"),
            "--config", str(CONFIGS / "train" / "tiny.yaml"), "--device", "cpu",
            "--impl", "lmfab-eager,hf-eager", "--steps", "2", "--warmup", "1",
-           "--set", "runconfig.loss=fused", "--json", str(out)]
+           "--set", "runconfig.kernels.loss=fused", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
@@ -99,8 +99,8 @@ def test_throughput_sweep_prints_one_row_per_variant(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     cmd = ["bash", str(REPO / "benchmarks" / "throughput_sweep.sh"), str(tmp_path),
            str(REPO / "configs" / "train" / "tiny.yaml"), "2", "1",
-           "std=lmfab-eager;--set runconfig.loss=standard",
-           "fused=lmfab-eager;--set runconfig.loss=fused"]
+           "std=lmfab-eager;--set runconfig.kernels.loss=standard",
+           "fused=lmfab-eager;--set runconfig.kernels.loss=fused"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| std ")

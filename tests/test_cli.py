@@ -67,11 +67,11 @@ def test_bad_params_exit_2_under_num_devices_too(tmp_path):
     """torchrun exits 1 whatever stopped a rank; lmfab's launcher passes the ranks' own
     code on, so a script sees 2 for bad input on 2 processes as on one."""
     cmd = [sys.executable, "-m", "lmfab", "run", "--params", TINY, "--num_devices", "2",
-           "--model_dir", str(tmp_path / "r"), "--set", "runconfig.ddp_bucket_mb=0"]
+           "--model_dir", str(tmp_path / "r"), "--set", "runconfig.parallel.ddp_bucket_mb=0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "runconfig.ddp_bucket_mb: must be > 0" in proc.stderr
+    assert "runconfig.parallel.ddp_bucket_mb: must be > 0" in proc.stderr
 
 
 def test_rank_exit_code_is_the_lowest_rank_s(tmp_path):
@@ -111,7 +111,7 @@ def test_run_records_its_rank_finished_for_the_launcher(tiny_data, tmp_path, mon
         args += ["--set", s]
     assert main(args) == 0
     assert (exit_dir / "rank0").read_text() == "0"
-    assert main([*args, "--set", "runconfig.ddp_bucket_mb=0"]) == 2
+    assert main([*args, "--set", "runconfig.parallel.ddp_bucket_mb=0"]) == 2
     assert (exit_dir / "rank0").read_text() == "2"
     # a run whose work fails records nothing: the launcher keeps torchrun's failure
     (exit_dir / "rank0").unlink()
@@ -158,7 +158,7 @@ def test_plan_counts_logits_by_loss_kind():
     standard = plan_run(cfg, device_type="cpu")  # loss: auto is standard off CUDA
     assert not standard.fused_loss and standard.logit_bytes == rows * v * 10
     assert standard.activation_bytes - fused.activation_bytes == rows * v * 8
-    chunked = plan_run(load_config(TINY, ["runconfig.loss=fused", "runconfig.loss_chunk=64"]),
+    chunked = plan_run(load_config(TINY, ["runconfig.kernels.loss=fused", "runconfig.kernels.loss_chunk=64"]),
                        device_type="cpu")
     d = cfg.model.d_model  # chunked: the output weight's fp32 gradient, one bf16 product and
     # its fp32 copy, and the hidden states' gradient, made in forward and kept for backward
@@ -260,3 +260,14 @@ def test_train_then_eval_verbs(tiny_data, tmp_path, capsys):
     assert main(["eval", "--params", TINY, "--model-dir", run_dir, *sets]) == 0
     assert "eval step 2" in capsys.readouterr().out
     assert (tmp_path / "r" / "eval_results.json").is_file()
+
+
+def test_help_config_lists_every_key_with_its_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help-config"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("model.n_layer", "runconfig.max_steps", "runconfig.kernels.loss_chunk",
+                "runconfig.parallel.strategy", "runconfig.profile.steps"):
+        assert f"  {key}: " in out, key
+    assert "positions per block" in out  # a field's attribute docstring

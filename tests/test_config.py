@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmfab.config import ConfigError, LRSegment, load_config, micro_batching, write_config
+from lmfab.config import (
+    ConfigError,
+    LRSegment,
+    config_to_dict,
+    load_config,
+    micro_batching,
+    write_config,
+)
 from lmfab.models import build_model
 from lmfab.train.schedule import LRSchedule
 
@@ -54,10 +61,14 @@ def _tiny_raw() -> dict:
          r"learning_rate\[0\]\.shedule: unknown key \(did you mean 'schedule'\?\)"),
         (lambda r: r["runconfig"].update(tensorboard="yes"), r"runconfig\.tensorboard: expected true or false"),
         (lambda r: r["model"].update(output_mult=0.0), r"model\.output_mult: must be positive"),
-        (lambda r: r["runconfig"].update(loss_chunk=-1), r"runconfig\.loss_chunk: must be >= 0"),
-        (lambda r: r["runconfig"].update(attention_backend="fa3"), r"runconfig\.attention_backend: 'fa3' is not one of"),
-        (lambda r: r["runconfig"].update(residual_dtype="fp16"), r"runconfig\.residual_dtype: 'fp16' is not one of"),
-        (lambda r: r["runconfig"].update(ddp_bucket_mb=0), r"runconfig\.ddp_bucket_mb: must be > 0"),
+        (lambda r: r["runconfig"].update(kernels={"loss_chunk": -1}),
+         r"runconfig\.kernels\.loss_chunk: must be >= 0"),
+        (lambda r: r["runconfig"].update(kernels={"attention_backend": "fa3"}),
+         r"runconfig\.kernels\.attention_backend: 'fa3' is not one of"),
+        (lambda r: r["runconfig"].update(kernels={"residual_dtype": "fp16"}),
+         r"runconfig\.kernels\.residual_dtype: 'fp16' is not one of"),
+        (lambda r: r["runconfig"].update(parallel={"ddp_bucket_mb": 0}),
+         r"runconfig\.parallel\.ddp_bucket_mb: must be > 0"),
     ],
 )
 def test_bad_config_fails_with_key_path(tmp_path, mutate, message):
@@ -81,9 +92,9 @@ def test_batch_must_divide_over_devices():
 def test_set_overrides_are_typed_and_checked(tmp_path):
     path = CONFIGS / "train" / "tiny.yaml"
     cfg = load_config(path, ["optimizer.learning_rate=3e-4", "train_input.batch_size=64",
-                             "runconfig.compile=true"])
+                             "runconfig.parallel.compile=true"])
     assert cfg.optimizer.learning_rate == pytest.approx(3e-4)
-    assert cfg.train_input.batch_size == 64 and cfg.runconfig.compile is True
+    assert cfg.train_input.batch_size == 64 and cfg.runconfig.parallel.compile is True
     with pytest.raises(ConfigError, match=r"model\.d_modle: unknown key \(did you mean 'd_model'"):
         load_config(path, ["model.d_modle=64"])
     with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
@@ -110,62 +121,38 @@ def test_lr_schedule_segments():
 
 
 def test_config_notes_name_settings_without_effect():
-    from lmfab.config.load import config_notes
+    from lmfab.train.plan import config_notes
 
     path = CONFIGS / "train" / "tiny.yaml"
     assert config_notes(load_config(path), "cpu") == []
-    cfg = load_config(path, ["runconfig.loss_chunk=512", "runconfig.compile_mode=tuned",
-                             "runconfig.residual_dtype=bf16"])
+    cfg = load_config(path, ["runconfig.kernels.loss_chunk=512", "runconfig.parallel.compile_mode=tuned",
+                             "runconfig.kernels.residual_dtype=bf16"])
     notes = config_notes(cfg, "cpu")
     assert len(notes) == 3 and "loss_chunk" in notes[0] and "compile_mode" in notes[1]
     assert "residual_dtype" in notes[2]
     # On CUDA the loss is fused and precision bf16: only compile_mode stays inert.
-    assert [n.split("=")[0] for n in config_notes(cfg, "cuda")] == ["runconfig.compile_mode"]
-    notes = config_notes(load_config(path, ["runconfig.ddp_split_graph=false",
-                                            "runconfig.strategy=ddp",
-                                            "runconfig.fsdp_reshard_after_forward=false"]), "cpu")
-    assert [n.split("=")[0] for n in notes] == ["runconfig.ddp_split_graph",
-                                                "runconfig.fsdp_reshard_after_forward"]
-    assert config_notes(load_config(path, ["runconfig.ddp_split_graph=false",
-                                           "runconfig.compile=true"]), "cpu") == []
+    assert [n.split("=")[0] for n in config_notes(cfg, "cuda")] == ["runconfig.parallel.compile_mode"]
+    notes = config_notes(load_config(path, ["runconfig.parallel.ddp_split_graph=false",
+                                            "runconfig.parallel.strategy=ddp",
+                                            "runconfig.parallel.fsdp_reshard_after_forward=false"]), "cpu")
+    assert [n.split("=")[0] for n in notes] == ["runconfig.parallel.ddp_split_graph",
+                                                "runconfig.parallel.fsdp_reshard_after_forward"]
+    assert config_notes(load_config(path, ["runconfig.parallel.ddp_split_graph=false",
+                                           "runconfig.parallel.compile=true"]), "cpu") == []
     # the fused MLP op needs a GELU MLP with biases and plain (not float8) linear layers
-    assert config_notes(load_config(path, ["runconfig.mlp_kernel=fused"]), "cuda") == []
-    for sets in (["model.mlp=swiglu"], ["model.bias=false"], ["runconfig.float8=tensorwise"]):
-        notes = config_notes(load_config(path, ["runconfig.mlp_kernel=fused", *sets]), "cuda")
-        assert [n.split("=")[0] for n in notes if "mlp_kernel" in n] == ["runconfig.mlp_kernel"]
-
-
-def test_cuda_graph_needs_cuda_fused_adamw_and_no_other_graph_capture():
-    from lmfab.config.load import config_notes
-
-    path = CONFIGS / "train" / "tiny.yaml"
-    assert config_notes(load_config(path, ["runconfig.cuda_graph=true"]), "cuda") == []
-    notes = config_notes(load_config(path, ["runconfig.cuda_graph=true"]), "cpu")
-    assert notes == ["runconfig.cuda_graph=true has no effect: CUDA graphs need a CUDA device"]
-    notes = config_notes(load_config(path, ["runconfig.cuda_graph=true", "optimizer.fused=off"]),
-                         "cuda")
-    assert len(notes) == 1 and "optimizer.fused=off" in notes[0]
-    for mode in ("reduce-overhead", "max-autotune"):
-        with pytest.raises(ConfigError, match=f"cuda_graph with compile_mode={mode}"):
-            load_config(path, ["runconfig.cuda_graph=true", "runconfig.compile=true",
-                               f"runconfig.compile_mode={mode}"])
-    load_config(path, ["runconfig.cuda_graph=true", "runconfig.compile_mode=reduce-overhead"])
-    with pytest.raises(ConfigError, match="cuda_graph with activation_checkpointing"):
-        load_config(path, ["runconfig.cuda_graph=true", "runconfig.activation_checkpointing=true"])
-    graph16 = ["runconfig.cuda_graph=true", "runconfig.grad_reduce_dtype=bf16"]
-    with pytest.raises(ConfigError, match="cuda_graph with grad_reduce_dtype=bf16"):
-        load_config(path, graph16, world_size=2)  # DDP's bf16 hook inside the captured step
-    load_config(path, graph16)  # one device: no hook
-    load_config(path, [*graph16, "runconfig.strategy=fsdp"], world_size=2)  # no graph there
+    assert config_notes(load_config(path, ["runconfig.kernels.mlp_kernel=fused"]), "cuda") == []
+    for sets in (["model.mlp=swiglu"], ["model.bias=false"], ["runconfig.parallel.float8=tensorwise"]):
+        notes = config_notes(load_config(path, ["runconfig.kernels.mlp_kernel=fused", *sets]), "cuda")
+        assert [n.split("=")[0] for n in notes if "mlp_kernel" in n] == ["runconfig.kernels.mlp_kernel"]
 
 
 def test_ddp_buckets_below_the_first_bucket_are_refused_under_a_cut_graph():
     path = CONFIGS / "train" / "tiny.yaml"
     with pytest.raises(ConfigError, match=r"ddp_bucket_mb=0.5: .* DDP's first, 1 MB"):
-        load_config(path, ["runconfig.compile=true", "runconfig.ddp_bucket_mb=0.5"])
-    load_config(path, ["runconfig.ddp_bucket_mb=0.5"])  # eager: DDP alone takes any size
-    load_config(path, ["runconfig.compile=true", "runconfig.ddp_bucket_mb=0.5",
-                       "runconfig.ddp_split_graph=false"])
+        load_config(path, ["runconfig.parallel.compile=true", "runconfig.parallel.ddp_bucket_mb=0.5"])
+    load_config(path, ["runconfig.parallel.ddp_bucket_mb=0.5"])  # eager: DDP alone takes any size
+    load_config(path, ["runconfig.parallel.compile=true", "runconfig.parallel.ddp_bucket_mb=0.5",
+                       "runconfig.parallel.ddp_split_graph=false"])
 
 
 def test_yaml_off_and_on_mean_the_words_where_a_key_takes_them(tmp_path):
@@ -173,11 +160,45 @@ def test_yaml_off_and_on_mean_the_words_where_a_key_takes_them(tmp_path):
     the word, and a boolean stays an error where neither word is allowed."""
     raw = yaml.safe_load((CONFIGS / "train" / "tiny.yaml").read_text())
     raw["optimizer"]["fused"] = False  # what `fused: off` parses to
-    raw["runconfig"]["float8"] = False
+    raw["runconfig"]["parallel"] = {"float8": False}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = load_config(path)
-    assert cfg.optimizer.fused == "off" and cfg.runconfig.float8 == "off"
+    assert cfg.optimizer.fused == "off" and cfg.runconfig.parallel.float8 == "off"
     assert load_config(path, ["optimizer.fused=on"]).optimizer.fused == "on"
-    with pytest.raises(ConfigError, match="runconfig.attention_backend"):
-        load_config(path, ["runconfig.attention_backend=off"])
+    with pytest.raises(ConfigError, match="runconfig.kernels.attention_backend"):
+        load_config(path, ["runconfig.kernels.attention_backend=off"])
+
+
+def test_removed_run_keys_fail_with_the_reason_but_resolved_configs_still_load(tmp_path):
+    import yaml
+
+    from lmfab.config import config_from_dict
+
+    path = CONFIGS / "train" / "tiny.yaml"
+    for key in ("cuda_graph=true", "gc_steps=50"):
+        with pytest.raises(ConfigError, match=f"runconfig.{key.split('=')[0]}: .*removed"):
+            load_config(path, [f"runconfig.{key}"])
+    # a config.yaml written beside an older checkpoint holds the keys: it still loads
+    raw = yaml.safe_load(yaml.safe_dump(config_to_dict(load_config(path))))
+    raw["runconfig"].update(cuda_graph=False, gc_steps=0)
+    assert config_from_dict(raw, resolved=True) == load_config(path)
+
+
+def test_flat_run_keys_that_moved_name_their_new_place():
+    import yaml
+
+    from lmfab.config import config_from_dict
+
+    path = CONFIGS / "train" / "tiny.yaml"
+    for old, new in (("loss=fused", "kernels.loss"), ("compile=true", "parallel.compile"),
+                     ("strategy=fsdp", "parallel.strategy"), ("profile_steps=2", "profile.steps")):
+        key = old.split("=")[0]
+        with pytest.raises(ConfigError, match=f"runconfig.{key} moved to runconfig.{new}"):
+            load_config(path, [f"runconfig.{old}"])
+    # a resolved config of the flat layout (beside an older checkpoint) is moved, not refused
+    moved = load_config(path, ["runconfig.kernels.loss=fused", "runconfig.parallel.compile=true",
+                               "runconfig.profile.start=3"])
+    raw = yaml.safe_load(yaml.safe_dump(config_to_dict(load_config(path))))
+    raw["runconfig"].update(loss="fused", compile=True, profile_start=3)
+    assert config_from_dict(raw, resolved=True) == moved

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmfab import checkpoint as ckpt
 from lmfab.config import load_config
-from lmfab.train import checkpoint as ckpt
 from lmfab.train.loop import run_mode
 
 from .conftest import CONFIGS, REPO, tiny_overrides
@@ -48,7 +48,7 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tiny_data, tmp_path):
 
     # The sharded side also takes the fused loss and the fused MLP op (their CPU paths), so
     # both are checked against the standard ones under FSDP2's gathered parameters.
-    fsdp = sets + ["runconfig.strategy=fsdp", "runconfig.loss=fused", "runconfig.mlp_kernel=fused"]
+    fsdp = sets + ["runconfig.parallel.strategy=fsdp", "runconfig.kernels.loss=fused", "runconfig.kernels.mlp_kernel=fused"]
     # Stop after 3 steps (checkpoint), then resume the sharded checkpoint on ONE process.
     _launch(tmp_path / "fsdp", fsdp + ["runconfig.max_steps=3"])
     saved = ckpt.latest_checkpoint(tmp_path / "fsdp")
@@ -72,8 +72,8 @@ def test_activation_checkpointing_gives_the_same_training(tiny_data, tmp_path):
              model_dir=tmp_path / "plain")
     a = load_file(str(ckpt.latest_checkpoint(tmp_path / "plain") / "model.safetensors"))
     for name, every in (("ac", 1), ("ac_half", 2)):  # all blocks; blocks 0 and 2 of 4
-        ac = tiny_overrides(tiny_data, **sets, **{"runconfig.activation_checkpointing": True,
-                                                  "runconfig.checkpoint_every": every})
+        ac = tiny_overrides(tiny_data, **sets, **{"runconfig.parallel.activation_checkpointing": True,
+                                                  "runconfig.parallel.checkpoint_every": every})
         run_mode(load_config(TINY, ac), mode="train", model_dir=tmp_path / name)
         assert _losses(tmp_path / "plain") == _losses(tmp_path / name)
         b = load_file(str(ckpt.latest_checkpoint(tmp_path / name) / "model.safetensors"))
@@ -95,21 +95,21 @@ def test_checkpoint_every_wraps_every_nth_block_and_plans_the_memory_between():
     def acts(*sets):
         return plan_run(load_config(TINY, ["model.n_layer=5", *sets])).activation_bytes
 
-    none, half = acts(), acts("runconfig.activation_checkpointing=true", "runconfig.checkpoint_every=2")
-    full = acts("runconfig.activation_checkpointing=true")
+    none, half = acts(), acts("runconfig.parallel.activation_checkpointing=true", "runconfig.parallel.checkpoint_every=2")
+    full = acts("runconfig.parallel.activation_checkpointing=true")
     assert full < half < none  # between all blocks recomputed and none
     assert "(1 block in 2)" in format_plan(plan_run(load_config(
-        TINY, ["runconfig.activation_checkpointing=true", "runconfig.checkpoint_every=2"])))
+        TINY, ["runconfig.parallel.activation_checkpointing=true", "runconfig.parallel.checkpoint_every=2"])))
 
 
 def test_auto_strategy_is_ddp_on_cpu():
-    from lmfab.config.schema import RunConfig
+    from lmfab.config.schema import ParallelConfig
     from lmfab.dist.parallel import resolve_strategy
     from lmfab.dist.world import World
 
     world = World(0, 2, 0, torch.device("cpu"))
-    assert resolve_strategy(RunConfig(), world, 10**12) == "ddp"
-    assert resolve_strategy(RunConfig(strategy="fsdp"), world, 10) == "fsdp"
+    assert resolve_strategy(ParallelConfig(), world, 10**12) == "ddp"
+    assert resolve_strategy(ParallelConfig(strategy="fsdp"), world, 10) == "fsdp"
 
 
 @pytest.mark.slow
@@ -118,9 +118,9 @@ def test_float8_under_fsdp_on_two_processes_matches_one(tiny_data, tmp_path):
     the same fp8 training as one process (dynamic scales see the whole weight)."""
     pytest.importorskip("torchao.float8", reason="torchao is in the dev extra")
     sets = tiny_overrides(tiny_data, **{"runconfig.max_steps": 5,
-                                        "runconfig.float8": "tensorwise"})
+                                        "runconfig.parallel.float8": "tensorwise"})
     run_mode(load_config(TINY, sets), mode="train", model_dir=tmp_path / "one")
-    _launch(tmp_path / "fsdp", sets + ["runconfig.strategy=fsdp"])
+    _launch(tmp_path / "fsdp", sets + ["runconfig.parallel.strategy=fsdp"])
     one, sharded = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
     assert sorted(sharded) == sorted(one) == list(range(1, 6))
     for step in one:
@@ -142,13 +142,13 @@ def _parallelize_worker(rank: int, port: int, sets: list[str], out: str) -> None
     world = init_world("cpu", "gloo")
     torch._dynamo.config.optimize_ddp = "unset"  # parallelize must set it either way
     model = build_model(cfg.model)
-    if cfg.runconfig.strategy == "fsdp":
-        wrapped = parallelize(model, world, cfg.runconfig)
+    if cfg.runconfig.parallel.strategy == "fsdp":
+        wrapped = parallelize(model, world, cfg.runconfig.parallel).module
         model.to_empty(device=world.device)
         model.init_weights(torch.Generator().manual_seed(0), fill=sharded_fill)
     else:
         model = materialize(model, world.device, seed=0)
-        wrapped = parallelize(model, world, cfg.runconfig)
+        wrapped = parallelize(model, world, cfg.runconfig.parallel).module
     torch.manual_seed(rank)  # different data on each rank, the same in every test run
     idx = torch.randint(0, cfg.model.vocab_size, (2, 17))
     loss = wrapped(idx[:, :-1], idx[:, 1:])
@@ -198,19 +198,19 @@ def _parallelize_on_two(tmp_path: Path, sets: list[str]) -> dict:
 
 @pytest.mark.parametrize("split", [True, False])
 def test_ddp_settings_reach_ddp_and_dynamo(tmp_path, split):
-    """runconfig.ddp_bucket_mb becomes DDP's bucket cap; ddp_split_graph becomes dynamo's
+    """runconfig.parallel.ddp_bucket_mb becomes DDP's bucket cap; ddp_split_graph becomes dynamo's
     optimize_ddp, which decides at the first compiled forward whether the graph is cut at
     the buckets."""
-    seen = _parallelize_on_two(tmp_path, ["runconfig.strategy=ddp", "runconfig.ddp_bucket_mb=2.5",
-                                          f"runconfig.ddp_split_graph={str(split).lower()}"])
+    seen = _parallelize_on_two(tmp_path, ["runconfig.parallel.strategy=ddp", "runconfig.parallel.ddp_bucket_mb=2.5",
+                                          f"runconfig.parallel.ddp_split_graph={str(split).lower()}"])
     assert seen["bucket_bytes_cap"] == int(2.5 * 1024 * 1024)
     assert seen["optimize_ddp"] is split
 
 
 @pytest.mark.parametrize("reshard", [True, False])
 def test_fsdp_reshard_after_forward_keeps_or_frees_the_gathered_block(tmp_path, reshard):
-    seen = _parallelize_on_two(tmp_path, ["runconfig.strategy=fsdp",
-                                          f"runconfig.fsdp_reshard_after_forward={str(reshard).lower()}"])
+    seen = _parallelize_on_two(tmp_path, ["runconfig.parallel.strategy=fsdp",
+                                          f"runconfig.parallel.fsdp_reshard_after_forward={str(reshard).lower()}"])
     assert seen["between_forward_and_backward"] == ("sharded" if reshard else "gathered")
 
 
@@ -219,8 +219,8 @@ def test_grad_reduce_dtype_bf16_reduces_in_bf16_and_agrees_with_fp32(tmp_path, s
     """grad_reduce_dtype: the reduced gradient is the same in fp32 and bf16 up to bf16
     rounding; with bf16 it lies on the bf16 grid (it crossed in bf16), with fp32 not. DDP
     through its bf16 comm hook, FSDP2 through its reduce dtype."""
-    seen = {d: _parallelize_on_two(tmp_path / d, [f"runconfig.strategy={strategy}",
-                                                  f"runconfig.grad_reduce_dtype={d}"])
+    seen = {d: _parallelize_on_two(tmp_path / d, [f"runconfig.parallel.strategy={strategy}",
+                                                  f"runconfig.parallel.grad_reduce_dtype={d}"])
             for d in ("fp32", "bf16")}
     assert seen["fp32"]["grad_dtype"] == seen["bf16"]["grad_dtype"] == "torch.float32"
     assert not seen["fp32"]["grad_on_bf16_grid"]
@@ -236,7 +236,7 @@ def test_plan_counts_gathered_parameters_without_reshard():
     from lmfab.train.plan import plan_run
 
     def state(*sets):
-        return plan_run(load_config(TINY, ["runconfig.strategy=fsdp", *sets]), world_size=2).state_bytes
+        return plan_run(load_config(TINY, ["runconfig.parallel.strategy=fsdp", *sets]), world_size=2).state_bytes
 
     n = plan_run(load_config(TINY)).n_params
     # the root (embeddings, final norm) stays gathered from forward to backward either way
@@ -244,4 +244,4 @@ def test_plan_counts_gathered_parameters_without_reshard():
     root = n - sum(p.numel() for p in model.blocks.parameters())
     assert 0 < root < n
     assert state() == 16 * n // 2 + 2 * root
-    assert state("runconfig.fsdp_reshard_after_forward=false") == 16 * n // 2 + 2 * n
+    assert state("runconfig.parallel.fsdp_reshard_after_forward=false") == 16 * n // 2 + 2 * n

@@ -1,4 +1,4 @@
-"""runconfig.float8: torchao's Float8Linear in the blocks (fp8 matmuls with dynamic scaling).
+"""runconfig.parallel.float8: torchao's Float8Linear in the blocks (fp8 matmuls with dynamic scaling).
 
 torchao's fp8 matmul also runs on CPUs (slowly), so the conversion, training and checkpoint
 interchange are checked here; the speed figure is a GPU benchmark (docs/benchmarks.md)."""
@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
+from lmfab import checkpoint as ckpt
 from lmfab.config import ConfigError, load_config
-from lmfab.config.load import config_notes
 from lmfab.models.gpt import GPT, build_model, materialize
-from lmfab.train import checkpoint as ckpt
 from lmfab.train.loop import run_mode
+from lmfab.train.plan import config_notes
 
 from .conftest import CONFIGS, tiny_overrides
 
@@ -47,7 +47,7 @@ def test_float8_run_trains_close_to_fp32_and_its_checkpoint_loads_without_float8
     curves = {}
     for name, mode in (("fp32", "off"), ("fp8", "tensorwise")):
         cfg = load_config(TINY, tiny_overrides(tiny_data, **{
-            "runconfig.max_steps": 12, "runconfig.float8": mode}))
+            "runconfig.max_steps": 12, "runconfig.parallel.float8": mode}))
         run_mode(cfg, mode="train", model_dir=tmp_path / name)
         curves[name] = _losses(tmp_path / name)
     a, b = curves["fp32"], curves["fp8"]
@@ -68,7 +68,7 @@ def test_float8_without_torchao_is_a_clear_error(monkeypatch):
 
 
 def test_float8_without_compile_is_noted():
-    cfg = load_config(TINY, ["runconfig.float8=tensorwise"])
+    cfg = load_config(TINY, ["runconfig.parallel.float8=tensorwise"])
     assert any("float8" in n and "compile" in n for n in config_notes(cfg, "cuda"))
-    cfg = load_config(TINY, ["runconfig.float8=tensorwise", "runconfig.compile=true"])
+    cfg = load_config(TINY, ["runconfig.parallel.float8=tensorwise", "runconfig.parallel.compile=true"])
     assert not any("float8" in n for n in config_notes(cfg, "cuda"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import sys
 import pytest
 import torch
 
+from lmfab import checkpoint as ckpt
 from lmfab.config import load_config
-from lmfab.train import checkpoint as ckpt
 from lmfab.train.loop import run_mode
 
 from .conftest import CONFIGS, REPO, tiny_overrides
@@ -30,7 +29,7 @@ def _losses(model_dir):
 def test_bf16_training_on_gpu(tiny_data, tmp_path, compile_model):
     cfg = load_config(TINY, tiny_overrides(tiny_data, **{
         "runconfig.max_steps": 40, "runconfig.log_steps": 10,
-        "runconfig.compile": compile_model, "runconfig.device": "cuda"}))
+        "runconfig.parallel.compile": compile_model, "runconfig.device": "cuda"}))
     result = run_mode(cfg, mode="train_and_eval", model_dir=tmp_path / "r")
     losses = _losses(tmp_path / "r")
     assert losses[-1] < losses[0] - 0.5, losses
@@ -42,8 +41,8 @@ def test_bf16_training_on_gpu(tiny_data, tmp_path, compile_model):
 @pytest.mark.gpu
 def test_profile_steps_on_gpu_counts_gemm_time(tiny_data, tmp_path):
     cfg = load_config(TINY, tiny_overrides(tiny_data, **{
-        "runconfig.max_steps": 6, "runconfig.device": "cuda", "runconfig.profile_steps": 2,
-        "runconfig.profile_start": 3}))
+        "runconfig.max_steps": 6, "runconfig.device": "cuda", "runconfig.profile.steps": 2,
+        "runconfig.profile.start": 3}))
     run_mode(cfg, mode="train", model_dir=tmp_path / "r")
     s = json.loads((tmp_path / "r" / "profile" / "kernels_rank0.json").read_text())
     assert s["steps"] == [4, 5] and s["categories_ms"]["gemm"] > 0
@@ -63,13 +62,13 @@ def test_training_step_never_waits_for_the_gpu(tiny_data, tmp_path, compile_mode
     also checks that every batch is pinned first."""
     import numpy as np
 
-    from lmfab.config.load import train_stages
     from lmfab.train.data import make_loader
     from lmfab.train.loop import _train_step, setup, to_device
     from lmfab.train.optim import build_optimizer
+    from lmfab.train.plan import train_stages
 
     cfg = load_config(TINY, tiny_overrides(tiny_data, **{
-        "runconfig.device": "cuda", "runconfig.compile": compile_model}))
+        "runconfig.device": "cuda", "runconfig.parallel.compile": compile_model}))
     run = setup(cfg, tmp_path / "r")
     stage = train_stages(cfg, 1)[0]
     loader = make_loader(cfg, stage, run.world)
@@ -104,7 +103,7 @@ def test_float8_trains_compiled_on_a_gpu_with_fp8_tensor_cores(tiny_data, tmp_pa
     for mode in ("off", "tensorwise", "rowwise"):
         cfg = load_config(TINY, tiny_overrides(tiny_data, **{
             "runconfig.max_steps": 30, "runconfig.log_steps": 10, "runconfig.device": "cuda",
-            "runconfig.compile": True, "runconfig.float8": mode}))
+            "runconfig.parallel.compile": True, "runconfig.parallel.float8": mode}))
         run_mode(cfg, mode="train", model_dir=tmp_path / mode)
         curves[mode] = _losses(tmp_path / mode)
     for mode in ("tensorwise", "rowwise"):
@@ -129,33 +128,6 @@ def test_two_gpu_ddp_matches_one_gpu(tiny_data, tmp_path):
         assert abs(a - b) < 1e-4  # TF32/cuBLAS reductions differ slightly across GPUs
 
 
-@pytest.mark.multigpu
-def test_two_gpu_ddp_cuda_graph_step_trains_like_the_eager_step(tiny_data, tmp_path):
-    """runconfig.cuda_graph under DDP: the captured step holds the gradient all-reduces, here
-    with the compiled graph cut at several 1 MB buckets (each bucket's all-reduce inside
-    backward) and 2 micro-batches per step (the first under no_sync)."""
-    curves, logs = {}, {}
-    for graph in (False, True):
-        sets = tiny_overrides(tiny_data, **{
-            "runconfig.max_steps": 14, "runconfig.device": "cuda", "runconfig.compile": True,
-            "train_input.micro_batch_size": 2, "runconfig.ddp_split_graph": True,
-            "model.d_model": 256, "model.d_ff": 1024,  # 6.8 MB of fp32 gradients
-            "runconfig.ddp_bucket_mb": 1, "runconfig.cuda_graph": graph})
-        cmd = [sys.executable, "-m", "lmfab", "run", "--params", str(TINY), "--mode", "train",
-               "--model_dir", str(tmp_path / str(graph)), "--num_devices", "2"]
-        for s in sets:
-            cmd += ["--set", s]
-        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ),
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        curves[graph], logs[graph] = _losses(tmp_path / str(graph)), proc.stdout + proc.stderr
-    assert "step 12: the training step is captured as a CUDA graph" in logs[True], logs[True][-3000:]
-    assert "captured" not in logs[False]
-    assert len(curves[True]) == 14
-    for a, b in zip(curves[False], curves[True], strict=True):
-        assert abs(a - b) < 1e-3 * a, curves
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -166,7 +138,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fused_loss_triton_kernel_matches_reference(chunk, scale):
     """The Triton row kernel and the fused linear + CE against fp64 F.cross_entropy, under
     bf16 autocast, at an odd vocabulary (a partial last block)."""
-    from lmfab.models.loss import _triton_kernel, fused_linear_cross_entropy
+    from lmfab.kernels.cross_entropy import _triton_kernel, fused_linear_cross_entropy
 
     assert _triton_kernel() is not None, "Triton should be importable next to CUDA torch"
     gen = torch.Generator(device="cuda").manual_seed(int(scale * 100) + chunk)
@@ -194,7 +166,7 @@ def test_fused_loss_triton_kernel_matches_reference(chunk, scale):
 def test_attention_backends_agree_in_compiled_model(backend):
     """Each SDPA backend choice, compiled: loss and gradients within bf16 noise of math."""
     from lmfab.config import ModelConfig
-    from lmfab.models.attention import set_attention_backend
+    from lmfab.models.execution import Kernels, sdpa_priority
     from lmfab.models.gpt import build_model, materialize
 
     cfg = ModelConfig(vocab_size=512, n_layer=2, n_head=4, d_model=256, max_seq_len=256)
@@ -203,8 +175,8 @@ def test_attention_backends_agree_in_compiled_model(backend):
 
     results, kernels = {}, {}
     for name in ("math", backend):
-        model = materialize(build_model(cfg), "cuda", seed=3)
-        set_attention_backend(model, name, torch.device("cuda"))
+        order = tuple(sdpa_priority(name, torch.device("cuda")))
+        model = materialize(build_model(cfg, kernels=Kernels(sdpa_backends=order)), "cuda", seed=3)
         compiled = torch.compile(model)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -225,10 +197,10 @@ def test_attention_backends_agree_in_compiled_model(backend):
 
 @pytest.mark.gpu
 def test_fused_loss_and_bf16_residual_train_like_standard(tiny_data, tmp_path):
-    """runconfig.loss=fused and residual_dtype=bf16 follow the standard loss curve."""
+    """runconfig.kernels.loss=fused and residual_dtype=bf16 follow the standard loss curve."""
     curves = {}
-    for name, extra in {"standard": {"runconfig.loss": "standard"},
-                        "fused": {"runconfig.loss": "fused", "runconfig.residual_dtype": "bf16"}}.items():
+    for name, extra in {"standard": {"runconfig.kernels.loss": "standard"},
+                        "fused": {"runconfig.kernels.loss": "fused", "runconfig.kernels.residual_dtype": "bf16"}}.items():
         cfg = load_config(TINY, tiny_overrides(tiny_data, **{
             "runconfig.max_steps": 30, "runconfig.log_steps": 10, "runconfig.device": "cuda",
             **extra}))
@@ -241,7 +213,7 @@ def test_fused_loss_and_bf16_residual_train_like_standard(tiny_data, tmp_path):
 @pytest.mark.gpu
 def test_fused_loss_kernel_beyond_two_to_the_31_elements():
     """More than 2^31 logits: row offsets are 64-bit (the last rows are right)."""
-    from lmfab.models.loss import ce_rows_
+    from lmfab.kernels.cross_entropy import ce_rows_
 
     n, v = 44_000, 50_304  # 2.21e9 elements, 4.4 GB in bf16
     logits = torch.empty(n, v, device="cuda", dtype=torch.bfloat16)
@@ -262,9 +234,9 @@ def test_fused_loss_kernel_beyond_two_to_the_31_elements():
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("shape", [(3, 77, 200), (1000, 3 * 128 + 5)])  # partial tiles, slices
 def test_bias_gelu_triton_kernels_match_reference(approximate, shape):
-    """runconfig.mlp_kernel=fused: the forward and backward Triton kernels against fp32 GELU of
+    """runconfig.kernels.mlp_kernel=fused: the forward and backward Triton kernels against fp32 GELU of
     the same bf16 inputs, and the bias gradient against the fp32 column sums."""
-    from lmfab.models.activation import bias_gelu
+    from lmfab.kernels.bias_gelu import bias_gelu
 
     g = torch.Generator("cuda").manual_seed(0)
     h = (2 * torch.randn(*shape, device="cuda", generator=g)).bfloat16().requires_grad_(True)
@@ -285,63 +257,9 @@ def test_fused_mlp_kernel_trains_compiled_like_the_standard_one(tiny_data, tmp_p
     for kernel in ("standard", "fused"):
         cfg = load_config(TINY, tiny_overrides(tiny_data, **{
             "runconfig.max_steps": 30, "runconfig.log_steps": 10, "runconfig.device": "cuda",
-            "runconfig.compile": True, "runconfig.mlp_kernel": kernel}))
+            "runconfig.parallel.compile": True, "runconfig.kernels.mlp_kernel": kernel}))
         run_mode(cfg, mode="train", model_dir=tmp_path / kernel)
         curves[kernel] = _losses(tmp_path / kernel)
     for a, b in zip(curves["standard"], curves["fused"], strict=True):
         assert abs(a - b) < 0.02 * a, curves
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("compile_model", [False, True])
-def test_cuda_graph_step_trains_like_the_eager_step_and_resumes(tiny_data, tmp_path,
-                                                                 compile_model, capsys):
-    """runconfig.cuda_graph replays the captured step with each step's own batch and learning
-    rate (the tiny config warms the LR up linearly, so a rate baked into the graph would
-    change the curve), through 2 micro-batches of accumulation; a run resumed from a
-    checkpoint captures again and continues the same curve."""
-    def cfg(steps, graph):
-        return load_config(TINY, tiny_overrides(tiny_data, **{
-            "runconfig.max_steps": steps, "runconfig.device": "cuda",
-            "runconfig.compile": compile_model, "runconfig.cuda_graph": graph}))
-
-    run_mode(cfg(12, False), mode="train", model_dir=tmp_path / "eager")
-    profiled = cfg(12, True)
-    profiled.runconfig.profile_steps, profiled.runconfig.profile_start = 2, 1
-    run_mode(profiled, mode="train", model_dir=tmp_path / "graph")
-    out = capsys.readouterr()
-    assert "step 4: the training step is captured as a CUDA graph" in out.out + out.err
-    # the profile window (steps 2-3 asked) waits for the capture: replayed steps 5-6
-    prof = json.loads((tmp_path / "graph" / "profile" / "kernels_rank0.json").read_text())
-    assert prof["steps"] == [5, 6] and prof["categories_ms"]["gemm"] > 0, prof["steps"]
-    run_mode(cfg(6, True), mode="train", model_dir=tmp_path / "resumed")
-    run_mode(cfg(12, True), mode="train", model_dir=tmp_path / "resumed")
-    eager, graph, resumed = (_losses(tmp_path / d) for d in ("eager", "graph", "resumed"))
-    assert len(eager) == len(graph) == len(resumed) == 12
-    for a, b, c in zip(eager, graph, resumed, strict=True):
-        assert abs(a - b) < 1e-3 * a and abs(b - c) < 1e-3 * b, (eager, graph, resumed)
-    assert graph[-1] < graph[0] - 0.1, graph
-
-
-@pytest.mark.gpu
-def test_cuda_graph_step_with_dropout_and_a_new_sequence_length(tiny_data, tmp_path, capsys):
-    """Dropout (CUDA RNG) inside the captured step, compiled, and a seq_len stage change:
-    the new batch shape warms up and captures again, and the run trains on."""
-    from lmfab.data.prep.tokenize_corpus import tokenize_corpus
-
-    long64 = tmp_path / "long64"
-    tokenize_corpus([str(REPO / "data" / "sample" / "books.jsonl.zst")], str(long64),
-                    seq_len=64, tokenizer=str(tiny_data / "tokenizer.json"),
-                    val_fraction=0.05, seed=0, progress=False)
-    sets = tiny_overrides(tiny_data, **{
-        "runconfig.max_steps": 16, "runconfig.device": "cuda", "runconfig.compile": True,
-        "runconfig.cuda_graph": True, "model.dropout": 0.1, "model.max_seq_len": 64})
-    sets.append(f"train_input.seq_len_schedule=[{{seq_len: 64, at_step: 8, data_dir: {long64}}}]")
-    cfg = load_config(TINY, sets)
-    run_mode(cfg, mode="train", model_dir=tmp_path / "r")
-    out = capsys.readouterr()
-    text = out.out + out.err
-    assert "step 4: the training step is captured" in text
-    assert "step 12: the training step is captured" in text, text
-    losses = _losses(tmp_path / "r")
-    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lmfab.config import ModelConfig
 from lmfab.models import build_model, materialize
+from lmfab.models.execution import Kernels
 
 
 def small(**kw) -> ModelConfig:
@@ -95,7 +96,7 @@ def test_sequence_longer_than_positions_fails():
 @pytest.mark.parametrize("chunk", [0, 7, 1000])
 @pytest.mark.parametrize("scale", [1.0, 0.3])
 def test_fused_linear_cross_entropy_matches_f_cross_entropy(chunk, scale):
-    from lmfab.models.loss import fused_linear_cross_entropy
+    from lmfab.kernels.cross_entropy import fused_linear_cross_entropy
 
     gen = torch.Generator().manual_seed(chunk + int(10 * scale))
     h = torch.randn(100, 16, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -122,16 +123,16 @@ def test_fused_loss_and_bf16_residual_in_the_model():
     idx, tgt = torch.randint(0, 101, (3, 17)), torch.randint(0, 101, (3, 17))
     grads = {}
     for fused in (False, True):
-        model = materialize(build_model(cfg), "cpu", seed=4)
-        model.fused_loss, model.loss_chunk = fused, 5 if fused else 0
+        kernels = Kernels(fused_loss=fused, loss_chunk=5 if fused else 0)
+        model = materialize(build_model(cfg, kernels=kernels), "cpu", seed=4)
         loss = model(idx, tgt)
         loss.backward()
         grads[fused] = (loss.item(), [p.grad.clone() for p in model.parameters()])
     assert abs(grads[True][0] - grads[False][0]) < 1e-5
     for a, b in zip(grads[True][1], grads[False][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    model = materialize(build_model(cfg), "cpu", seed=4)
-    model.residual_dtype = torch.bfloat16
+    model = materialize(build_model(cfg, kernels=Kernels(residual_dtype=torch.bfloat16)), "cpu",
+                        seed=4)
     seen = []
     model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -141,7 +142,9 @@ def test_fused_loss_and_bf16_residual_in_the_model():
 
 
 def test_attention_backend_priority():
-    from lmfab.models.attention import Attention, sdpa_priority, set_attention_backend
+    from lmfab.config import KernelsConfig
+    from lmfab.models.attention import Attention
+    from lmfab.models.execution import choose_kernels, sdpa_priority
 
     cpu = torch.device("cpu")
     assert sdpa_priority("auto", cpu) is None and sdpa_priority("cudnn", cpu) is None
@@ -152,21 +155,20 @@ def test_attention_backend_priority():
     assert sdpa_priority("torch", cuda) is None
     with pytest.raises(ValueError, match="attention backend 'fa3'"):
         sdpa_priority("fa3", cuda)
-    model = materialize(build_model(small()), "cpu", seed=0)
-    set_attention_backend(model, "flash", cpu)
+    kernels = choose_kernels(KernelsConfig(attention_backend="flash"), cpu, bf16=False)
+    model = materialize(build_model(small(), kernels=kernels), "cpu", seed=0)
     assert all(m.sdpa_backends is None for m in model.modules() if isinstance(m, Attention))
     # The priority list path runs through sdpa_kernel on any device.
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.sdpa_backends = [SDPBackend.MATH]
+    model = materialize(build_model(small(), kernels=Kernels(sdpa_backends=(SDPBackend.MATH,))),
+                        "cpu", seed=0)
     idx = torch.randint(0, 101, (2, 9))
     ref = materialize(build_model(small()), "cpu", seed=0)(idx)
     torch.testing.assert_close(model(idx), ref)
 
 
 def test_compile_module_maps_compile_mode():
-    """runconfig.compile_mode reaches torch.compile as its mode or inductor options."""
-    from lmfab.config import RunConfig
+    """runconfig.parallel.compile_mode reaches torch.compile as its mode or inductor options."""
+    from lmfab.config import ParallelConfig
     from lmfab.dist.parallel import compile_module
 
     class Recorder(torch.nn.Module):
@@ -178,32 +180,32 @@ def test_compile_module_maps_compile_mode():
                 "reduce-overhead": {"mode": "reduce-overhead"}}
     for mode, kwargs in expected.items():
         m = Recorder()
-        compile_module(m, RunConfig(compile=True, compile_mode=mode))
+        compile_module(m, ParallelConfig(compile=True, compile_mode=mode))
         assert m.seen == kwargs, mode
 
 
 def test_resume_check_refuses_a_key_only_the_checkpoint_has(tmp_path):
     import yaml
 
+    from lmfab.checkpoint import check_resumable
     from lmfab.config import ConfigError, load_config, write_config
-    from lmfab.train.loop import _check_resumable
 
     from .conftest import CONFIGS
 
     cfg = load_config(CONFIGS / "train" / "tiny.yaml")
     write_config(cfg, tmp_path / "config.yaml")
     (tmp_path / "state.json").write_text('{"format": 1, "step": 1, "loader": {"stage": 0}}')
-    _check_resumable(tmp_path, cfg)  # the same config resumes
+    check_resumable(tmp_path, cfg)  # the same config resumes
     raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
     raw["model"]["n_experts"] = 8  # a field this lmfab does not have
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="n_experts"):
-        _check_resumable(tmp_path, cfg)
+        check_resumable(tmp_path, cfg)
 
 
 _INTERPRETER_CHECK = """
 import json, sys, torch, torch.nn.functional as F
-from lmfab.models.loss import _triton_kernel
+from lmfab.kernels.cross_entropy import _triton_kernel
 dtype = getattr(torch, sys.argv[1])
 gen = torch.Generator().manual_seed(7)
 n, v, scale = 6, 9000, 0.37

@@ -6,10 +6,11 @@ import pytest
 import yaml
 
 from lmfab.cli import main
-from lmfab.config import ConfigError, load_config
+from lmfab.config import ConfigError
 from lmfab.config.load import load_model_config
 from lmfab.models import build_model
-from lmfab.mup import multipliers
+from lmfab.models.mup import multipliers
+from lmfab.tools.modelzoo import load_config
 
 from .conftest import CONFIGS, REPO
 
@@ -80,3 +81,10 @@ def test_import_cli_writes_an_lmfab_params_file(tmp_path, capsys):
     converted = load_config(out)
     assert converted == load_config(FIXTURES / "params_btlm_3b_8k.yaml")
     assert "hidden_size" not in out.read_text()
+
+
+def test_the_library_loader_points_at_the_importer():
+    from lmfab.config import load_config as load_lmfab_config
+
+    with pytest.raises(ConfigError, match="lmfab.tools.modelzoo"):
+        load_lmfab_config(FIXTURES / "params_gpt3_111m.yaml")

@@ -11,8 +11,8 @@ from lmfab.cli import main
 from lmfab.config import ModelConfig, OptimizerConfig, load_config
 from lmfab.config.load import load_model_config
 from lmfab.models import build_model, materialize
-from lmfab.mup import multipliers
-from lmfab.mup.coord_check import LAYER_TYPES, coord_check, spread
+from lmfab.models.mup import multipliers
+from lmfab.tools.coord_check import LAYER_TYPES, coord_check, spread
 from lmfab.train.optim import build_optimizer, set_lr
 
 from .conftest import CONFIGS

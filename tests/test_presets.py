@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lmfab.config import ModelConfig, OptimizerConfig
-from lmfab.config.load import _to_dataclass, check_config, list_presets, resolve_model_preset
+from lmfab.config.check import check_config
+from lmfab.config.load import _to_dataclass, list_presets, resolve_model_preset
 from lmfab.models import build_model, materialize
 from lmfab.train.optim import build_optimizer, set_lr
 
@@ -127,7 +128,8 @@ def test_rope_is_relative():
 
 
 def test_alibi_reference_blocks_agree():
-    from lmfab.models.attention import _alibi_reference, alibi_slopes
+    from lmfab.kernels.alibi import alibi_reference as _alibi_reference
+    from lmfab.models.attention import alibi_slopes
 
     q, k, v = (torch.randn(2, 4, 40, 8) for _ in range(3))
     slopes = alibi_slopes(4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -14,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmfab import checkpoint as ckpt
 from lmfab.config import ConfigError, load_config
-from lmfab.train import checkpoint as ckpt
 from lmfab.train import loop
 from lmfab.train.loop import run_mode
 
@@ -72,12 +71,12 @@ def test_resume_is_bit_identical(tiny_data, tmp_path):
 
 
 def test_fused_loss_trains_like_the_standard_loss(tiny_data, tmp_path):
-    """runconfig.loss=fused (the CPU path of the fused kernel) follows the standard loss
-    curve step for step; runconfig.loss_chunk too."""
+    """runconfig.kernels.loss=fused (the CPU path of the fused kernel) follows the standard loss
+    curve step for step; runconfig.kernels.loss_chunk too."""
     curves = []
-    for name, extra in (("std", {"runconfig.loss": "standard"}),
-                        ("fused", {"runconfig.loss": "fused"}),
-                        ("chunked", {"runconfig.loss": "fused", "runconfig.loss_chunk": 100})):
+    for name, extra in (("std", {"runconfig.kernels.loss": "standard"}),
+                        ("fused", {"runconfig.kernels.loss": "fused"}),
+                        ("chunked", {"runconfig.kernels.loss": "fused", "runconfig.kernels.loss_chunk": 100})):
         run_mode(_cfg(tiny_data, **{"runconfig.max_steps": 8, "runconfig.log_steps": 1, **extra}),
                  mode="train", model_dir=tmp_path / name)
         curves.append(_losses(tmp_path / name))
@@ -118,13 +117,13 @@ def test_out_of_memory_names_what_to_change(tiny_data, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert rc == 3, err
     assert "Tried to allocate 2.00 GiB" in err and "training step 1" in err
-    assert "runconfig.strategy: fsdp" in err and "micro_batch_size than 4" in err
+    assert "runconfig.parallel.strategy: fsdp" in err and "micro_batch_size than 4" in err
     assert "Traceback" not in err
 
 
 def test_profile_steps_write_a_table_and_trace_per_rank(tiny_data, tmp_path):
-    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 6, "runconfig.profile_steps": 2,
-                             "runconfig.profile_start": 2})
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 6, "runconfig.profile.steps": 2,
+                             "runconfig.profile.start": 2})
     run_mode(cfg, mode="train", model_dir=tmp_path / "run")
     out = tmp_path / "run" / "profile"
     summary = json.loads((out / "kernels_rank0.json").read_text())
@@ -132,57 +131,19 @@ def test_profile_steps_write_a_table_and_trace_per_rank(tiny_data, tmp_path):
     assert (out / "kernels_rank0.txt").read_text().startswith("  GPU kernels")
     assert (out / "trace_rank0.json.gz").stat().st_size > 0
     # A run that ends inside the window profiles the steps it ran.
-    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 3, "runconfig.profile_steps": 5,
-                             "runconfig.profile_start": 1})
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 3, "runconfig.profile.steps": 5,
+                             "runconfig.profile.start": 1})
     run_mode(cfg, mode="train", model_dir=tmp_path / "short")
     short = json.loads((tmp_path / "short" / "profile" / "kernels_rank0.json").read_text())
     assert short["steps"] == [2, 3]
     # Resumed inside the window: the steps left in it are profiled.
-    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 8, "runconfig.profile_steps": 4,
-                             "runconfig.profile_start": 2})
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 8, "runconfig.profile.steps": 4,
+                             "runconfig.profile.start": 2})
     run_mode(cfg, mode="train", model_dir=tmp_path / "resumed", num_steps=4)
     (tmp_path / "resumed" / "profile" / "kernels_rank0.json").unlink()
     run_mode(cfg, mode="train", model_dir=tmp_path / "resumed")
     resumed = json.loads((tmp_path / "resumed" / "profile" / "kernels_rank0.json").read_text())
     assert resumed["steps"] == [5, 6]
-
-
-def test_gc_steps_collects_at_fixed_steps_and_restores_the_collector(tiny_data, tmp_path,
-                                                                    monkeypatch):
-    import gc
-
-    calls = []
-    real_collect = gc.collect
-    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(a) or real_collect(*a))
-    seen_enabled = []
-    real_tick = loop.manual_gc
-
-    @contextlib.contextmanager
-    def spy(every):
-        with real_tick(every) as tick:
-            yield lambda step: (seen_enabled.append(gc.isenabled()), tick(step))
-
-    monkeypatch.setattr(loop, "manual_gc", spy)
-    assert gc.isenabled()
-    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 22, "runconfig.gc_steps": 2})
-    run_mode(cfg, mode="train", model_dir=tmp_path / "run")
-    assert calls.count((1,)) == 10  # steps 2, 4, ..., 22 but 20
-    assert calls.count(()) >= 2  # the full collection before freezing, and at step 20
-    assert seen_enabled == [False] * 22  # disabled during the loop
-    assert gc.isenabled() and gc.get_freeze_count() == 0  # restored afterwards
-
-
-def test_gc_steps_restores_the_collector_after_an_error(tiny_data, tmp_path, monkeypatch):
-    import gc
-
-    def boom(*a, **k):
-        raise RuntimeError("step failed")
-
-    monkeypatch.setattr(loop, "_train_step", boom)
-    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 3, "runconfig.gc_steps": 2})
-    with pytest.raises(RuntimeError, match="step failed"):
-        run_mode(cfg, mode="train", model_dir=tmp_path / "run")
-    assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_a_failure_inside_the_profile_window_stops_the_profiler(tiny_data, tmp_path, monkeypatch):
@@ -195,8 +156,8 @@ def test_a_failure_inside_the_profile_window_stops_the_profiler(tiny_data, tmp_p
         return real(*a, **k)
 
     monkeypatch.setattr(loop, "_train_step", fail_on_third)
-    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 6, "runconfig.profile_steps": 3,
-                             "runconfig.profile_start": 1})
+    cfg = _cfg(tiny_data, **{"runconfig.max_steps": 6, "runconfig.profile.steps": 3,
+                             "runconfig.profile.start": 1})
     with pytest.raises(FloatingPointError):
         run_mode(cfg, mode="train", model_dir=tmp_path / "failed")
     assert not torch._C._autograd._profiler_enabled()

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmfab import checkpoint as ckpt
 from lmfab.config import ConfigError, load_config
-from lmfab.config.load import train_stages
 from lmfab.data.prep.tokenize_corpus import tokenize_corpus
-from lmfab.train import checkpoint as ckpt
 from lmfab.train.loop import run_mode
+from lmfab.train.plan import train_stages
 
 from .conftest import CONFIGS, SAMPLE, tiny_overrides
 

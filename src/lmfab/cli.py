@@ -56,6 +56,19 @@ class Group(NamedTuple):
     verbs: dict[str, Verb | Group]
 
 
+class _HelpConfig(argparse.Action):
+    """``--help-config``: every params key with its type, default and help, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from lmfab.config.describe import help_text
+
+        print(help_text())
+        parser.exit()
+
+
 # ---------------------------------------------------------------------------------------
 # Flags
 
@@ -111,6 +124,8 @@ def _run_common(p: argparse.ArgumentParser) -> None:
     _sets(p, "params", "optimizer.learning_rate=3e-4")
     _opt(p, "--dry-run", action="store_true",
          help="print the resolved config and the run plan (parameters, FLOPs, memory), then exit")
+    _opt(p, "--help-config", action=_HelpConfig,
+         help="list every params key with its type, default and help, then exit")
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -300,7 +315,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     world_size = _world_size(args)
     if world_size is None:  # --num-devices / --num-nodes: run this command under torchrun
         return _relaunch(args)
-    from lmfab.config import load_config
+    from lmfab.tools.modelzoo import load_config  # lmfab's params, or a Model Zoo file
 
     max_steps = [] if args.max_steps is None else [f"runconfig.max_steps={args.max_steps}"]
     cfg = load_config(args.params, [*args.overrides, *max_steps], world_size=world_size)
@@ -427,8 +442,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def cmd_coord_check(args: argparse.Namespace) -> int:
     import json
 
-    from lmfab.config.load import load_model_config
-    from lmfab.mup.coord_check import coord_check, format_table, plot, spread
+    from lmfab.tools.coord_check import coord_check, format_table, plot, spread
+    from lmfab.tools.modelzoo import load_model_config
 
     overrides = list(args.overrides) + ([f"n_layer={args.n_layer}"] if args.n_layer else [])
     cfg = load_model_config(args.params, overrides)
@@ -451,8 +466,9 @@ def cmd_coord_check(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from lmfab.config.load import load_config, write_config
-    from lmfab.mup.transfer import transfer
+    from lmfab.config.load import write_config
+    from lmfab.tools.modelzoo import load_config
+    from lmfab.tools.mutransfer import transfer
 
     target, changes = transfer(load_config(args.proxy), load_config(args.target))
     write_config(target, args.out)
@@ -462,7 +478,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_import_modelzoo(args: argparse.Namespace) -> int:
-    from lmfab.config.load import load_config, write_config
+    from lmfab.config.load import write_config
+    from lmfab.tools.modelzoo import load_config
 
     write_config(load_config(args.file), args.out)  # converts, prints notices, validates
     print(f"wrote {args.out}")
@@ -472,9 +489,16 @@ def cmd_import_modelzoo(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from lmfab.scaling.plan import plan_command
 
+    transfer = None
+    if args.proxy:  # muTransfer from a tuned proxy (a tool: it sits above scaling)
+        from lmfab.tools.modelzoo import load_config
+        from lmfab.tools.mutransfer import transfer as mutransfer
+
+        proxy = load_config(args.proxy)
+        transfer = lambda target: mutransfer(proxy, target)  # noqa: E731
     plan_command(family=args.family, flops=args.flops, params=args.params, tokens=args.tokens,
-                 tokens_per_param=args.tokens_per_param, base=args.base, proxy=args.proxy,
-                 fit=args.fit, data_dir=args.data_dir, sets=args.overrides, out=args.out)
+                 tokens_per_param=args.tokens_per_param, base=args.base, fit=args.fit,
+                 data_dir=args.data_dir, sets=args.overrides, out=args.out, transfer=transfer)
     return 0
 
 

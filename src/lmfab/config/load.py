@@ -1,10 +1,13 @@
-"""Load, override, validate and write params files.
+"""Params YAML <-> dataclasses: read, override, convert strictly, write back.
 
 YAML is data: it is parsed with ``yaml.safe_load`` and converted into the dataclasses of
 :mod:`lmfab.config.schema` by a strict converter that walks the type hints. Unknown keys,
 wrong types, values outside a closed set and missing required keys fail with the key path
-and a hint; :func:`check_config` then rejects impossible combinations (global batch not
-divisible over the devices, ``seq_len`` beyond the model's positions, ...).
+and a hint; :func:`lmfab.config.check.check_config` then rejects impossible combinations.
+Model presets (``model: {preset: NAME}``) are expanded before conversion, old runconfig keys
+are named or upgraded (:mod:`lmfab.config.keys`), and a Cerebras Model Zoo file is pointed to
+its importer (:mod:`lmfab.tools.modelzoo`). What a run derives from a config (batch split,
+stages, kernels) lives with its user, not here.
 
 ``--set a.b=c`` overrides are applied to the raw mapping before conversion, so they are
 checked exactly like the file. The value is parsed as YAML (``3e-4``, ``true``, ``[1, 2]``).
@@ -14,22 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import os
-import sys
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from lmfab.config.schema import Config, ModelConfig, RunConfig
+from lmfab.config.check import check_config, check_model_config
+from lmfab.config.errors import ConfigError
+from lmfab.config.keys import upgrade_runconfig
+from lmfab.config.schema import Config, ModelConfig
 
-
-class ConfigError(ValueError):
-    """A params file or override that lmfab cannot honour. The message names the key path."""
+# re-exported: lmfab.config.load.ConfigError and check_config stay importable
+__all__ = ["ConfigError", "check_config", "check_model_config"]
 
 
 def _hint(key: str, choices: typing.Iterable[str]) -> str:
@@ -223,10 +225,14 @@ def resolve_model_preset(model: Any, base_dir: Path | None = None, _seen: tuple 
 
 
 def config_from_dict(
-    raw: dict, *, world_size: int = 1, source: str = "params", base_dir: Path | None = None
+    raw: dict, *, world_size: int = 1, source: str = "params", base_dir: Path | None = None,
+    resolved: bool = False,
 ) -> Config:
-    """Convert and check a raw mapping. Errors are prefixed with ``source`` (the file)."""
+    """Convert and check a raw mapping. Errors are prefixed with ``source`` (the file).
+    ``resolved``: the mapping is a config lmfab wrote (see
+    :func:`lmfab.config.keys.upgrade_runconfig`)."""
     try:
+        raw = upgrade_runconfig(raw, resolved=resolved)
         if "model" in raw:
             raw = {**raw, "model": resolve_model_preset(raw["model"], base_dir)}
         cfg = _to_dataclass(raw, Config, "")
@@ -239,20 +245,29 @@ def config_from_dict(
 def load_config(
     path: str | Path, overrides: typing.Sequence[str] = (), *, world_size: int = 1
 ) -> Config:
-    """Read a params YAML, apply ``--set`` overrides, convert and check it."""
-    raw = read_yaml(path)
-    from lmfab.config.modelzoo import convert_modelzoo, looks_like_modelzoo
+    """Read an lmfab params YAML, apply ``--set`` overrides, convert and check it.
 
-    if looks_like_modelzoo(raw):
-        try:
-            raw, notices = convert_modelzoo(raw)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        for note in notices:
-            print(f"lmfab: {path}: Model Zoo import: {note}", file=sys.stderr)
+    A Cerebras Model Zoo params file is refused with a pointer to the importer
+    (:func:`lmfab.tools.modelzoo.load_config` reads both, as ``lmfab run`` does)."""
+    raw = read_yaml(path)
+    refuse_modelzoo(raw, path)
     raw = apply_overrides(raw, overrides)
     return config_from_dict(raw, world_size=world_size, source=str(path),
                             base_dir=Path(path).parent)
+
+
+def looks_like_modelzoo(raw: dict) -> bool:
+    """A Cerebras Model Zoo params mapping (recognised by ``model.hidden_size``)."""
+    model = raw.get("model")
+    return isinstance(model, dict) and "hidden_size" in model
+
+
+def refuse_modelzoo(raw: dict, path: str | Path) -> None:
+    if looks_like_modelzoo(raw):
+        raise ConfigError(
+            f"{path}: a Cerebras Model Zoo params file (model.hidden_size); lmfab.config reads "
+            "lmfab params only: use lmfab.tools.modelzoo.load_config (as `lmfab run` does) or "
+            "`lmfab import modelzoo FILE -o OUT`")
 
 
 def load_model_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ModelConfig:
@@ -260,11 +275,15 @@ def load_model_config(path: str | Path, overrides: typing.Sequence[str] = ()) ->
 
     Overrides name model fields directly (``n_layer=2``) or with the section (``model.n_layer=2``).
     """
-    raw = read_yaml(path)
-    if "model" in raw:
-        from lmfab.config.modelzoo import convert_modelzoo, looks_like_modelzoo
+    return model_config_from_dict(read_yaml(path), path, overrides)
 
-        raw = convert_modelzoo(raw)[0]["model"] if looks_like_modelzoo(raw) else raw["model"]
+
+def model_config_from_dict(raw: dict, path: str | Path,
+                           overrides: typing.Sequence[str] = ()) -> ModelConfig:
+    """:func:`load_model_config` on a mapping already read from ``path``."""
+    if "model" in raw:
+        refuse_modelzoo(raw, path)
+        raw = raw["model"]
     raw = apply_overrides({"model": dict(raw)},
                           [o if o.startswith("model.") else f"model.{o}" for o in overrides])
     try:
@@ -274,279 +293,6 @@ def load_model_config(path: str | Path, overrides: typing.Sequence[str] = ()) ->
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return cfg
-
-
-def micro_batching(batch_size: int, micro: int | None, world_size: int) -> tuple[int, int]:
-    """(micro_batch_size, grad_accum_steps) for a global batch over ``world_size`` devices."""
-    if batch_size % world_size:
-        raise ConfigError(
-            f"batch_size={batch_size} is not divisible by the {world_size} devices"
-        )
-    per_device = batch_size // world_size
-    micro = micro or per_device
-    if per_device % micro:
-        raise ConfigError(
-            f"batch_size={batch_size} over {world_size} device(s) is {per_device} per device, "
-            f"not divisible by micro_batch_size={micro}; choose a divisor of {per_device}"
-        )
-    return micro, per_device // micro
-
-
-def check_model_config(m: ModelConfig) -> None:
-    """Rules within the model section."""
-    for name in ("n_layer", "n_head", "d_model", "vocab_size", "max_seq_len"):
-        if getattr(m, name) <= 0:
-            raise ConfigError(f"model.{name}: must be positive, got {getattr(m, name)}")
-    if m.d_model % m.n_head:
-        raise ConfigError(
-            f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}"
-        )
-    for name in ("output_mult", "embedding_mult", "init_std"):
-        if not getattr(m, name) > 0:
-            raise ConfigError(f"model.{name}: must be positive, got {getattr(m, name)}")
-    if m.kv_heads <= 0 or m.n_head % m.kv_heads:
-        raise ConfigError(
-            f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head} (grouped-query)"
-        )
-    if m.pos == "rope":
-        rot = int(m.d_head * m.rope_fraction)
-        if not 0.0 < m.rope_fraction <= 1.0 or rot % 2:
-            raise ConfigError(
-                f"model.rope_fraction={m.rope_fraction}: the rotated dims (d_head x fraction "
-                f"= {m.d_head * m.rope_fraction:g}) must be a positive even number"
-            )
-    if m.mup_base_d_model is not None:
-        if m.mup_base_d_model <= 0:
-            raise ConfigError("model.mup_base_d_model: must be positive")
-        if m.attn_score_scale != "inv_d_head":
-            raise ConfigError(
-                "model.attn_score_scale: muP (mup_base_d_model set) needs inv_d_head: "
-                "attention logits scaled 1/d_head keep their size as the width grows"
-            )
-    elif m.mup_base_d_ff is not None:
-        raise ConfigError("model.mup_base_d_ff needs model.mup_base_d_model (muP) as well")
-    if m.d_ff is not None and m.d_ff <= 0:
-        raise ConfigError(f"model.d_ff: must be positive, got {m.d_ff}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if m.dropout > 0 and m.pos == "alibi":
-        raise ConfigError("model.dropout: the fused ALiBi attention has no attention-probability "
-                          "dropout; use dropout 0 with pos: alibi (as BTLM and Jais do)")
-
-
-@dataclass(frozen=True)
-class TrainStage:
-    """One stretch of training at one sequence length, derived from train_input."""
-
-    index: int
-    at_step: int
-    seq_len: int
-    sources: tuple[tuple[str, float], ...]  # (data_dir, weight)
-    mixture: bool  # sources came from a mixture list (weighted loader)
-    batch_size: int  # global sequences per step
-    micro_batch: int  # per device
-    grad_accum: int
-
-
-def _sources(data_dir: str | None, mixture: list | None, where: str) -> tuple:
-    if (data_dir is None) == (mixture is None):
-        raise ConfigError(f"{where}: give exactly one of data_dir and mixture")
-    if mixture is not None:
-        if not mixture:
-            raise ConfigError(f"{where}.mixture: an empty list")
-        for i, src in enumerate(mixture):
-            if not src.weight > 0:
-                raise ConfigError(f"{where}.mixture[{i}].weight: must be positive")
-        return tuple((src.data_dir, src.weight) for src in mixture)
-    return ((data_dir, 1.0),)
-
-
-def train_stages(cfg: Config, world_size: int = 1) -> list[TrainStage]:
-    """The sequence-length stages of a run (one unless train_input.seq_len_schedule is set)."""
-    t, m = cfg.train_input, cfg.model
-    micro, accum = micro_batching(t.batch_size, t.micro_batch_size, world_size)
-    stages = [TrainStage(0, 0, t.seq_len, _sources(t.data_dir, t.mixture, "train_input"),
-                         t.mixture is not None, t.batch_size, micro, accum)]
-    last_step = 0
-    for i, st in enumerate(t.seq_len_schedule or []):
-        where = f"train_input.seq_len_schedule[{i}]"
-        if st.at_step <= last_step:
-            raise ConfigError(f"{where}.at_step={st.at_step}: must be after the previous stage's")
-        if st.seq_len <= 0 or (m.pos == "learned" and st.seq_len > m.max_seq_len):
-            raise ConfigError(f"{where}.seq_len={st.seq_len}: must be positive and, with learned "
-                              f"positions, at most model.max_seq_len={m.max_seq_len}")
-        tokens, micro_tokens = t.batch_size * t.seq_len, micro * t.seq_len
-        if tokens % st.seq_len or micro_tokens % st.seq_len:
-            raise ConfigError(
-                f"{where}.seq_len={st.seq_len}: the {tokens} tokens per step (and {micro_tokens} "
-                "per micro-batch) must divide into whole sequences of this length")
-        batch, st_micro = tokens // st.seq_len, micro_tokens // st.seq_len
-        try:
-            st_micro, st_accum = micro_batching(batch, st_micro, world_size)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-        stages.append(TrainStage(i + 1, st.at_step, st.seq_len,
-                                 _sources(st.data_dir, st.mixture, where), st.mixture is not None,
-                                 batch, st_micro, st_accum))
-        last_step = st.at_step
-    return stages
-
-
-def resolved_precision(r: RunConfig, device_type: str) -> str:
-    """``runconfig.precision`` on this device: bf16 or fp32 (auto: bf16 on CUDA)."""
-    if r.precision == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    return r.precision
-
-
-def uses_fused_loss(r: RunConfig, device_type: str) -> bool:
-    """``runconfig.loss``: fused, or auto on CUDA."""
-    return r.loss == "fused" or (r.loss == "auto" and device_type == "cuda")
-
-
-def uses_fused_mlp(r: RunConfig, device_type: str) -> bool:
-    """``runconfig.mlp_kernel``: fused, or auto on CUDA where Triton is installed (without it
-    the op runs its PyTorch fallback, which inductor cannot fuse: slower than standard)."""
-    if r.mlp_kernel == "auto":
-        return device_type == "cuda" and importlib.util.find_spec("triton") is not None
-    return r.mlp_kernel == "fused"
-
-
-def split_ddp_graph(r: RunConfig, grad_accum: int) -> bool:
-    """``runconfig.ddp_split_graph``, with auto resolved: cut the compiled graph at DDP's
-    buckets (overlap each all-reduce with backward) only when every micro-batch reduces.
-    With accumulation the cut graph runs on every micro-batch and its lost fusion costs more
-    than the overlap wins (2 H200s, 1.3B shape, 4 micro-batches: 96.4% scaling cut, 98.3%
-    whole; docs/benchmarks.md)."""
-    if r.ddp_split_graph == "auto":
-        return grad_accum < 2
-    return bool(r.ddp_split_graph)
-
-
-def config_notes(cfg: Config, device_type: str) -> list[str]:
-    """Settings that are valid but have no effect in this combination (said, not refused)."""
-    r, notes = cfg.runconfig, []
-    fused = uses_fused_loss(r, device_type)
-    if r.loss_chunk and not fused:
-        notes.append(f"runconfig.loss_chunk={r.loss_chunk} has no effect: the loss is the "
-                     "standard one here (runconfig.loss=fused to use it)")
-    if r.mlp_kernel == "fused" and (cfg.model.mlp not in ("gelu", "gelu_tanh")
-                                    or not cfg.model.bias):
-        notes.append(f"runconfig.mlp_kernel=fused has no effect: it fuses bias + GELU, and "
-                     f"this model has mlp={cfg.model.mlp}, bias={cfg.model.bias}")
-    elif r.mlp_kernel == "fused" and r.float8 != "off":
-        notes.append("runconfig.mlp_kernel=fused has no effect with runconfig.float8: the "
-                     "float8 layer adds its bias itself")
-    if r.compile_mode != "default" and not r.compile:
-        notes.append(f"runconfig.compile_mode={r.compile_mode} has no effect without "
-                     "runconfig.compile: true")
-    if r.cuda_graph and device_type != "cuda":
-        notes.append("runconfig.cuda_graph=true has no effect: CUDA graphs need a CUDA device")
-    elif r.cuda_graph and cfg.optimizer.fused == "off":
-        notes.append("runconfig.cuda_graph=true has no effect with optimizer.fused=off: the "
-                     "captured step needs fused AdamW")
-    if r.residual_dtype == "bf16" and resolved_precision(r, device_type) != "bf16":
-        notes.append("runconfig.residual_dtype=bf16 has no effect: precision is fp32 here")
-    if r.checkpoint_every != 1 and not r.activation_checkpointing:
-        notes.append(f"runconfig.checkpoint_every={r.checkpoint_every} has no effect without "
-                     "runconfig.activation_checkpointing: true")
-    if r.float8 != "off" and not r.compile:
-        notes.append(f"runconfig.float8={r.float8} without runconfig.compile: the scaling "
-                     "casts run as separate kernels, usually slower than bf16")
-    if r.ddp_split_graph is False and (not r.compile or r.strategy == "fsdp"):
-        notes.append("runconfig.ddp_split_graph=false has no effect: it concerns DDP under "
-                     "torch.compile")
-    if not r.fsdp_reshard_after_forward and r.strategy == "ddp":
-        notes.append("runconfig.fsdp_reshard_after_forward=false has no effect with "
-                     "runconfig.strategy=ddp")
-    if r.profile_steps and r.profile_start >= r.max_steps:
-        notes.append(f"runconfig.profile_steps has no effect: profile_start={r.profile_start} "
-                     f"is not before max_steps={r.max_steps}")
-    elif r.profile_steps and device_type != "cuda":
-        notes.append("runconfig.profile_steps on a CPU: the trace holds CPU ops only, and the "
-                     "kernel table is empty")
-    return notes
-
-
-def check_config(cfg: Config, *, world_size: int = 1) -> None:
-    """Cross-field checks: combinations that cannot run fail here, not at step 1000."""
-    m, o, t, e, r = cfg.model, cfg.optimizer, cfg.train_input, cfg.eval_input, cfg.runconfig
-    check_model_config(m)
-    if t.seq_len <= 0:
-        raise ConfigError(f"train_input.seq_len: must be positive, got {t.seq_len}")
-    if t.seq_len > m.max_seq_len and m.pos == "learned":
-        raise ConfigError(
-            f"train_input.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
-            "(learned positions end there); raise model.max_seq_len or lower seq_len"
-        )
-    if e.seq_len is not None and (e.seq_len <= 0 or (e.seq_len > m.max_seq_len and m.pos == "learned")):
-        raise ConfigError(
-            f"eval_input.seq_len={e.seq_len}: must be positive and, with learned positions, "
-            f"at most model.max_seq_len={m.max_seq_len}"
-        )
-    if r.loss_chunk < 0:
-        raise ConfigError(f"runconfig.loss_chunk: must be >= 0 (0: all positions at once), got {r.loss_chunk}")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError(f"optimizer.betas: expected two numbers in [0, 1), got {o.betas}")
-    if o.max_grad_norm is not None and o.max_grad_norm <= 0:
-        raise ConfigError("optimizer.max_grad_norm: must be positive or null (no clipping)")
-    if isinstance(o.learning_rate, list):
-        if not o.learning_rate:
-            raise ConfigError("optimizer.learning_rate: an empty schedule list")
-        for i, seg in enumerate(o.learning_rate):
-            where = f"optimizer.learning_rate[{i}]"
-            if seg.steps <= 0:
-                raise ConfigError(f"{where}.steps: must be positive, got {seg.steps}")
-            if seg.schedule == "constant" and seg.end not in (None, seg.start):
-                raise ConfigError(f"{where}.end: a constant segment holds start; drop end")
-            if seg.schedule != "constant" and seg.end is None:
-                raise ConfigError(f"{where}.end: required for a {seg.schedule} segment")
-    elif o.learning_rate < 0:
-        raise ConfigError("optimizer.learning_rate: must be non-negative")
-    for section, batch, micro in (
-        ("train_input", t.batch_size, t.micro_batch_size),
-        ("eval_input", e.batch_size, e.micro_batch_size),
-    ):
-        if batch <= 0 or (micro is not None and micro <= 0):
-            raise ConfigError(f"{section}.batch_size and micro_batch_size must be positive")
-        try:
-            micro_batching(batch, micro, world_size)
-        except ConfigError as err:
-            raise ConfigError(f"{section}: {err}") from None
-    train_stages(cfg, world_size)
-    if r.max_steps < 0 or r.log_steps <= 0:
-        raise ConfigError("runconfig.max_steps must be >= 0 and runconfig.log_steps > 0")
-    if r.checkpoint_steps < 0 or r.eval_steps < 0 or r.keep_checkpoints < 0:
-        raise ConfigError("runconfig.checkpoint_steps, eval_steps, keep_checkpoints: >= 0")
-    if r.profile_steps < 0 or r.profile_start < 0 or r.gc_steps < 0:
-        raise ConfigError("runconfig.profile_steps, profile_start, gc_steps: >= 0")
-    if r.cuda_graph and r.compile and r.compile_mode in ("reduce-overhead", "max-autotune"):
-        raise ConfigError(
-            f"runconfig.cuda_graph with compile_mode={r.compile_mode}: both capture CUDA "
-            "graphs, and a capture cannot hold another; use one (cuda_graph graphs the whole "
-            "step, reduce-overhead only the compiled regions)")
-    if r.cuda_graph and r.activation_checkpointing:
-        raise ConfigError(
-            "runconfig.cuda_graph with activation_checkpointing: the checkpointed blocks save "
-            "and restore the CUDA RNG state, which a graph capture forbids; use one of them "
-            "(the steps that need checkpointing are long enough not to need the graph)")
-    if r.cuda_graph and r.grad_reduce_dtype != "fp32" and r.strategy != "fsdp" and world_size > 1:
-        raise ConfigError(
-            f"runconfig.cuda_graph with grad_reduce_dtype={r.grad_reduce_dtype}: DDP's bf16 "
-            "reduction runs a Python hook per bucket, which the captured step does not cover; "
-            "use one of them")
-    if r.checkpoint_every < 1:
-        raise ConfigError(f"runconfig.checkpoint_every: must be >= 1, got {r.checkpoint_every}")
-    if not r.ddp_bucket_mb > 0:
-        raise ConfigError(f"runconfig.ddp_bucket_mb: must be > 0, got {r.ddp_bucket_mb}")
-    if r.compile and r.ddp_split_graph is not False and r.ddp_bucket_mb < 1:
-        # torch.compile's DDP graph split asserts that DDP's 1 MiB first bucket is no larger
-        # than the others (an AssertionError deep in dynamo on the first multi-GPU step)
-        raise ConfigError(
-            f"runconfig.ddp_bucket_mb={r.ddp_bucket_mb}: under torch.compile on several GPUs "
-            "the graph may be cut at the buckets (ddp_split_graph true, or auto without "
-            "accumulation), which needs every bucket at least as large as DDP's first, 1 MB; "
-            "use >= 1, or runconfig.ddp_split_graph: false")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -7,7 +7,7 @@ fab receives only its own section.
 
 Choices are closed sets (``Literal``): a value outside the set fails at load time, in
 :mod:`lmfab.config.load`, with the key path and the allowed values. Cross-field rules
-("impossible combinations") live in :func:`lmfab.config.load.check_config`.
+("impossible combinations") live in :func:`lmfab.config.check.check_config`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class ModelConfig:
     enabled by ``mup_base_d_model``: with m = d_model / mup_base_d_model the output logits are
     multiplied by ``output_mult / m``, hidden matrices are initialised with std / sqrt(m) and
     trained with Adam LR / m. They are derived where they are used (init, forward, optimizer
-    groups; see :mod:`lmfab.mup`), never stored on tensors.
+    groups; see :mod:`lmfab.models.mup`), never stored on tensors.
     """
 
     n_layer: int
@@ -143,96 +143,129 @@ class EvalInputConfig:
 
 
 @dataclass
-class RunConfig:
-    max_steps: int = 1000
-    log_steps: int = 10
-    checkpoint_steps: int = 0  # 0: only at the end of the run
-    eval_steps: int = 0  # in-loop eval every N steps; 0: none (train_and_eval evals at the end)
-    keep_checkpoints: int = 3  # newest N kept; 0 keeps all
-    # Save a checkpoint when the run ends (the resume point). Off only for throughput runs
-    # whose checkpoint would be large and unused (13B with AdamW state: 156 GB).
-    checkpoint_at_end: bool = True
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+class KernelsConfig:
+    """``runconfig.kernels``: which kernels compute the model (read by
+    :func:`lmfab.models.execution.choose_kernels`); they change speed and memory, not the
+    result beyond rounding."""
+
+    attention_backend: Literal["auto", "torch", "cudnn", "flash", "efficient", "math"] = "auto"
+    """Kernel for softmax attention (learned / rope positions; ALiBi always uses
+    FlexAttention): auto = cuDNN first on Hopper GPUs (1.5-1.8x flash there,
+    docs/benchmarks.md), PyTorch's own choice elsewhere; or one SDPA backend first (the others
+    stay as fall-backs)."""
+    loss: Literal["auto", "fused", "standard"] = "auto"
+    """Output projection + cross-entropy (kernels/cross_entropy.py): fused = one matmul and one
+    row kernel that turns the logits into their gradient in place (Triton on CUDA); standard =
+    F.cross_entropy on full fp32 logits; auto = fused on CUDA, standard elsewhere."""
+    loss_chunk: int = 0
+    """Fused loss only: positions per block (0: all at once). A block computes its gradients in
+    forward, so only (loss_chunk x vocab) logits exist: long sequences, large vocabularies."""
+    mlp_kernel: Literal["auto", "fused", "standard"] = "auto"
+    """The MLP's bias + GELU (kernels/bias_gelu.py): fused = one Triton kernel each way, the
+    bias gradient made in the backward kernel's pass; standard = the GEMM adds the bias and
+    torch (inductor) applies GELU; auto = fused on CUDA (with Triton). GELU MLPs with biases."""
+    residual_dtype: Literal["fp32", "bf16"] = "fp32"
+    """dtype of the residual stream between blocks under bf16 autocast: fp32 (the weights'
+    dtype, as autocast leaves it) or bf16 (half the activation traffic, as Megatron-LM's
+    default); norms and softmax still compute in fp32. Under FSDP2 on GPUs the parameters are
+    bf16, so the stream is bf16 either way."""
+
+
+@dataclass
+class ParallelConfig:
+    """``runconfig.parallel``: how the model is wrapped for training, in this order: float8
+    layers, activation checkpointing, torch.compile, DDP or FSDP2 (read by
+    :func:`lmfab.dist.parallelize`)."""
+
     compile: bool = False
-    # torch.compile mode: default; tuned (default + coordinate-descent tuning of inductor's
-    # fused pointwise/reduction kernels: minutes more compile time on an H200); or one of
-    # torch.compile's modes: max-autotune-no-cudagraphs (Triton GEMM templates with fused
-    # epilogues, minutes more), max-autotune, reduce-overhead (CUDA graphs).
+    """torch.compile the model (under FSDP2: each block)."""
     compile_mode: Literal["default", "tuned", "max-autotune-no-cudagraphs", "max-autotune",
                           "reduce-overhead"] = "default"
-    # Capture the whole training step (every micro-batch's forward and backward, the clip,
-    # AdamW) as one CUDA graph after 3 eager warm-up steps, and replay it: one launch per
-    # step instead of thousands, for steps whose kernels are shorter than the host's launch
-    # time (the profile's launch-lead line tells). CUDA, fused AdamW, one process or DDP
-    # (11 warm-up steps then; the all-reduces are captured too); not FSDP2 (a note says it
-    # is off), not with activation checkpointing (refused). compile_mode reduce-overhead
-    # graphs only the compiled regions.
-    cuda_graph: bool = False
-    # Kernel for softmax attention (learned / rope positions; ALiBi always uses FlexAttention):
-    # auto = cuDNN first on Hopper GPUs (1.5-1.8x flash there, docs/benchmarks.md), PyTorch's
-    # own choice elsewhere; or one SDPA backend first (the others stay as fall-backs).
-    attention_backend: Literal["auto", "torch", "cudnn", "flash", "efficient", "math"] = "auto"
-    # Output projection + cross-entropy (models/loss.py): fused = one matmul and one row
-    # kernel that turns the logits into their gradient in place (Triton on CUDA); standard =
-    # F.cross_entropy on full fp32 logits; auto = fused on CUDA, standard elsewhere.
-    loss: Literal["auto", "fused", "standard"] = "auto"
-    # fused only: positions per block (0: all at once). A block computes its gradients in
-    # forward, so only (loss_chunk x vocab) logits exist: long sequences, large vocabularies.
-    loss_chunk: int = 0
-    # The MLP's bias + GELU (models/activation.py): fused = one Triton kernel each way, the
-    # bias gradient made in the backward kernel's pass; standard = the GEMM adds the bias and
-    # torch (inductor) applies GELU; auto = fused on CUDA (with Triton). GELU MLPs with biases.
-    mlp_kernel: Literal["auto", "fused", "standard"] = "auto"
-    # float8 matmuls for the transformer blocks' linear layers (torchao Float8Linear; needs
-    # the fp8 extra and, on GPUs, compute capability 8.9+: H100, H200, Ada). tensorwise or
-    # rowwise scaling; weights, checkpoints and everything outside the blocks stay as they are.
+    """torch.compile mode: default; tuned (default + coordinate-descent tuning of inductor's
+    fused pointwise/reduction kernels: minutes more compile time on an H200); or one of
+    torch.compile's modes: max-autotune-no-cudagraphs (Triton GEMM templates with fused
+    epilogues, minutes more), max-autotune, reduce-overhead (CUDA graphs)."""
     float8: Literal["off", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = "off"
-    # dtype of the residual stream between blocks under bf16 autocast: fp32 (the weights'
-    # dtype, as autocast leaves it) or bf16 (half the activation traffic, as Megatron-LM's
-    # default); norms and softmax still compute in fp32. Under FSDP2 on GPUs the parameters
-    # are bf16, so the stream is bf16 either way.
-    residual_dtype: Literal["fp32", "bf16"] = "fp32"
-    # Data parallelism: ddp replicates the model; fsdp shards parameters, gradients and
-    # optimizer state (FSDP2); auto picks fsdp when the 16 bytes/parameter of weights,
-    # gradients and AdamW state would take over half of one GPU's memory.
+    """float8 matmuls for the transformer blocks' linear layers (torchao Float8Linear; needs the
+    fp8 extra and, on GPUs, compute capability 8.9+: H100, H200, Ada). tensorwise or rowwise
+    scaling; weights, checkpoints and everything outside the blocks stay as they are."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    # DDP's gradient bucket size in MB (PyTorch's default 25): an all-reduce per bucket
+    """Data parallelism: ddp replicates the model; fsdp shards parameters, gradients and
+    optimizer state (FSDP2); auto picks fsdp when the 16 bytes/parameter of weights,
+    gradients and AdamW state would take over half of one GPU's memory."""
     ddp_bucket_mb: float = 25.0
-    # DDP under torch.compile: true splits the compiled graph at the gradient buckets so each
-    # bucket's all-reduce starts during backward (PyTorch's DDP optimizer); false keeps one
-    # graph and all-reduces after backward (no fusion lost at the cuts, no overlap either);
-    # auto: false when each step accumulates 2+ micro-batches (the all-reduce is rare, the
-    # cut graph would run on every micro-batch), true otherwise. Measured on 2 H200s at the
-    # 1.3B shape, 4 micro-batches per step: 98.3% scaling with false, 96.4% with true. Over
-    # slow links (several nodes) with little accumulation, overlap may matter more: try true
+    """DDP's gradient bucket size in MB (PyTorch's default 25): an all-reduce per bucket."""
     ddp_split_graph: Literal["auto"] | bool = "auto"
-    # FSDP2: free each block's gathered parameters after its forward (true, least memory) or
-    # keep them for backward (false: one all-gather per block fewer, ZeRO-2-like memory)
+    """DDP under torch.compile: true splits the compiled graph at the gradient buckets so each
+    bucket's all-reduce starts during backward (PyTorch's DDP optimizer); false keeps one
+    graph and all-reduces after backward (no fusion lost at the cuts, no overlap either);
+    auto: false when each step accumulates 2+ micro-batches (the all-reduce is rare, the cut
+    graph would run on every micro-batch), true otherwise. Measured on 2 H200s at the 1.3B
+    shape, 4 micro-batches per step: 98.3% scaling with false, 96.4% with true. Over slow
+    links (several nodes) with little accumulation, overlap may matter more: try true."""
     fsdp_reshard_after_forward: bool = True
-    # dtype in which gradients cross between devices. fp32 (default): DDP all-reduces its fp32
-    # gradients, FSDP2 upcasts each block's bf16 gradients before its reduce-scatter. bf16:
-    # half the bytes on the links; FSDP2 reduces the bf16 gradients as computed, DDP casts
-    # each bucket to bf16 and back (lmfab's hook, like PyTorch's bf16_compress_hook, which
-    # refuses gloo). The sum across ranks is rounded to bf16; the optimizer still steps fp32
-    # weights
+    """FSDP2: free each block's gathered parameters after its forward (true, least memory) or
+    keep them for backward (false: one all-gather per block fewer, ZeRO-2-like memory)."""
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
-    activation_checkpointing: bool = False  # recompute each block in backward: long context
-    # with activation_checkpointing: recompute every N-th block only (1: all). The others keep
-    # their activations: less recompute for more memory (selective checkpointing by layer)
+    """dtype in which gradients cross between devices. fp32 (default): DDP all-reduces its fp32
+    gradients, FSDP2 upcasts each block's bf16 gradients before its reduce-scatter. bf16: half
+    the bytes on the links; FSDP2 reduces the bf16 gradients as computed, DDP casts each bucket
+    to bf16 and back (lmfab's hook, like PyTorch's bf16_compress_hook, which refuses gloo).
+    The sum across ranks is rounded to bf16; the optimizer still steps fp32 weights."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward: long context."""
     checkpoint_every: int = 1
+    """With activation_checkpointing: recompute every N-th block only (1: all). The others keep
+    their activations: less recompute for more memory (selective checkpointing by layer)."""
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    peak_flops_per_device: float | None = None  # for MFU; known GPUs are detected
+    """torch.distributed backend: auto = nccl on CUDA, gloo on CPUs."""
+
+
+@dataclass
+class ProfileConfig:
+    """``runconfig.profile``: torch.profiler over a window of steps (read by
+    :class:`lmfab.train.profile.ProfileWindow`)."""
+
+    steps: int = 0
+    """Profile steps start+1 .. start+steps (0: off): each rank writes GPU kernel time per
+    category and a Chrome trace to model_dir/profile/."""
+    start: int = 10
+    """Steps before the window: after compilation and warm-up."""
+
+
+@dataclass
+class RunConfig:
+    """``runconfig``: the run's basics (the Model Zoo's keys) flat; execution choices in the
+    sections ``kernels``, ``parallel`` and ``profile``."""
+
+    max_steps: int = 1000
+    """Optimizer steps of the whole run (``--max_steps`` overrides)."""
+    log_steps: int = 10
+    """Print and record the training metrics every N steps."""
+    checkpoint_steps: int = 0
+    """Save a checkpoint every N steps; 0: only at the end of the run."""
+    eval_steps: int = 0
+    """In-loop eval every N steps; 0: none (train_and_eval evals at the end)."""
+    keep_checkpoints: int = 3
+    """The newest N checkpoints are kept; 0 keeps all."""
+    checkpoint_at_end: bool = True
+    """Save a checkpoint when the run ends (the resume point). Off only for throughput runs
+    whose checkpoint would be large and unused (13B with AdamW state: 156 GB)."""
+    seed: int = 0
+    """Seed of the weights' initialisation and of each rank's RNG."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPUs."""
+    peak_flops_per_device: float | None = None
+    """Peak FLOP/s of one device, for MFU; known GPUs are detected."""
     tensorboard: bool = True
-    # Python's garbage collector: 0 = automatic; N = collected at every N-th step on all
-    # ranks together, frozen and disabled in between (no rank pauses while others wait)
-    gc_steps: int = 0
-    # torch.profiler over steps profile_start+1 .. profile_start+profile_steps (0: off): each
-    # rank writes GPU kernel time per category and a Chrome trace to model_dir/profile/.
-    profile_steps: int = 0
-    profile_start: int = 10  # after compilation and warm-up
-    model_dir: str | None = None  # --model_dir overrides
+    """Write TensorBoard events beside metrics.jsonl."""
+    model_dir: str | None = None
+    """The run folder (``--model_dir`` overrides)."""
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass

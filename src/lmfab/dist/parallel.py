@@ -8,36 +8,61 @@ Order (DESIGN.md, as torchtitan): activation checkpointing -> torch.compile -> D
 - Compile happens in place (``Module.compile``): the whole model under DDP, each block
   under FSDP2 (so the collectives stay outside the compiled graphs). Parameter names and
   the module object the loop saves do not change.
-- DDP replicates (``runconfig.ddp_bucket_mb`` per all-reduce; ``ddp_split_graph``: whether
+- DDP replicates (``runconfig.parallel.ddp_bucket_mb`` per all-reduce; ``ddp_split_graph``: whether
   dynamo cuts the compiled graph at the buckets so the all-reduces overlap backward). FSDP2
   (``fully_shard``) shards parameters, gradients and optimizer state per block, with bf16
   parameters on GPUs (``fsdp_reshard_after_forward``: free each block's gathered parameters
   after forward, or keep them for backward). Both reduce gradients in fp32, or in bf16 with
   ``grad_reduce_dtype: bf16``.
 
-The module returned is what the loop calls; the model object itself is what checkpoints
-save (FSDP2 turns it into a sharded module in place).
+It returns :class:`Parallel`: the module the loop calls and what was chosen. The model object
+itself is what checkpoints save (FSDP2 turns it into a sharded module in place). Nothing
+here sets attributes on the model: its kernels were chosen when it was built
+(:mod:`lmfab.models.execution`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lmfab.config.load import ConfigError, split_ddp_graph, uses_fused_loss, uses_fused_mlp
-from lmfab.config.schema import RunConfig
+from lmfab.config.errors import ConfigError
+from lmfab.config.schema import ParallelConfig
 from lmfab.dist.world import World
-from lmfab.models.attention import set_attention_backend
-from lmfab.models.gpt import MLP
 
 
-def resolve_strategy(run: RunConfig, world: World, n_params: int) -> str:
+@dataclass(frozen=True)
+class Parallel:
+    """What :func:`parallelize` built: the module the loop calls and the choices it made."""
+
+    module: nn.Module  # DDP, the FSDP2-sharded model itself, or the (compiled) model
+    strategy: str  # ddp or fsdp (ddp on one device: no wrapper)
+    compiled: bool
+    checkpointed_blocks: int = 0
+    float8_layers: int = 0
+    split_graph: bool | None = None  # DDP under compile on several devices: cut at buckets
+
+
+def split_ddp_graph(r: ParallelConfig, grad_accum: int) -> bool:
+    """``runconfig.parallel.ddp_split_graph``, with auto resolved: cut the compiled graph at DDP's
+    buckets (overlap each all-reduce with backward) only when every micro-batch reduces.
+    With accumulation the cut graph runs on every micro-batch and its lost fusion costs more
+    than the overlap wins (2 H200s, 1.3B shape, 4 micro-batches: 96.4% scaling cut, 98.3%
+    whole; docs/benchmarks.md)."""
+    if r.ddp_split_graph == "auto":
+        return grad_accum < 2
+    return bool(r.ddp_split_graph)
+
+
+def resolve_strategy(par: ParallelConfig, world: World, n_params: int) -> str:
     """ddp or fsdp (``auto``: fsdp when AdamW training state would fill half the GPU)."""
-    if run.strategy != "auto":
-        return run.strategy
+    if par.strategy != "auto":
+        return par.strategy
     if world.device.type == "cuda":
         total = torch.cuda.get_device_properties(world.device).total_memory
         if 16 * n_params > 0.5 * total:
@@ -65,11 +90,11 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> int:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
-        raise ConfigError(f"runconfig.float8={recipe} needs torchao: pip install 'lmfab[fp8]' "
+        raise ConfigError(f"runconfig.parallel.float8={recipe} needs torchao: pip install 'lmfab[fp8]' "
                           f"({e})") from None
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
-        raise ConfigError(f"runconfig.float8={recipe}: {name} has no fp8 tensor cores (compute "
+        raise ConfigError(f"runconfig.parallel.float8={recipe}: {name} has no fp8 tensor cores (compute "
                           "capability 8.9+ needed: H100, H200, L40S, RTX 4090); set float8: off")
 
     def blocks_only(module: nn.Module, fqn: str) -> bool:
@@ -81,84 +106,66 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> int:
                                config=Float8LinearConfig.from_recipe_name(recipe))
     converted = sum(type(m).__name__ == "Float8Linear" for m in model.blocks.modules())
     if converted == 0 and before:
-        raise ConfigError(f"runconfig.float8={recipe}: no block linear layer has sizes that are "
+        raise ConfigError(f"runconfig.parallel.float8={recipe}: no block linear layer has sizes that are "
                           "multiples of 16; float8 would change nothing")
     return converted
 
 
-def compile_module(module: nn.Module, run: RunConfig) -> None:
-    """``torch.compile`` in place with ``runconfig.compile_mode``."""
-    if run.compile_mode == "default":
+def compile_module(module: nn.Module, par: ParallelConfig) -> None:
+    """``torch.compile`` in place with ``runconfig.parallel.compile_mode``."""
+    if par.compile_mode == "default":
         module.compile()
-    elif run.compile_mode == "tuned":
+    elif par.compile_mode == "tuned":
         module.compile(options={"coordinate_descent_tuning": True})
     else:
-        module.compile(mode=run.compile_mode)
+        module.compile(mode=par.compile_mode)
 
 
-def parallelize(model: nn.Module, world: World, run: RunConfig, *, bf16: bool = False,
-                grad_accum: int = 1) -> nn.Module:
-    """Prepare ``model`` for training as ``run`` says (kernels, float8, activation
-    checkpointing, compile, DDP or FSDP2). ``grad_accum``: micro-batches per optimizer step
-    on each device, for ``ddp_split_graph: auto``."""
-    set_attention_backend(model, run.attention_backend, world.device)
-    model.fused_loss = uses_fused_loss(run, world.device.type)
-    model.loss_chunk = run.loss_chunk
-    fused_mlp = uses_fused_mlp(run, world.device.type)
-    for module in model.modules():
-        if isinstance(module, MLP):
-            module.fused_act = fused_mlp
-    model.residual_dtype = torch.bfloat16 if bf16 and run.residual_dtype == "bf16" else None
-    if run.float8 != "off":
-        apply_float8(model, run.float8, world.device)
-    if run.activation_checkpointing:
-        apply_activation_checkpointing(model, run.checkpoint_every)
-    strategy = resolve_strategy(run, world, sum(p.numel() for p in model.parameters()))
+def parallelize(model: nn.Module, world: World, par: ParallelConfig, *, bf16: bool = False,
+                grad_accum: int = 1) -> Parallel:
+    """Wrap ``model`` for training as ``par`` (``runconfig.parallel``) says: float8 layers, activation checkpointing,
+    compile, DDP or FSDP2, in that order. The kernels are the model's own, chosen when it
+    was built. ``grad_accum``: micro-batches per optimizer step on each device, for
+    ``ddp_split_graph: auto``."""
+    f8 = apply_float8(model, par.float8, world.device) if par.float8 != "off" else 0
+    ac = apply_activation_checkpointing(model, par.checkpoint_every) \
+        if par.activation_checkpointing else 0
+    strategy = resolve_strategy(par, world, sum(p.numel() for p in model.parameters()))
     if strategy == "fsdp" and world.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if run.compile and run.compile_mode in ("reduce-overhead", "max-autotune"):
+        if par.compile and par.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError(
-                f"runconfig.compile_mode={run.compile_mode} uses CUDA graphs, which FSDP2's "
+                f"runconfig.parallel.compile_mode={par.compile_mode} uses CUDA graphs, which FSDP2's "
                 "per-block compile does not support; use default, tuned or "
                 "max-autotune-no-cudagraphs with strategy fsdp")
 
-        reduce = torch.bfloat16 if run.grad_reduce_dtype == "bf16" else torch.float32
+        reduce = torch.bfloat16 if par.grad_reduce_dtype == "bf16" else torch.float32
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                   reduce_dtype=reduce)
         for block in model.blocks:
-            if run.compile:
-                compile_module(block, run)
-            fully_shard(block, mp_policy=mp, reshard_after_forward=run.fsdp_reshard_after_forward)
+            if par.compile:
+                compile_module(block, par)
+            fully_shard(block, mp_policy=mp, reshard_after_forward=par.fsdp_reshard_after_forward)
         fully_shard(model, mp_policy=mp)  # FSDP2 keeps the root gathered after forward itself
-        model.lmfab_strategy = "fsdp"
-        return model
-    if run.compile:
-        compile_module(model, run)
-    model.lmfab_strategy = "ddp"
+        return Parallel(model, "fsdp", par.compile, ac, f8)
+    if par.compile:
+        compile_module(model, par)
     if world.distributed:
         # Read by dynamo when it first compiles the forward (lazily, inside DDP's forward):
         # cut the graph at the gradient buckets, or keep it whole. One model per process.
-        torch._dynamo.config.optimize_ddp = split_ddp_graph(run, grad_accum)
-        # runconfig.cuda_graph: DDP is built on the side stream the step is later captured
-        # on (its gradient hooks keep the stream they were made on)
-        graph_stream = torch.cuda.Stream(world.device) \
-            if run.cuda_graph and world.device.type == "cuda" else None
-        with torch.cuda.stream(graph_stream) if graph_stream is not None \
-                else contextlib.nullcontext():
-            ddp = DDP(
-                model,
-                device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                gradient_as_bucket_view=True,
-                bucket_cap_mb=run.ddp_bucket_mb,
-            )
-        if run.grad_reduce_dtype == "bf16":
+        split = split_ddp_graph(par, grad_accum)
+        torch._dynamo.config.optimize_ddp = split
+        ddp = DDP(
+            model,
+            device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+            bucket_cap_mb=par.ddp_bucket_mb,
+        )
+        if par.grad_reduce_dtype == "bf16":
             ddp.register_comm_hook(None, bf16_reduce_hook)
-        if graph_stream is not None:
-            torch.cuda.current_stream(world.device).wait_stream(graph_stream)
-            ddp.lmfab_graph_stream = graph_stream
-        return ddp
-    return model
+        return Parallel(ddp, "ddp", par.compile, ac, f8, split if par.compile else None)
+    return Parallel(model, "ddp", par.compile, ac, f8)
 
 
 def bf16_reduce_hook(group, bucket):
@@ -191,7 +198,8 @@ def sharded_fill(param: torch.Tensor, fn) -> None:
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    return getattr(model, "lmfab_strategy", "ddp") == "fsdp"
+    """Sharded by FSDP2 (``fully_shard`` makes the module an ``FSDPModule``)."""
+    return isinstance(model, FSDPModule)
 
 
 def no_sync(wrapped: nn.Module, skip: bool):

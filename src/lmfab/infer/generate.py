@@ -12,23 +12,17 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lmfab.config.load import config_from_dict, read_yaml
+from lmfab.checkpoint import find_tokenizer, load_weights, read_run_config, resolve_checkpoint
 from lmfab.models.gpt import GPT, build_model, materialize
-from lmfab.train.checkpoint import load_weights, resolve_checkpoint
-from lmfab.train.data import run_tokenizer
 
 
 def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, Path]:
     """Model (eval mode) and tokenizer of a run directory or a checkpoint directory."""
     ckpt = resolve_checkpoint(model_dir)
-    cfg = config_from_dict(read_yaml(ckpt / "config.yaml"), source=str(ckpt / "config.yaml"))
+    cfg = read_run_config(ckpt)
     model = materialize(build_model(cfg.model), device)
     load_weights(model, ckpt)
-    candidates = [ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json",
-                  run_tokenizer(cfg)]
-    tok_file = next((p for p in candidates if p is not None and p.is_file()), None)
-    if tok_file is None:
-        raise FileNotFoundError(f"no tokenizer.json beside {ckpt} or in its data_dir")
+    tok_file = find_tokenizer(ckpt, cfg)
     return model.eval(), Tokenizer.from_file(str(tok_file)), ckpt
 
 

@@ -5,12 +5,13 @@ The fields cover the families lmfab ships presets for: GPT-2 / Cerebras-GPT (lea
 positions, LayerNorm, GELU, tied embeddings), GPT-NeoX (rotary on a fraction of each head,
 parallel residual, untied), BTLM and Jais (ALiBi, SwiGLU, muP multipliers) and LLaMA-style
 models (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases). Attention lives in
-:mod:`lmfab.models.attention`.
+:mod:`lmfab.models.attention`; the fused kernels in :mod:`lmfab.kernels`, chosen by the
+frozen :class:`~lmfab.models.execution.Kernels` given at construction.
 
 Construction is cheap and allocation-free on the meta device; :meth:`GPT.init_weights`
 fills the parameters explicitly: normal(0, init_std), residual output projections scaled by
 1/sqrt(2 * n_layer) as in GPT-2, and muP's 1/sqrt(fan-in multiplier) on hidden matrices
-(:mod:`lmfab.mup`). Model code is written for one device: parallelism is applied from
+(:mod:`lmfab.models.mup`). Model code is written for one device: parallelism is applied from
 outside (:mod:`lmfab.dist`). No torch.distributed here.
 """
 
@@ -23,23 +24,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfab.config.schema import ModelConfig
-from lmfab.models.activation import bias_gelu
-from lmfab.models.attention import Attention, causal_block_mask
-from lmfab.models.loss import fused_linear_cross_entropy
-from lmfab.mup import fan_in_multiplier, multipliers
+from lmfab.kernels.alibi import causal_block_mask
+from lmfab.kernels.bias_gelu import bias_gelu
+from lmfab.kernels.cross_entropy import fused_linear_cross_entropy
+from lmfab.models.attention import Attention
+from lmfab.models.execution import PLAIN, Kernels
+from lmfab.models.mup import fan_in_multiplier, multipliers
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels = PLAIN):
         super().__init__()
         self.kind = cfg.mlp
         d_in = 2 * cfg.ffn_dim if cfg.mlp == "swiglu" else cfg.ffn_dim  # swiglu: [gate | up]
         self.fc = nn.Linear(cfg.d_model, d_in, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
-        # bias + GELU as one op with its bias gradient (models/activation.py); set by
-        # lmfab.dist.parallelize from runconfig.mlp_kernel. A plain nn.Linear only: float8
-        # swaps fc for torchao's Float8Linear, which then adds the bias itself.
-        self.fused_act = False
+        # bias + GELU as one op with its bias gradient (kernels/bias_gelu.py), as
+        # Kernels.fused_mlp says. A plain nn.Linear only: float8 swaps fc for torchao's
+        # Float8Linear, which then adds the bias itself.
+        self.fused_act = kernels.fused_mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.fused_act and self.kind in ("gelu", "gelu_tanh") and self.fc.bias is not None
@@ -66,11 +69,11 @@ def _norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels = PLAIN):
         super().__init__()
         self.parallel = cfg.parallel_residual
-        self.ln_1, self.attn = _norm(cfg), Attention(cfg)
-        self.ln_2, self.mlp = _norm(cfg), MLP(cfg)
+        self.ln_1, self.attn = _norm(cfg), Attention(cfg, kernels)
+        self.ln_2, self.mlp = _norm(cfg), MLP(cfg, kernels)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, block_mask=None) -> torch.Tensor:
@@ -82,14 +85,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels = PLAIN):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.kernels = cfg, kernels
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # Only learned positions have a table; alibi and rope act inside attention.
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.n_layer))
         self.ln_f = _norm(cfg)
         # Tied: logits use wte.weight directly, so there is no second tensor to keep tied
         # through meta-device construction, to_empty(), DDP/FSDP or safetensors.
@@ -97,10 +100,6 @@ class GPT(nn.Module):
             None if cfg.tied_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
         self.logit_scale = cfg.output_mult * multipliers(cfg).logits
-        # How the loss is computed: execution choices (runconfig.loss, loss_chunk), not part
-        # of the model; set by lmfab.dist.parallelize. See models/loss.py.
-        self.fused_loss, self.loss_chunk = False, 0
-        self.residual_dtype: torch.dtype | None = None  # None: the embedding's dtype
 
     # ---- initialisation -------------------------------------------------------------
     @torch.no_grad()
@@ -141,8 +140,8 @@ class GPT(nn.Module):
         if self.cfg.embedding_mult != 1.0:
             x = x * self.cfg.embedding_mult
         x = self.drop(x)
-        if self.residual_dtype is not None:
-            x = x.to(self.residual_dtype)
+        if self.kernels.residual_dtype is not None:
+            x = x.to(self.kernels.residual_dtype)
         mask = causal_block_mask(T, idx.device) if self.cfg.pos == "alibi" else None
         for block in self.blocks:
             x = block(x, mask) if mask is not None else block(x)
@@ -156,10 +155,11 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or the mean next-token cross-entropy when ``targets`` is given."""
         h = self.hidden_states(idx)
-        if targets is not None and self.fused_loss:
+        if targets is not None and self.kernels.fused_loss:
             w = self.wte.weight if self.lm_head is None else self.lm_head.weight
             return fused_linear_cross_entropy(h.flatten(0, 1), w, targets.flatten(),
-                                              scale=self.logit_scale, chunk=self.loss_chunk)
+                                              scale=self.logit_scale,
+                                              chunk=self.kernels.loss_chunk)
         logits = self.logits(h)
         if targets is None:
             return logits
@@ -187,10 +187,12 @@ class GPT(nn.Module):
         return 6.0 * n + 12.0 * c.n_layer * c.d_model * seq_len
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> GPT:
-    """Build on the meta device (no memory); ``materialize`` allocates and initialises."""
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta", *,
+                kernels: Kernels = PLAIN) -> GPT:
+    """Build on the meta device (no memory); ``materialize`` allocates and initialises.
+    ``kernels``: the execution choices (:mod:`lmfab.models.execution`; default plain PyTorch)."""
     with torch.device(device):
-        return GPT(cfg)
+        return GPT(cfg, kernels)
 
 
 def materialize(

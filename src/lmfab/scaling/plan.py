@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -314,9 +315,12 @@ def format_plan(p: Plan) -> str:
 
 def plan_command(*, family: str, flops: float | None, params: float | None,
                  tokens: float | None, tokens_per_param: float | None, base: str | None,
-                 proxy: str | None, fit: str | None, data_dir: str | None,
-                 sets: list[str], out: str | None) -> dict:
-    """``lmfab plan``: print the arithmetic, write the params YAML; returns the plan as a dict."""
+                 fit: str | None, data_dir: str | None, sets: list[str], out: str | None,
+                 transfer: Callable | None = None) -> dict:
+    """``lmfab plan``: print the arithmetic, write the params YAML; returns the plan as a dict.
+
+    ``transfer(target_config) -> (config, changes)`` applies a tuned muP proxy (``--proxy``:
+    the CLI passes muTransfer, a tool above this layer, bound to the proxy's config)."""
     from lmfab.config.load import apply_overrides, config_from_dict, config_to_dict, read_yaml
 
     fam = load_family(family)
@@ -331,11 +335,8 @@ def plan_command(*, family: str, flops: float | None, params: float | None,
     order = ("model", "optimizer", "train_input", "eval_input", "runconfig")
     raw = apply_overrides({k: raw[k] for k in (*order, *raw) if k in raw}, sets)
     changes: list[str] = []
-    if proxy:
-        from lmfab.config.load import load_config
-        from lmfab.mup.transfer import transfer
-
-        cfg, changes = transfer(load_config(proxy), config_from_dict(raw, source="plan"))
+    if transfer is not None:
+        cfg, changes = transfer(config_from_dict(raw, source="plan"))
         raw = config_to_dict(cfg)
     else:
         config_from_dict(raw, source="plan")  # fail here, not in `lmfab run`

@@ -3,7 +3,8 @@
 Each stage of ``train_input`` (one, unless ``seq_len_schedule`` adds longer ones) reads one
 packed dataset or a weighted mixture of them; this module opens them, checks them against
 the model and against each other (window, vocabulary, one tokenizer for the whole run) and
-builds the rank-aware, resumable loader for a stage.
+builds the rank-aware, resumable loader for a stage. :class:`StagedData` is what the loop
+holds: the current stage's loader, switched at each stage's first step.
 """
 
 from __future__ import annotations
@@ -11,19 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmfab.config.load import ConfigError, TrainStage
+from lmfab.checkpoint import run_tokenizer
+from lmfab.config.errors import ConfigError
 from lmfab.config.schema import Config
 from lmfab.data.loader import BatchLoader, TokenDataset
 from lmfab.data.mixture import MixtureLoader
 from lmfab.data.shards import tokenizer_hash
 from lmfab.dist.world import World
-
-
-def run_tokenizer(cfg: Config) -> Path | None:
-    """The tokenizer.json of the run: the first training source's."""
-    first = cfg.train_input.data_dir or cfg.train_input.mixture[0].data_dir
-    tok = Path(first) / "tokenizer.json"
-    return tok if tok.is_file() else None
+from lmfab.train.plan import TrainStage, train_stages
 
 
 def open_dataset(cfg: Config, data_dir: str | Path, split: str, seq_len: int) -> TokenDataset:
@@ -60,3 +56,42 @@ def make_loader(cfg: Config, stage: TrainStage, world: World) -> BatchLoader | M
     if stage.mixture:
         return MixtureLoader(datasets, [w for _, w in stage.sources], **kwargs)
     return BatchLoader(datasets[0], **kwargs)
+
+
+class StagedData:
+    """The loader of the current sequence-length stage. ``start(step, saved)`` builds the
+    stage's loader at ``step`` and restores a checkpoint's loader state (``saved``: state.json's
+    ``loader`` entry and the checkpoint's path) when it was saved in the same stage;
+    ``switch(step)`` moves to the next stage at its first step (tokens per step stay fixed)."""
+
+    def __init__(self, cfg: Config, world: World, say) -> None:
+        self.cfg, self.world, self.say = cfg, world, say
+        self.stages = train_stages(cfg, world.world_size)
+        self.stage: TrainStage = self.stages[0]
+        self.loader: BatchLoader | MixtureLoader | None = None
+
+    def start(self, step: int, saved: tuple[dict, Path] | None) -> None:
+        self.stage = stage_at(self.stages, step)
+        self.loader = make_loader(self.cfg, self.stage, self.world)
+        if saved is None or saved[0]["stage"] != self.stage.index:
+            return
+        state, path = saved
+        saved_kind = state["state"].get("kind", "single")
+        if (saved_kind == "mixture") != self.stage.mixture:
+            raise ConfigError(
+                f"{path}: the checkpoint's data was {'a' if saved_kind == 'mixture' else 'no'} "
+                "mixture but train_input now says otherwise; the data order cannot continue "
+                "(use a new --model_dir, or --init_from)")
+        self.loader.load_state_dict(state["state"])
+
+    def switch(self, step: int) -> None:
+        if stage_at(self.stages, step) is self.stage:
+            return
+        s = self.stage = stage_at(self.stages, step)
+        self.loader = make_loader(self.cfg, s, self.world)
+        self.say(f"step {step}: seq_len {s.seq_len}, global batch {s.batch_size} "
+                 f"(micro {s.micro_batch} x {s.grad_accum}), same tokens per step")
+
+    def state_dict(self) -> dict:
+        """What a checkpoint records of the data: the stage and its loader's position."""
+        return {"stage": self.stage.index, "state": self.loader.state_dict()}

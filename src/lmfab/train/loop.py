@@ -1,8 +1,13 @@
 """The training loop and the four run modes (train, eval, train_and_eval, eval_all).
 
-Kept plain on purpose: one function builds the run, one function does a step. The global
+Kept plain on purpose: one function builds the run, one function does a step, and
+:func:`train` reads in one sitting: each concern is one object called once per step (the
+sequence-length stages, :class:`~lmfab.train.data.StagedData`; the profiler window,
+:class:`~lmfab.train.profile.ProfileWindow`; resume and save,
+:class:`~lmfab.train.resume.Checkpointer`; the log line, :class:`~lmfab.train.metrics.StepMeter`),
+as in torchtitan's ``Trainer.train``. The global
 batch of the params file is split over the devices and micro-batches with gradient
-accumulation (``lmfab.config.micro_batching``); each device sees its contiguous slice of the
+accumulation (``lmfab.train.plan.micro_batching``); each device sees its contiguous slice of the
 same global batch, so the result does not depend on the device count. The newest complete
 checkpoint in ``model_dir`` resumes automatically; ``init_from`` loads weights only.
 """
@@ -10,11 +15,9 @@ checkpoint in ``model_dir`` resumes automatically; ``init_from`` loads weights o
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,30 +26,30 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lmfab.config.load import (
-    ConfigError,
-    config_notes,
-    config_to_dict,
-    micro_batching,
-    resolved_precision,
-    train_stages,
-    write_config,
-)
-from lmfab.config.schema import Config, ModelConfig
+from lmfab import checkpoint as ckpt
+from lmfab.config.errors import ConfigError
+from lmfab.config.schema import Config
 from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, init_world, parallelize, shutdown
 from lmfab.dist.launch import record_rank_code
 from lmfab.dist.parallel import is_fsdp, no_sync, resolve_strategy, sharded_fill
-from lmfab.eval.loss import evaluate_loss
+from lmfab.models.execution import choose_kernels
 from lmfab.models.gpt import GPT, build_model, materialize
-from lmfab.train import checkpoint as ckpt
-from lmfab.train.data import make_loader, open_dataset, run_tokenizer, stage_at
-from lmfab.train.graph import WARMUP_STEPS, WARMUP_STEPS_DDP, StepGraph
-from lmfab.train.metrics import MetricsLogger, console, format_duration, peak_flops
-from lmfab.train.optim import build_optimizer, clip_and_step, make_capturable, set_lr
-from lmfab.train.plan import format_plan, plan_run
-from lmfab.train.profile import StepProfiler, format_summary
+from lmfab.train.data import StagedData, open_dataset
+from lmfab.train.metrics import MetricsLogger, StepMeter, console, format_duration, peak_flops
+from lmfab.train.optim import build_optimizer, clip_and_step, set_lr
+from lmfab.train.plan import (
+    config_notes,
+    format_plan,
+    micro_batching,
+    oom_advice,
+    plan_run,
+    resolved_precision,
+)
+from lmfab.train.profile import ProfileWindow
+from lmfab.train.resume import Checkpointer
 from lmfab.train.schedule import LRSchedule
+from lmfab.train.validate import evaluate_loss
 
 MODES = ("train", "eval", "train_and_eval", "eval_all")
 
@@ -102,7 +105,7 @@ def bytes_per_token(cfg: Config) -> float | None:
 
 
 def setup(cfg: Config, model_dir: str | Path) -> Run:
-    world = init_world(cfg.runconfig.device, cfg.runconfig.dist_backend)
+    world = init_world(cfg.runconfig.device, cfg.runconfig.parallel.dist_backend)
     torch.manual_seed(cfg.runconfig.seed + world.rank)
     model_dir = Path(model_dir)
     bf16 = precision_of(cfg, world.device) == "bf16"
@@ -111,49 +114,20 @@ def setup(cfg: Config, model_dir: str | Path) -> Run:
         _, accum = micro_batching(t.batch_size, t.micro_batch_size, world.world_size)
     except ConfigError:  # an eval-only run need not divide the training batch; train() says so
         accum = 1
-    model = build_model(cfg.model)  # meta device
-    if world.distributed and resolve_strategy(cfg.runconfig, world, model.num_params()) == "fsdp":
+    kernels = choose_kernels(cfg.runconfig.kernels, world.device, bf16=bf16)
+    model = build_model(cfg.model, kernels=kernels)  # meta device
+    if world.distributed and resolve_strategy(cfg.runconfig.parallel, world, model.num_params()) == "fsdp":
         # Shard first, then allocate and initialise only this rank's shards (FSDP2 on meta):
         # no rank ever holds the whole model.
-        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16, grad_accum=accum)
+        wrapped = parallelize(model, world, cfg.runconfig.parallel, bf16=bf16, grad_accum=accum).module
         model.to_empty(device=world.device)
         gen = torch.Generator(device=world.device).manual_seed(cfg.runconfig.seed)
         model.init_weights(gen, fill=sharded_fill)
     else:
         model = materialize(model, world.device, seed=cfg.runconfig.seed)
-        wrapped = parallelize(model, world, cfg.runconfig, bf16=bf16, grad_accum=accum)
+        wrapped = parallelize(model, world, cfg.runconfig.parallel, bf16=bf16, grad_accum=accum).module
     log = MetricsLogger(model_dir, enabled=world.is_main, tensorboard=cfg.runconfig.tensorboard)
     return Run(cfg, world, model_dir, model, wrapped, autocast_for(cfg, world.device), log)
-
-
-def _check_resumable(saved: Path, cfg: Config) -> None:
-    import yaml
-
-    fmt = ckpt.checkpoint_format(ckpt.read_state(saved))
-    if fmt != ckpt.FORMAT:
-        raise ConfigError(
-            f"{saved}: cannot resume, the checkpoint's layout is format {fmt} and this lmfab "
-            f"reads format {ckpt.FORMAT}; use a new --model_dir, or --init_from {saved} to "
-            "start a new run from its weights"
-        )
-
-    saved_model = yaml.safe_load((saved / "config.yaml").read_text())["model"]
-    now = config_to_dict(cfg)["model"]
-    # A key the checkpoint lacks was added to ModelConfig after it was written; its default
-    # keeps the old behaviour, so that default matches.
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-                if f.default is not dataclasses.MISSING}
-    missing = object()
-    diff = {k: (saved_model.get(k), v) for k, v in now.items()
-            if saved_model.get(k, defaults.get(k, missing)) != v}
-    # A key only the checkpoint has (a field since renamed or removed) is a difference too.
-    diff.update({k: (v, None) for k, v in saved_model.items() if k not in now})
-    if diff:
-        raise ConfigError(
-            f"{saved}: cannot resume, the model section differs from the checkpoint's "
-            f"(key: (checkpoint, now)) {diff}; use a new --model_dir, or --init_from to "
-            "start a new run from these weights"
-        )
 
 
 def evaluate(run: Run, dataset: TokenDataset) -> dict:
@@ -201,216 +175,59 @@ def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int)
     return loss_sum / accum, grad_norm
 
 
-@contextlib.contextmanager
-def manual_gc(every: int):
-    """``runconfig.gc_steps``: Python's garbage collector runs at fixed steps instead of
-    whenever allocations trigger it. At start, what exists is collected and frozen (later
-    collections skip it); then the young generations are collected every ``every`` steps, at
-    the same step on every rank, so no rank pauses while the others wait at an all-reduce;
-    every 10th time all generations, so that cycles which grew old are freed too. 0 leaves
-    Python's automatic collection alone. Restored on exit, also on an error."""
-    if not every:
-        yield lambda step: None
-        return
-    was_enabled = gc.isenabled()
-    gc.collect()
-    froze = gc.get_freeze_count() == 0  # leave a caller's own frozen objects as they are
-    if froze:
-        gc.freeze()
-    gc.disable()
-
-    def tick(step: int) -> None:
-        if step % (10 * every) == 0:
-            gc.collect()
-        elif step % every == 0:
-            gc.collect(1)
-
-    try:
-        yield tick
-    finally:
-        if froze:
-            gc.unfreeze()
-        if was_enabled:
-            gc.enable()
-
-
-def _write_profile(run: Run, summary: dict, first: int, last: int) -> None:
-    """Each rank's kernel table and summary beside its trace; rank 0 prints the categories."""
-    out = run.model_dir / "profile"
-    out.mkdir(parents=True, exist_ok=True)
-    text = format_summary(summary)
-    rank = run.world.rank
-    (out / f"kernels_rank{rank}.txt").write_text(text + "\n")
-    (out / f"kernels_rank{rank}.json").write_text(json.dumps({"steps": [first, last], **summary},
-                                                             indent=1))
-    run.say(f"profile, steps {first}-{last} (rank 0; each rank's table and trace in {out}):\n"
-            + format_summary(summary, kernels=False))
-
-
-def oom_advice(run: Run, micro: int, step: int) -> str:
-    """What to change when a training step runs out of device memory."""
-    r, n = run.cfg.runconfig, run.model.num_params()
-    sharded = is_fsdp(run.model)
-    per_gpu = 16 * n / (run.world.world_size if sharded else 1) / 2**30
-    tips = []
-    if not sharded:
-        tips.append("runconfig.strategy: fsdp (shards that state over the GPUs; needs more "
-                    "than one)")
-    if not r.activation_checkpointing:
-        tips.append("runconfig.activation_checkpointing: true")
-    if micro > 1:
-        tips.append(f"a smaller train_input.micro_batch_size than {micro} (the global batch "
-                    "stays, through accumulation)")
-    if r.loss != "standard" and not r.loss_chunk:
-        tips.append("runconfig.loss_chunk (e.g. 4096) for long sequences")
-    return (f"lmfab: out of device memory in training step {step + 1}: {n / 1e9:.2f}B "
-            f"parameters hold ~{per_gpu:.0f} GiB per device in weights, gradients and AdamW "
-            f"state (16 bytes/parameter{', sharded' if sharded else ''}) before activations. "
-            f"Try: {'; '.join(tips) or 'more devices'}.")
-
-
 def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end: bool) -> dict:
+    """Train to ``runconfig.max_steps`` (at most ``num_steps`` more), resuming the newest
+    checkpoint in model_dir; each concern is one object, called once per step."""
     cfg, world = run.cfg, run.world
     r = cfg.runconfig
     plan = plan_run(cfg, world.world_size, device_type=world.device.type)
     optimizer = build_optimizer(run.model, cfg.optimizer, world.device, cfg.model)
     schedule = LRSchedule(cfg.optimizer.learning_rate)
-    stages = train_stages(cfg, world.world_size)
     eval_set = open_eval_split(cfg) if (r.eval_steps or eval_at_end) else None
-
-    step, tokens_seen = 0, 0
-    newest = ckpt.latest_checkpoint(run.model_dir)
-    if newest is not None:
-        _check_resumable(newest, cfg)
-        state = ckpt.load_checkpoint(newest, model=run.model, optimizer=optimizer, world=world)
-        step, tokens_seen = state["step"], state.get("tokens", 0)
-        run.say(f"resumed from {newest} (step {step})")
-        if init_from:
-            run.say(f"note: --init_from {init_from} ignored; resuming the run in {run.model_dir}")
-    elif init_from:
-        src = ckpt.load_weights(run.model, init_from)
-        run.say(f"initialised weights from {src} (weights only; optimizer and step start fresh)")
-
-    stage = stage_at(stages, step)
-    loader = make_loader(cfg, stage, world)
-    if newest is not None and state["loader"]["stage"] == stage.index:
-        saved_kind = state["loader"]["state"].get("kind", "single")
-        if (saved_kind == "mixture") != stage.mixture:
-            raise ConfigError(
-                f"{newest}: the checkpoint's data was {'a' if saved_kind == 'mixture' else 'no'} "
-                "mixture but train_input now says otherwise; the data order cannot continue "
-                "(use a new --model_dir, or --init_from)")
-        loader.load_state_dict(state["loader"]["state"])
+    saver = Checkpointer(cfg, run.model_dir, run.model, optimizer, world, run.say)
+    step, tokens_seen, saved_loader = saver.resume(init_from)
+    data = StagedData(cfg, world, run.say)
+    data.start(step, saved_loader)
     if world.is_main:
-        run.model_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, run.model_dir / "config.yaml")
-        tok = run_tokenizer(cfg)
-        if tok is not None:
-            shutil.copyfile(tok, run.model_dir / "tokenizer.json")
+        ckpt.write_run_files(cfg, run.model_dir)
     run.say(format_plan(plan))
     for note in config_notes(cfg, world.device.type):
         run.say(f"note: {note}")
 
     end = r.max_steps if num_steps is None else min(r.max_steps, step + num_steps)
-    peak = peak_flops(world.device, r.peak_flops_per_device)
     run.say(f"training steps {step} -> {end} on {world.world_size} x {world.device.type}")
-
-    def save(at: int) -> None:
-        state = {"loader": {"stage": stage.index, "state": loader.state_dict()},
-                 "tokens": tokens_seen}
-        path = ckpt.save_checkpoint(run.model_dir, step=at, model=run.model, optimizer=optimizer,
-                                    state=state, cfg=cfg, world=world, keep=r.keep_checkpoints)
-        run.say(f"checkpoint {path}")
-
-    for group in optimizer.param_groups:  # as built; a cuda_graph run's checkpoint says True
-        group["capturable"] = False
-    graphed = r.cuda_graph and world.device.type == "cuda" and bool(optimizer.defaults.get("fused"))
-    if graphed and is_fsdp(run.wrapped):
-        graphed = False
-        run.say("note: runconfig.cuda_graph is off under FSDP2 (its all-gathers and "
-                "reduce-scatters are scheduled by host code a graph replay would not run)")
-    stepper = StepGraph(lambda rows: _train_step(run, optimizer, rows, stage.micro_batch,
-                                                 stage.grad_accum),
-                        world.device, prepare=lambda: make_capturable(optimizer, world.device),
-                        warmup=WARMUP_STEPS_DDP if world.distributed else WARMUP_STEPS,
-                        stream=getattr(run.wrapped, "lmfab_graph_stream", None)) \
-        if graphed else None
-
-    fpt = run.model.flops_per_token(stage.seq_len)
     run.wrapped.train()
-    last_time, last_step, t_start = time.perf_counter(), step, time.perf_counter()
-    result: dict = {}
-    profiler: StepProfiler | None = None
-    profile_from, profile_to = r.profile_start, r.profile_start + r.profile_steps
-    with manual_gc(r.gc_steps) as gc_tick, contextlib.ExitStack() as on_exit:
+    meter = StepMeter(world, run.log, tokens_per_step=plan.tokens_per_step, end=end, step=step,
+                      flops_per_token=run.model.flops_per_token,
+                      peak=peak_flops(world.device, r.peak_flops_per_device), say=run.say)
+    profile = ProfileWindow(r.profile.start, r.profile.steps, world.device, world.rank,
+                            run.model_dir / "profile", run.say)
+    t_start, result = time.perf_counter(), {}
+    with profile:
         while step < end:
-            if stage_at(stages, step) is not stage:
-                stage = stage_at(stages, step)
-                loader = make_loader(cfg, stage, world)
-                fpt = run.model.flops_per_token(stage.seq_len)
-                run.say(f"step {step}: seq_len {stage.seq_len}, global batch {stage.batch_size} "
-                        f"(micro {stage.micro_batch} x {stage.grad_accum}), same tokens per step")
-            if profiler is None and profile_from <= step < profile_to \
-                    and stepper is not None and stepper.graph is None:
-                # runconfig.cuda_graph: profile replayed steps, not the warm-up or the capture
-                profile_from, profile_to = step + 1, step + 1 + r.profile_steps
-            if profiler is None and profile_from <= step < profile_to:  # a resume may start inside
-                profiler, profile_from = StepProfiler(
-                    world.device, run.model_dir / "profile" / f"trace_rank{world.rank}.json.gz"), step
-                on_exit.callback(profiler.abort)  # an error inside the window stops it
-                profiler.start()
+            data.switch(step)
+            profile.before(step)
             lr = schedule(step)
             set_lr(optimizer, lr)
-            rows = to_device(loader.next_batch(), world.device)
+            rows = to_device(data.loader.next_batch(), world.device)
             try:
-                if stepper is not None:
-                    captures = stepper.captures
-                    loss, grad_norm = stepper(rows)
-                    if stepper.captures != captures:
-                        run.say(f"step {step + 1}: the training step is captured as a CUDA "
-                                "graph and replayed from here (runconfig.cuda_graph)")
-                else:
-                    loss, grad_norm = _train_step(run, optimizer, rows, stage.micro_batch,
-                                                  stage.grad_accum)
+                loss, grad_norm = _train_step(run, optimizer, rows, data.stage.micro_batch,
+                                              data.stage.grad_accum)
             except torch.OutOfMemoryError as e:
-                e.args = (f"{e.args[0] if e.args else e}\n{oom_advice(run, stage.micro_batch, step)}",)
+                advice = oom_advice(r, run.model.num_params(), world.world_size,
+                                    is_fsdp(run.model), data.stage.micro_batch, step)
+                e.args = (f"{e.args[0] if e.args else e}\n{advice}",)
                 raise
             step += 1
             tokens_seen += plan.tokens_per_step
-            if profiler is not None and step in (profile_to, end):
-                _write_profile(run, profiler.stop(step - profile_from), profile_from + 1, step)
-                profiler, profile_to = None, -1  # once per run
-
+            profile.after(step, end)
             if step % r.log_steps == 0 or step == end:
-                loss_v, gn = all_reduce_mean([loss.item(), grad_norm.item()], world)
-                now = time.perf_counter()
-                dt = (now - last_time) / max(step - last_step, 1)
-                tok_s = plan.tokens_per_step / dt
-                mfu = tok_s * fpt / (peak * world.world_size) if peak else None
-                eta = format_duration(dt * (end - step))
-                run.say(
-                    f"step {step:>6}/{end} | loss {loss_v:.4f} | lr {lr:.3e} | grad-norm {gn:.3f} | "
-                    f"{tok_s:,.0f} tok/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {eta}"
-                )
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"loss is {loss_v} at step {step}; stopping")
-                result = {"loss": loss_v, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s,
-                          "mfu": mfu, "tokens": tokens_seen, "step_time_s": dt}
-                if world.device.type == "cuda":
-                    result["max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
-                run.log.log(step, result)
-                last_time, last_step = time.perf_counter(), step
+                result = meter(step, loss, grad_norm, lr, tokens_seen, data.stage.seq_len)
             if r.eval_steps and step % r.eval_steps == 0 and not (step == end and eval_at_end):
                 _eval_and_log(run, eval_set, step)
-            if r.checkpoint_steps and step % r.checkpoint_steps == 0 and step != end:
-                save(step)
-            gc_tick(step)
+            saver.maybe_save(step, end, data, tokens_seen)
 
-    if stepper is not None:
-        stepper.release()  # the graph's memory pool, before the final checkpoint and eval
-    newest = ckpt.latest_checkpoint(run.model_dir)
-    if r.checkpoint_at_end and (newest is None or newest.name != f"step_{step:08d}"):
-        save(step)
+    saver.save_at_end(step, data, tokens_seen)
     run.say(f"trained {step} steps in {format_duration(time.perf_counter() - t_start)}")
     if eval_at_end:
         result["eval"] = _eval_and_log(run, eval_set, step)

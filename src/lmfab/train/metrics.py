@@ -8,11 +8,14 @@ tokens/s x FLOPs/token over the devices' peak dense bf16 rate (known GPUs are de
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from lmfab.dist.world import World, all_reduce_mean
 
 # Dense bf16 peak FLOP/s by device-name fragment (vendor datasheets).
 _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -74,3 +77,39 @@ class MetricsLogger:
 def console(msg: str, world_main: bool = True) -> None:
     if world_main:
         print(msg, flush=True)
+
+
+class StepMeter:
+    """The training log line, every ``runconfig.log_steps`` and at the last step: loss and
+    grad-norm averaged over the ranks, tokens/s and MFU since the previous line, ETA. A loss
+    that is not finite stops the run. Returns the logged values (the run's result)."""
+
+    def __init__(self, world: World, log: MetricsLogger, *, tokens_per_step: int, end: int, step: int,
+                 flops_per_token, peak: float | None, say) -> None:
+        self.world, self.log, self.tokens_per_step, self.end = world, log, tokens_per_step, end
+        self.flops_per_token, self.peak, self.say = flops_per_token, peak, say
+        self.last_time, self.last_step = time.perf_counter(), step
+
+    def __call__(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+                 tokens: int, seq_len: int) -> dict:
+        world = self.world
+        loss_v, gn = all_reduce_mean([loss.item(), grad_norm.item()], world)
+        now = time.perf_counter()
+        dt = (now - self.last_time) / max(step - self.last_step, 1)
+        tok_s = self.tokens_per_step / dt
+        fpt = self.flops_per_token(seq_len)
+        mfu = tok_s * fpt / (self.peak * world.world_size) if self.peak else None
+        eta = format_duration(dt * (self.end - step))
+        self.say(
+            f"step {step:>6}/{self.end} | loss {loss_v:.4f} | lr {lr:.3e} | grad-norm {gn:.3f} | "
+            f"{tok_s:,.0f} tok/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {eta}"
+        )
+        if not math.isfinite(loss_v):
+            raise FloatingPointError(f"loss is {loss_v} at step {step}; stopping")
+        result = {"loss": loss_v, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s,
+                  "mfu": mfu, "tokens": tokens, "step_time_s": dt}
+        if world.device.type == "cuda":
+            result["max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
+        self.log.log(step, result)
+        self.last_time, self.last_step = time.perf_counter(), step
+        return result

@@ -3,7 +3,7 @@
 Matrices of the transformer blocks decay; norms, biases and embeddings do not (the usual
 GPT practice; embeddings are a lookup whose rows see sparse gradients, and with tied
 embeddings decay would also shrink the output layer). Under muP each hidden matrix's
-learning rate is divided by its fan-in width multiplier (:mod:`lmfab.mup`): every group
+learning rate is divided by its fan-in width multiplier (:mod:`lmfab.models.mup`): every group
 carries ``lr_mult`` and the loop sets ``lr = schedule(step) * lr_mult``.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lmfab.config.schema import ModelConfig, OptimizerConfig
-from lmfab.mup import fan_in_multiplier
+from lmfab.models.mup import fan_in_multiplier
 
 
 def param_groups(model: nn.Module, weight_decay: float, model_cfg: ModelConfig) -> list[dict]:
@@ -46,32 +46,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Each group's learning rate: the schedule's value times the group's muP multiplier.
-    A learning rate held in a device tensor (``make_capturable``) is filled in place, so a
-    captured step reads this step's value."""
+    """Each group's learning rate: the schedule's value times the group's muP multiplier."""
     for group in optimizer.param_groups:
-        value = lr * group.get("lr_mult", 1.0)
-        current = group["lr"]
-        if isinstance(current, torch.Tensor) and current.device.type != "cpu":
-            current.fill_(value)
-        else:
-            group["lr"] = value
-
-
-def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Prepare fused AdamW for CUDA-graph capture of its step (``runconfig.cuda_graph``):
-    capturable, and each group's learning rate in a device tensor that ``set_lr`` fills (a
-    float would be baked into the graph). Idempotent; run after any checkpoint load, which
-    replaces the groups' values. ``device`` with its index (``cuda:0``)."""
-    if not optimizer.defaults.get("fused"):
-        raise ValueError("a captured optimizer step needs fused AdamW (optimizer.fused)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    for group in optimizer.param_groups:
-        group["capturable"] = True
-        lr = group["lr"]
-        if not (isinstance(lr, torch.Tensor) and lr.device == device):
-            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],

@@ -1,6 +1,6 @@
 """GPU kernel time per step, by category: where a training step's time goes.
 
-Used by ``runconfig.profile_steps`` (every rank of ``lmfab run`` profiles the same steps and
+Used by ``runconfig.profile.steps`` (every rank of ``lmfab run`` profiles the same steps and
 writes a table and a Chrome/Perfetto trace under ``model_dir/profile/``) and by
 ``benchmarks/train_throughput.py --profile``. Kernel times are summed per category; on a
 GPU that overlaps communication with compute the sum can exceed the wall time, and the
@@ -218,3 +218,44 @@ def format_summary(s: dict, kernels: bool = True) -> str:
     if kernels:
         lines += [f"    {ms:7.3f} ms  {name[:110]}" for name, ms in s["top_kernels_ms"].items()]
     return "\n".join(lines)
+
+
+class ProfileWindow:
+    """``runconfig.profile.steps`` in the loop: steps ``profile_start+1 ..
+    profile_start+profile_steps`` run under :class:`StepProfiler`, once per run. ``before(step)``
+    opens the window (also when a resumed run starts inside it), ``after(step, end)`` closes
+    it at its last step or at the end of the run and writes each rank's kernel table and
+    summary beside its trace in ``out``; rank 0's categories are printed. Used as a context
+    manager, so an error inside the window stops the profiler."""
+
+    def __init__(self, start: int, steps: int, device: torch.device, rank: int, out: Path,
+                 say) -> None:
+        self.first, self.last = start, start + steps
+        self.device, self.rank, self.out, self.say = device, rank, Path(out), say
+        self.profiler: StepProfiler | None = None
+
+    def __enter__(self) -> ProfileWindow:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.profiler is not None:
+            self.profiler.abort()
+
+    def before(self, step: int) -> None:
+        if self.profiler is None and self.first <= step < self.last:
+            self.profiler = StepProfiler(self.device, self.out / f"trace_rank{self.rank}.json.gz")
+            self.first = step
+            self.profiler.start()
+
+    def after(self, step: int, end: int) -> None:
+        if self.profiler is None or step not in (self.last, end):
+            return
+        summary = self.profiler.stop(step - self.first)
+        self.profiler, self.last = None, -1  # once per run
+        self.out.mkdir(parents=True, exist_ok=True)
+        first = self.first + 1
+        (self.out / f"kernels_rank{self.rank}.txt").write_text(format_summary(summary) + "\n")
+        (self.out / f"kernels_rank{self.rank}.json").write_text(
+            json.dumps({"steps": [first, step], **summary}, indent=1))
+        self.say(f"profile, steps {first}-{step} (rank 0; each rank's table and trace in "
+                 f"{self.out}):\n" + format_summary(summary, kernels=False))

@@ -1,7 +1,8 @@
 """Import a Cerebras Model Zoo (2023, "legacy") GPT-2 / GPT-3 / BTLM params YAML.
 
 ``lmfab run --params modelzoo.yaml`` accepts such a file unchanged (it is recognised by
-``model.hidden_size``), and ``lmfab import modelzoo FILE -o OUT`` writes the lmfab params
+``model.hidden_size``; :func:`load_config` here is the loader that ``lmfab run`` uses, while
+:mod:`lmfab.config` itself reads lmfab params only), and ``lmfab import modelzoo FILE -o OUT`` writes the lmfab params
 file it maps to. Every key is accounted for, in one of three ways:
 
 - mapped to an lmfab field (``hidden_size`` -> ``model.d_model``, ...);
@@ -21,9 +22,20 @@ width. The importer recovers the width multiplier m = 1 / decoder_kernel, sets
 from __future__ import annotations
 
 import math
+import sys
+import typing
+from pathlib import Path
 from typing import Any
 
-from lmfab.config.load import ConfigError
+from lmfab.config.load import (
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    looks_like_modelzoo,
+    model_config_from_dict,
+    read_yaml,
+)
+from lmfab.config.schema import Config, ModelConfig
 
 # legacy model key -> lmfab model key
 _MODEL_KEYS = {
@@ -68,9 +80,30 @@ _RUN_NO_EFFECT = {"save_initial_checkpoint", "save_losses", "num_wgt_servers", "
                   "validate_only", "execute_crd_memory_gi", "enable_distributed"}
 
 
-def looks_like_modelzoo(raw: dict) -> bool:
-    model = raw.get("model")
-    return isinstance(model, dict) and "hidden_size" in model
+def load_config(
+    path: str | Path, overrides: typing.Sequence[str] = (), *, world_size: int = 1
+) -> Config:
+    """:func:`lmfab.config.load_config` that also reads a Model Zoo params file: converted,
+    its notices printed to stderr, then overridden and checked like an lmfab file."""
+    raw = read_yaml(path)
+    if looks_like_modelzoo(raw):
+        try:
+            raw, notices = convert_modelzoo(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        for note in notices:
+            print(f"lmfab: {path}: Model Zoo import: {note}", file=sys.stderr)
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, world_size=world_size, source=str(path),
+                            base_dir=Path(path).parent)
+
+
+def load_model_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ModelConfig:
+    """:func:`lmfab.config.load.load_model_config` that also reads a Model Zoo params file."""
+    raw = read_yaml(path)
+    if looks_like_modelzoo(raw):
+        raw = {"model": convert_modelzoo(raw)[0]["model"]}
+    return model_config_from_dict(raw, path, overrides)
 
 
 def _scheduler(seg: dict, where: str, refused: list[str]) -> dict | None:

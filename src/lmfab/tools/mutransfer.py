@@ -4,14 +4,15 @@ Under muP the optimum of the width-independent hyperparameters (peak learning ra
 std, embedding and output multipliers, weight decay) stays put as the model widens (Yang et
 al. 2022; Cerebras-GPT App. G tunes them once at width 256). So the target keeps its own
 shape and schedule length, takes the proxy's tuned values, and records the proxy's width as
-its muP base; per-layer scaling then follows from the config (:mod:`lmfab.mup`).
+its muP base; per-layer scaling then follows from the config (:mod:`lmfab.models.mup`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from lmfab.config.load import ConfigError, check_config
+from lmfab.config.check import check_config
+from lmfab.config.errors import ConfigError
 from lmfab.config.schema import Config, LRSegment
 from lmfab.train.schedule import LRSchedule
 

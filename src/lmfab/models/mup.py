@@ -12,6 +12,8 @@ Appendix G) and BTLM (arXiv 2309.11568). With width multiplier m = d_model / bas
 At m = 1 everything reduces to the standard parametrization with the same fields, which a
 test checks exactly. Nothing here is stored on tensors: the model and the optimizer call
 these functions with the config, so FSDP, torch.compile and torch.save cannot lose it.
+The coordinate check and muTransfer build on this as tools (:mod:`lmfab.tools.coord_check`,
+:mod:`lmfab.tools.mutransfer`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""Checkpoints: atomic, complete, resumable, on any number of devices.
+"""The run folder: atomic checkpoints, the resolved config, the tokenizer; shared by train,
+eval, infer and export.
 
-Layout of one checkpoint, ``<model_dir>/checkpoints/step_00000200/``::
+A run folder (``model_dir``) holds ``config.yaml`` (the resolved config of the run, every
+default filled in), ``tokenizer.json`` (copied from the first training source) and
+``checkpoints/``. Layout of one checkpoint, ``<model_dir>/checkpoints/step_00000200/``::
 
     model.safetensors   full weights, names of the unwrapped model (no DDP/compile/FSDP
                         prefixes): what eval, generate and export read
@@ -23,6 +26,7 @@ either.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -41,8 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lmfab.config.load import write_config
-from lmfab.config.schema import Config
+from lmfab.config.load import ConfigError, config_from_dict, config_to_dict, read_yaml, write_config
+from lmfab.config.schema import Config, ModelConfig
 from lmfab.dist.parallel import is_fsdp
 from lmfab.dist.world import World, barrier
 
@@ -196,3 +201,68 @@ def load_checkpoint(
         if "cuda" in rng and world.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], world.device)
     return read_state(ckpt)
+
+
+# ---- the run folder around the checkpoints ----------------------------------------------
+
+def run_tokenizer(cfg: Config) -> Path | None:
+    """The tokenizer.json of the run: the first training source's."""
+    first = cfg.train_input.data_dir or cfg.train_input.mixture[0].data_dir
+    tok = Path(first) / "tokenizer.json"
+    return tok if tok.is_file() else None
+
+
+def write_run_files(cfg: Config, model_dir: str | Path) -> None:
+    """``config.yaml`` and ``tokenizer.json`` of a run folder (rank 0 calls this)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, model_dir / "config.yaml")
+    tok = run_tokenizer(cfg)
+    if tok is not None:
+        shutil.copyfile(tok, model_dir / "tokenizer.json")
+
+
+def read_run_config(ckpt: str | Path) -> Config:
+    """The resolved config written beside a checkpoint."""
+    path = Path(ckpt) / "config.yaml"
+    return config_from_dict(read_yaml(path), source=str(path), resolved=True)
+
+
+def find_tokenizer(ckpt: str | Path, cfg: Config) -> Path:
+    """tokenizer.json beside a checkpoint, in its run folder, or in the run's data."""
+    ckpt = Path(ckpt)
+    candidates = [ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json",
+                  run_tokenizer(cfg)]
+    tok_file = next((p for p in candidates if p is not None and p.is_file()), None)
+    if tok_file is None:
+        raise FileNotFoundError(f"no tokenizer.json beside {ckpt} or in its data_dir")
+    return tok_file
+
+
+def check_resumable(saved: Path, cfg: Config) -> None:
+    """Refuse to resume from ``saved`` when its layout format or its model section differs."""
+    fmt = checkpoint_format(read_state(saved))
+    if fmt != FORMAT:
+        raise ConfigError(
+            f"{saved}: cannot resume, the checkpoint's layout is format {fmt} and this lmfab "
+            f"reads format {FORMAT}; use a new --model_dir, or --init_from {saved} to "
+            "start a new run from its weights"
+        )
+
+    saved_model = yaml.safe_load((saved / "config.yaml").read_text())["model"]
+    now = config_to_dict(cfg)["model"]
+    # A key the checkpoint lacks was added to ModelConfig after it was written; its default
+    # keeps the old behaviour, so that default matches.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                if f.default is not dataclasses.MISSING}
+    missing = object()
+    diff = {k: (saved_model.get(k), v) for k, v in now.items()
+            if saved_model.get(k, defaults.get(k, missing)) != v}
+    # A key only the checkpoint has (a field since renamed or removed) is a difference too.
+    diff.update({k: (v, None) for k, v in saved_model.items() if k not in now})
+    if diff:
+        raise ConfigError(
+            f"{saved}: cannot resume, the model section differs from the checkpoint's "
+            f"(key: (checkpoint, now)) {diff}; use a new --model_dir, or --init_from to "
+            "start a new run from these weights"
+        )
