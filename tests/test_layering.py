@@ -6,7 +6,8 @@
 A module may import lmfab modules of its own package and of lower layers only. Every
 ``import`` statement counts, also those inside functions (a function-level import hides a
 cycle from Python's import system, not from this test). ``data`` stands beside the layers:
-it imports ``config`` and itself only, and the layers from ``train`` up may import it. The
+it imports ``config``, the foundation (``atomic``, ``strict_yaml``: standard library and yaml
+only, importable from every layer) and itself, and the layers from ``train`` up may import it. The
 core never imports ``experimental``: only the CLI does (it enables the opt-in features).
 """
 
@@ -30,8 +31,11 @@ LAYERS = {
     "tools": 7, "experimental": 7,
     "cli": 8, "__main__": 9,
     "__init__": -1,  # lmfab/__init__.py: the version only, importable from anywhere
+    # the foundation: standard library (and yaml) only, importable from anywhere, data too
+    "atomic": -1,  # atomic writes and done markers
+    "strict_yaml": -1,  # the strict YAML -> dataclass converter
 }
-DATA_MAY_IMPORT = {"config", "data", "__init__"}
+DATA_MAY_IMPORT = {"config", "data", "__init__", "atomic", "strict_yaml"}
 DATA_IMPORTED_FROM = LAYERS["train"]  # train and up
 
 
@@ -130,6 +134,7 @@ def test_no_torch_distributed_in_model_code():
     ("lmfab.data.curate.pipeline", "lmfab.train.loop"),
     ("lmfab.models.gpt", "lmfab.data.loader"),
     ("lmfab.newpart.thing", "lmfab.config"),
+    ("lmfab.atomic", "lmfab.config.errors"),  # the foundation imports nothing of lmfab
 ])
 def test_the_rules_catch_what_they_should(importer, imported):
     assert violation(importer, imported) is not None

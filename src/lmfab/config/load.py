@@ -16,15 +16,14 @@ checked exactly like the file. The value is parsed as YAML (``3e-4``, ``true``, 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
 
+from lmfab import strict_yaml
 from lmfab.config.check import check_config, check_model_config
 from lmfab.config.errors import ConfigError
 from lmfab.config.keys import upgrade_runconfig
@@ -34,149 +33,26 @@ from lmfab.config.schema import Config, ModelConfig
 __all__ = ["ConfigError", "check_config", "check_model_config"]
 
 
-def _hint(key: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+# The strict converter is lmfab.strict_yaml's (shared with the curation recipes, which must
+# not import config); here its SchemaError becomes this package's ConfigError.
+_hint = strict_yaml.hint
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if tp is bool:
-        return "true or false"
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+def _as_config_error(fn):
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError:
+            raise
+        except strict_yaml.SchemaError as e:
+            raise ConfigError(str(e)) from None
+    call.__doc__ = fn.__doc__
+    return call
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Convert a YAML value to the annotated type ``tp`` or raise ConfigError at ``path``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors: list[tuple[Any, ConfigError]] = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, path)
-            except ConfigError as e:
-                errors.append((option, e))
-        # A list or mapping that failed inside: report the inner error, it names the key.
-        for option, err in errors:
-            if (isinstance(value, list) and typing.get_origin(option) is list) or (
-                isinstance(value, dict) and dataclasses.is_dataclass(option)
-            ):
-                raise err
-        expected = " or ".join(_type_name(o) for o in options)
-        raise ConfigError(f"{path}: expected {expected}, got {value!r}") from None
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        # YAML 1.1 reads a bare off/no as false and on/yes as true: take them as meant.
-        if isinstance(value, bool) and ("on" if value else "off") in allowed:
-            value = "on" if value else "off"
-        if value not in allowed:
-            hint = _hint(str(value), [str(a) for a in allowed])
-            if isinstance(value, bool):
-                hint += " (YAML reads a bare on/off/yes/no as a boolean: quote the word)"
-            raise ConfigError(f"{path}: {value!r} is not one of {list(allowed)}{hint}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _to_dataclass(value, tp, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str):  # PyYAML reads 1e6 (no dot) as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported schema type {tp!r} at {path}")  # a bug in the schema
-
-
-def _to_dataclass(raw: Any, cls: type, path: str) -> Any:
-    where = path or "params"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            raise ConfigError(
-                f"{path + '.' if path else ''}{key}: unknown key{_hint(str(key), fields)}; "
-                f"allowed in {where}: {', '.join(fields)}"
-            )
-    kwargs = {}
-    for name, f in fields.items():
-        sub = f"{path}.{name}" if path else name
-        if name in raw:
-            kwargs[name] = _convert(raw[name], hints[name], sub)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{sub}: required key is missing")
-    return cls(**kwargs)
-
-
-def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
-    """Apply ``a.b=c`` overrides to a raw params mapping (in place; returned for chaining)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"--set {item!r}: empty key in {key!r}")
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = nxt
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
-    return raw
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return raw
+_to_dataclass = _as_config_error(strict_yaml.to_dataclass)
+apply_overrides = _as_config_error(strict_yaml.apply_overrides)
+read_yaml = _as_config_error(strict_yaml.read_yaml)
 
 
 def preset_dirs() -> list[Path]:
