@@ -1,4 +1,4 @@
-"""Session-5 speed levers on CPU: the MLP's fused bias + GELU op (its Triton kernels are checked
+"""Speed levers on CPU: the MLP's fused bias + GELU op (its Triton kernels are checked
 against the same references in tests/test_gpu.py), the clip folded into fused AdamW, and
 ``ddp_split_graph: auto`` as resolved and as the run plan reports it."""
 

@@ -59,7 +59,7 @@ def test_mup_scales_init_lr_and_logits_by_width():
 
 @pytest.mark.slow
 def test_coord_check_mup_flat_sp_grows():
-    """The issue's check: widths 128..1024 (8x), 5 steps, the same LR at every width."""
+    """The coordinate check: widths 128..1024 (8x), 5 steps, the same LR at every width."""
     cfg = _mup_cfg(n_layer=2, vocab_size=1024, max_seq_len=64)
     widths = [128, 256, 512, 1024]
     mup = coord_check(cfg, widths, steps=5, lr=6e-3, mup=True)

@@ -151,7 +151,7 @@ class KernelsConfig:
     attention_backend: Literal["auto", "torch", "cudnn", "flash", "efficient", "math"] = "auto"
     """Kernel for softmax attention (learned / rope positions; ALiBi always uses
     FlexAttention): auto = cuDNN first on Hopper GPUs (1.5-1.8x flash there,
-    docs/benchmarks.md), PyTorch's own choice elsewhere; or one SDPA backend first (the others
+    dev/LOG.md), PyTorch's own choice elsewhere; or one SDPA backend first (the others
     stay as fall-backs)."""
     loss: Literal["auto", "fused", "standard"] = "auto"
     """Output projection + cross-entropy (kernels/cross_entropy.py): fused = one matmul and one

@@ -1,8 +1,8 @@
 """Text generation from a trained run: load the resolved config, weights and tokenizer.
 
 Sampling is temperature + top-k over the model's logits, seeded for reproducibility. The
-context is cropped to the model's positions. (A KV cache and quantized weights join with
-the inference issue; this is the reference path they will be checked against.)
+context is cropped to the model's positions. (A KV cache and quantized weights are on the
+roadmap; this is the reference path they will be checked against.)
 """
 
 from __future__ import annotations

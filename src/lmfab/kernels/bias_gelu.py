@@ -9,13 +9,13 @@ columns per layer) inductor's kernels for that took 22.6 ms per training step on
 one pointwise Triton kernel (read h, write gelu(h + b)); backward is one kernel over column
 blocks x row slices, software-pipelined, that writes ``dz`` and each slice's fp32 column
 sums, which a small sum turns into the bias gradient. In the same training step they took
-19.5 ms (forward 7.9, backward 11.6; docs/benchmarks.md, session 5). Neither runs at the
+19.5 ms (forward 7.9, backward 11.6; the lab log dev/LOG.md). Neither runs at the
 card's bandwidth: erf and exp in fp32 cost about as much issue time as the bytes cost
 memory time, so the forward is no faster than inductor's; the gain is in the backward.
 
 cuBLASLt's own GELU epilogues (``GELU_AUX_BIAS`` forward, ``DGELU_BGRAD`` backward) were
-tried through ctypes in session 7 and measured no faster than these kernels on an H200
-(docs/benchmarks.md, docs/decisions.md; code in commit 53c295b).
+tried through ctypes and measured no faster than these kernels on an H200 (dev/LOG.md,
+docs/decisions.md; the patch is in dev/results/2026-11-29-h200-cublaslt-gelu-epilogues/).
 
 Both are ``torch.library`` custom ops, so ``torch.compile`` keeps them in its graph (no
 graph break) and autograd, activation checkpointing, DDP and FSDP2 see an ordinary op. Off

@@ -3,7 +3,7 @@
 The standard path (``F.cross_entropy(logits.float(), targets)``) reads the (N, V) logits in
 forward, keeps them for backward and reads them again there to form softmax - onehot: at the
 GPT-2 124M shape (N = 32,768 positions, V = 50,304) inductor's two kernels for that took 9.1
-ms of a 64 ms step on an H200 (docs/benchmarks.md). :func:`fused_linear_cross_entropy` makes
+ms of a 64 ms step on an H200 (dev/LOG.md). :func:`fused_linear_cross_entropy` makes
 the logits with one matmul, then one row kernel (Triton on CUDA, PyTorch elsewhere) computes
 each row's log-sum-exp and loss and overwrites the row, in place, with its gradient
 ``scale * (softmax - onehot) / N``. Backward has only the two matmuls left. Same FLOPs, about

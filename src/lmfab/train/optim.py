@@ -62,7 +62,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
     scaler uses), so the separate pass that reads and writes every gradient goes. The fused
     kernel then writes the scaled gradient back, so the net saving is smaller than that pass:
     on an H200 at the 1.3B shape 1.0 ms per step (a 2.9 ms multiply gone, Adam's kernel 1.9
-    ms longer), at 124M 0.1 ms (docs/benchmarks.md). DTensor gradients (FSDP2) and unfused
+    ms longer), at 124M 0.1 ms (dev/LOG.md). DTensor gradients (FSDP2) and unfused
     optimizers clip in place first, as ``clip_grad_norm_`` does.
     """
     grads = [p.grad for p in params if p.grad is not None]

@@ -2,7 +2,7 @@
 
 Hugging Face ``tokenizers`` is the reference: it trains our vocabularies and is what every
 other part of lmfab loads. Its encode rate, though, caps ``lmfab data pack`` at about
-2.8 MB/s per core on the CI-class CPU (docs/benchmarks.md), and tiktoken's byte-level BPE
+2.8 MB/s per core on the CI-class CPU (dev/LOG.md), and tiktoken's byte-level BPE
 runs the same algorithm about 3.8x faster. So, for a ``tokenizer.json`` whose pipeline is
 exactly GPT-2's (no normalizer, ByteLevel pre-tokenizer with GPT-2's split regex and no
 prefix space, a BPE model without dropout, unknown token or byte fallback), the pack
