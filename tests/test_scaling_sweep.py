@@ -213,3 +213,22 @@ def test_sweep_records_failed_points_and_goes_on(tmp_path, tiny_data):
     assert [s for n, s in status.items() if n.startswith("fam")] == ["done"]
     broken = next(r for r in rows if r["group"] == "broken")
     assert "nonexistent" in broken["reason"]
+
+
+def test_isoflop_group_spends_one_budget_at_every_size(tmp_path):
+    from lmfab.scaling.sweep import collect_point
+
+    f = tmp_path / "iso.yaml"
+    f.write_text(yaml.safe_dump({
+        "base": str(REPO / "configs/train/subscale.yaml"),
+        "groups": [{"name": "isoflop-1e15", "family": "subscale", "flops": 1e15,
+                    "params": [0.8e6, 1.75e6, 3.45e6]}]}))
+    spec, points = expand(f)
+    rows = [collect_point(p, tmp_path / "none") for p in points]
+    assert [r["status"] for r in rows] == ["missing"] * 3
+    sizes = [r["n_params"] for r in rows]
+    assert sizes == sorted(sizes) and sizes[-1] > 4 * sizes[0]
+    for r in rows:  # the whole budget, to within one step of tokens
+        assert r["flops"] == pytest.approx(1e15, rel=0.01)
+    tpp = [r["tokens"] / r["n_params"] for r in rows]
+    assert tpp[0] > 10 * tpp[-1]  # small models see many more tokens per parameter

@@ -54,7 +54,6 @@ import yaml
 from lmfab.atomic import atomic_write_json, atomic_write_text
 from lmfab.scaling.plan import PlanError, load_family, merge, params_dict, plan
 
-SPECIAL_AXES = {"peak_lr", "parametrization", "tokens", "params"}
 RESULT_FIELDS = ["name", "group", "status", "reason", "n_params", "n_params_nonembed", "tokens",
                  "flops", "eval_loss", "eval_loss_smoothed", "bpb", "train_loss", "wall_s",
                  "d_model", "n_layer", "learning_rate", "parametrization", "vocab_size",
