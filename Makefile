@@ -14,6 +14,8 @@ RECIPE ?= configs/data/default.yaml
 DEMO_VOCAB ?= 4096
 DEMO_SEQ ?= 128
 PROMPT ?= ROMEO.
+SWEEP_DIR ?= runs/sweeps/demo
+SWEEP_SET ?=
 
 .PHONY: install demo demo-run test lint clean
 
@@ -29,23 +31,28 @@ install: $(BIN)/python
 
 demo: install demo-run
 
-# curate -> tokenize -> train (+ in-loop eval) -> eval -> generate, on the shipped sample.
+# curate -> tokenize -> train (+ in-loop eval) -> eval -> generate -> scaling sweep and fit,
+# on the shipped sample.
 # Re-running skips finished work: the tokenized data is reused and the run resumes.
 demo-run:
-	@echo "== 1/5 curate: $(RECIPE) (clean, filter, exact + verified MinHash dedup, mix, split)"
+	@echo "== 1/6 curate: $(RECIPE) (clean, filter, exact + verified MinHash dedup, mix, split)"
 	$(BIN)/lmfab data curate $(RECIPE) \
 		--set 'read.inputs=[data/sample/books.jsonl.zst]' --set write.output=$(CURATED_DIR)
-	@echo "== 2/5 tokenize: train a byte-level BPE and pack token shards"
+	@echo "== 2/6 tokenize: train a byte-level BPE and pack token shards"
 	$(BIN)/lmfab data tokenize --input $(CURATED_DIR)/train --out $(DATA_DIR) \
 		--seq_len $(DEMO_SEQ) --vocab_size $(DEMO_VOCAB) --val_fraction 0.05
-	@echo "== 3/5 train a tiny GPT on the CPU (resumes if $(RUN_DIR) has a checkpoint)"
+	@echo "== 3/6 train a tiny GPT on the CPU (resumes if $(RUN_DIR) has a checkpoint)"
 	$(BIN)/lmfab run --params configs/train/tiny.yaml --mode train_and_eval \
 		--model_dir $(RUN_DIR) --set train_input.data_dir=$(DATA_DIR) $(DEMO_SET)
-	@echo "== 4/5 evaluate the newest checkpoint on the held-out split"
+	@echo "== 4/6 evaluate the newest checkpoint on the held-out split"
 	$(BIN)/lmfab run --params configs/train/tiny.yaml --mode eval \
 		--model_dir $(RUN_DIR) --set train_input.data_dir=$(DATA_DIR) $(DEMO_SET)
-	@echo "== 5/5 generate"
+	@echo "== 5/6 generate"
 	$(BIN)/lmfab generate --model_dir $(RUN_DIR) --prompt "$(PROMPT)" --max_new_tokens 80
+	@echo "== 6/6 scaling: four sub-scale sizes (resumable, skipped once done), then the law L(C)"
+	$(BIN)/lmfab sweep configs/sweeps/demo.yaml --out $(SWEEP_DIR) \
+		--set train_input.data_dir=$(DATA_DIR) --set model.vocab_size=$(DEMO_VOCAB) $(SWEEP_SET)
+	$(BIN)/lmfab fit $(SWEEP_DIR) -o $(SWEEP_DIR)/fit
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,20 +31,25 @@ def test_make_demo_commands_run_end_to_end(tmp_path):
     proc = subprocess.run(
         ["make", "-s", "demo-run", f"BIN={bin_dir}", f"RUN_DIR={tmp_path / 'run'}",
          f"DATA_DIR={tmp_path / 'data'}", f"CURATED_DIR={tmp_path / 'curated'}",
-         "DEMO_VOCAB=512", f"DEMO_SET={small}"],
+         f"SWEEP_DIR={tmp_path / 'sweep'}", "DEMO_VOCAB=512", f"DEMO_SET={small}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    for stage in ("1/5 curate", "2/5 tokenize", "3/5 train", "4/5 evaluate", "5/5 generate"):
+    for stage in ("1/6 curate", "2/6 tokenize", "3/6 train", "4/6 evaluate", "5/6 generate",
+                  "6/6 scaling"):
         assert stage in out
     assert (tmp_path / "curated" / "stats.json").is_file()
     losses = [float(line.split("| loss ")[1].split()[0]) for line in out.splitlines()
               if line.startswith("step ")]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert "eval step 40" in out
-    generated = out.split("5/5 generate")[1]
+    generated = out.split("5/6 generate")[1].split("== 6/6")[0]
     assert len(generated.strip()) > 20  # the prompt and sampled text
+    # the scaling stage: four points done, a law fitted to them, its files written
+    assert "4/4 points done" in out and "power law over size (4 points)" in out
+    fit = json.loads((tmp_path / "sweep" / "fit" / "fit.json").read_text())
+    assert fit["power"]["b"] > 0 and len(fit["power"]["C"]) == 4
 
 
 def test_dry_run_prints_plan(capsys, tiny_data):

@@ -287,6 +287,8 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
                    help="run nothing; collect the results table of what has finished")
     p.add_argument("--list", action="store_true",
                    help="write each point's params.yaml, list them with their status, run nothing")
+    _sets(p, "every point's params", "train_input.data_dir=runs/data/x (applied last)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the file's `out:`)")
 
 
 def _fit_flags(p: argparse.ArgumentParser) -> None:
@@ -505,10 +507,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from lmfab.scaling.sweep import format_results, list_points, run_sweep
 
+    where = {"sets": args.overrides, "out": args.out}
     if args.list:
-        print(list_points(args.sweep, args.only))
+        print(list_points(args.sweep, args.only, **where))
         return 0
-    rows = run_sweep(args.sweep, only=args.only, parallel=args.parallel, collect_only=args.collect)
+    rows = run_sweep(args.sweep, only=args.only, parallel=args.parallel, collect_only=args.collect,
+                     **where)
     print(format_results(rows))
     return 0 if all(r["status"] == "done" for r in rows) else 1
 

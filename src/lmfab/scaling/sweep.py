@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -152,8 +153,10 @@ def _planned(base: dict, group: dict, size: dict, where: str) -> tuple[dict, dic
     return raw, tags
 
 
-def expand(path: str | Path, only: list[str] | None = None) -> tuple[dict, list[Point]]:
-    """Read a sweep file: (its settings, the points in order)."""
+def expand(path: str | Path, only: list[str] | None = None, *, sets: Sequence[str] = (),
+           out: str | Path | None = None) -> tuple[dict, list[Point]]:
+    """Read a sweep file: (its settings, the points in order). ``sets`` (``--set``) apply to
+    every point last, after planning; ``out`` replaces the file's output folder."""
     from lmfab.config.load import apply_overrides, config_from_dict, config_to_dict, read_yaml
 
     path = Path(path)
@@ -170,7 +173,7 @@ def expand(path: str | Path, only: list[str] | None = None) -> tuple[dict, list[
         raise SweepError(f"{path}: needs `base:` (a params file) and `groups:`")
     base_path = (path.parent / spec["base"]).resolve()
     base = apply_overrides(read_yaml(base_path), list(spec.get("set") or []))
-    spec["out"] = str(spec.get("out") or Path("runs") / "sweeps" / path.stem)
+    spec["out"] = str(out or spec.get("out") or Path("runs") / "sweeps" / path.stem)
     points: list[Point] = []
     for gi, group in enumerate(spec["groups"]):
         where = f"{path}: groups[{gi}]"
@@ -219,6 +222,7 @@ def expand(path: str | Path, only: list[str] | None = None) -> tuple[dict, list[
                 name = "-".join(label).replace("/", "_")
                 tags.update({k: _label(k, v) for k, v in combo.items()})
                 try:
+                    raw = apply_overrides(raw, sets)
                     cfg = config_from_dict(raw, source=f"{where} point {name}",
                                            base_dir=base_path.parent)
                 except ValueError as e:
@@ -310,9 +314,10 @@ def _run_point(point: Point, out: Path, extra_env: dict, lock: threading.Lock,
 
 
 def run_sweep(path: str | Path, *, only: list[str] | None = None, parallel: int | None = None,
-              collect_only: bool = False, env: dict | None = None) -> list[dict]:
+              collect_only: bool = False, env: dict | None = None, sets: Sequence[str] = (),
+              out: str | Path | None = None) -> list[dict]:
     """Expand, run the unfinished points, write and return the results table."""
-    spec, points = expand(path, only)
+    spec, points = expand(path, only, sets=sets, out=out)
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(Path(path).read_text())
@@ -417,9 +422,10 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def list_points(path: str | Path, only: list[str] | None = None) -> str:
+def list_points(path: str | Path, only: list[str] | None = None, *, sets: Sequence[str] = (),
+                out: str | Path | None = None) -> str:
     """The points of a sweep file, one a line: status and params file (written, not run)."""
-    spec, points = expand(path, only)
+    spec, points = expand(path, only, sets=sets, out=out)
     out = Path(spec["out"])
     return "\n".join(f"{point_status(p, out):<8} {write_params(p, out)}" for p in points)
 
