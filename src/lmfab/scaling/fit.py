@@ -564,7 +564,9 @@ def target_budget(params_yaml: str | Path, overrides: Sequence[str] = ()) -> dic
     plan = plan_run(cfg)
     steps = cfg.runconfig.max_steps
     tokens = plan.tokens_per_step * steps
-    return {"params": str(params_yaml), "overrides": list(overrides), "n_params": plan.n_params,
+    # parameters as the sweep counts them (no position embeddings), so L(N, D) sees one N
+    return {"params": str(params_yaml), "overrides": list(overrides),
+            "n_params": plan.n_params_no_pos,
             "tokens": tokens, "max_steps": steps, "flops_per_token": plan.flops_per_token,
             "flops": plan.flops_per_token * tokens}
 
