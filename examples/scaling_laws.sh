@@ -25,11 +25,12 @@ case "${1:-}" in
     $LMFAB sweep configs/sweeps/subscale-vocab.yaml --parallel "$PAR" &
     wait ;;
   fit)
-    $LMFAB fit runs/sweeps/subscale-family --predict configs/sweeps/subscale-heldout.yaml \
-      -o docs/scaling/family
+    $LMFAB sweep configs/sweeps/subscale-heldout.yaml --list   # writes the target's params.yaml
+    $LMFAB fit runs/sweeps/subscale-family -o docs/scaling/family \
+      --predict runs/sweeps/subscale-heldout/points/heldout-params1.03e07/params.yaml
     $LMFAB fit runs/sweeps/subscale-mup-lr -o docs/scaling/mup-lr
-    $LMFAB fit runs/sweeps/subscale-family runs/sweeps/subscale-vocab16k --metric bpb \
-      -o docs/scaling/vocab ;;
+    $LMFAB fit runs/sweeps/subscale-family --metric bpb -o docs/scaling/vocab-4k
+    $LMFAB fit runs/sweeps/subscale-vocab16k --metric bpb -o docs/scaling/vocab-16k ;;
   heldout)
     $LMFAB sweep configs/sweeps/subscale-heldout.yaml ;;
   *) echo "usage: $0 data|sweeps|fit|heldout" >&2; exit 2 ;;
