@@ -182,8 +182,14 @@ def test_sweep_is_killed_resumes_and_collects(tmp_path, tiny_data):
     assert (out / "points" / first_done / "run.log").read_text() == log_before
     flops = [r["flops"] for r in rows]
     assert flops == sorted(flops) and flops[-1] > 4 * flops[0]
-    for r in rows:
-        assert r["flops"] == pytest.approx(r["tokens"] * r["flops"] / r["tokens"])
+    from lmfab.config import load_config
+    from lmfab.train.plan import plan_run
+
+    for r in rows:  # the run plan's own accounting of the params file each point ran
+        cfg = load_config(out / "points" / r["name"] / "params.yaml")
+        rp = plan_run(cfg, device_type="cpu")
+        assert r["tokens"] == rp.tokens_per_step * cfg.runconfig.max_steps
+        assert r["flops"] == pytest.approx(rp.flops_per_token * r["tokens"])
         assert 0 < r["eval_loss"] < 7 and r["bpb"] > 0 and r["epochs"] > 0
     table = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [t["name"] for t in table] == [r["name"] for r in rows]
@@ -232,3 +238,16 @@ def test_isoflop_group_spends_one_budget_at_every_size(tmp_path):
         assert r["flops"] == pytest.approx(1e15, rel=0.01)
     tpp = [r["tokens"] / r["n_params"] for r in rows]
     assert tpp[0] > 10 * tpp[-1]  # small models see many more tokens per parameter
+
+
+def test_lmfab_plan_with_a_proxy_carries_its_mup_hyperparameters(tmp_path, tiny_data):
+    f = tmp_path / "plan.yaml"
+    proc = subprocess.run([sys.executable, "-m", "lmfab", "plan", "--params", "111e6",
+                           "--proxy", str(REPO / "configs/train/subscale.yaml"),
+                           "--data-dir", str(tiny_data), "-o", str(f)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "muTransfer: model.mup_base_d_model: None -> 64" in proc.stdout
+    m = yaml.safe_load(f.read_text())["model"]
+    assert (m["n_layer"], m["d_model"]) == (10, 768)  # the planned shape stays
+    assert m["init_std"] == 0.08 and m["attn_score_scale"] == "inv_d_head"

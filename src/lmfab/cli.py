@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -496,8 +497,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from lmfab.tools.modelzoo import load_config
         from lmfab.tools.mutransfer import transfer as mutransfer
 
-        proxy = load_config(args.proxy)
-        transfer = lambda target: mutransfer(proxy, target)  # noqa: E731
+        transfer = functools.partial(mutransfer, load_config(args.proxy))
     plan_command(family=args.family, flops=args.flops, params=args.params, tokens=args.tokens,
                  tokens_per_param=args.tokens_per_param, base=args.base, fit=args.fit,
                  data_dir=args.data_dir, sets=args.overrides, out=args.out, transfer=transfer)

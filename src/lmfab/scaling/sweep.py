@@ -297,15 +297,8 @@ def _run_point(point: Point, out: Path, extra_env: dict, lock: threading.Lock,
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT,
                              env={**os.environ, **extra_env})
     wall = time.time() - t0
-    info = {"rc": rc, "wall_s": wall, "finished": time.time()}
-    prev = pdir / "wall.json"
-    if prev.is_file():  # a resumed point: wall time adds up over its invocations
-        try:
-            info["wall_s"] += json.loads(prev.read_text()).get("wall_s", 0.0) if rc == 0 else 0
-        except ValueError:
-            pass
-    if rc == 0:
-        atomic_write_json(pdir / "wall.json", info)
+    if rc == 0:  # the invocation that finished the point (a killed one writes nothing)
+        atomic_write_json(pdir / "wall.json", {"wall_s": wall, "finished": time.time()})
     with lock:
         progress[0] += 1
         status = "ok" if rc == 0 else f"exit {rc} (see {pdir / 'run.log'})"
@@ -320,7 +313,7 @@ def run_sweep(path: str | Path, *, only: list[str] | None = None, parallel: int 
     spec, points = expand(path, only, sets=sets, out=out)
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(Path(path).read_text())
+    atomic_write_text(out / "sweep.yaml", Path(path).read_text())
     todo = [p for p in points if point_status(p, out) != "done"]
     k = max(1, int(parallel or spec.get("parallel") or 1))
     print(f"lmfab sweep: {len(points)} points in {out}, {len(points) - len(todo)} finished, "
