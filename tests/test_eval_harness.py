@@ -127,7 +127,7 @@ def test_generate_until_is_greedy_and_stops(lm):
     for _ in range(6):  # greedy by hand
         with torch.no_grad():
             ids.append(int(lm.model(torch.tensor([ids]))[0, -1].argmax()))
-    want = lm.tokenizer.decode(ids[len(lm.tok_encode("And the")):])
+    want = lm.tokenizer.decode(ids[len(lm.tok_encode("And the")):], skip_special_tokens=False)
     assert second == want.split("<|endoftext|>")[0]
 
 
@@ -223,3 +223,31 @@ def test_in_loop_downstream_metrics_are_logged_and_leave_training_unchanged(tiny
 
     assert set(downstream_metrics(evals[-1])) == {"lmfab_cloze/acc", "lmfab_cloze/perplexity"}
     assert downstream_metrics({"step": 3, "loss": 2.0}) is None
+
+
+@pytest.mark.slow
+def test_scores_equal_lm_eval_hf_backend_on_the_export(lm, trained, tmp_path):
+    """The same tasks through lm-eval's Hugging Face backend on the checkpoint's export give
+    the same numbers (1e-4): the adapter follows HF's tokenization and scoring conventions."""
+    hf = pytest.importorskip("lmfab.export.hf", reason="needs lmfab.export (Hugging Face export)")
+    pytest.importorskip("accelerate", reason="lm-eval's HF backend needs accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    hf.export_hf(trained, tmp_path / "hf")
+    peer = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=4, dtype="float32")
+    assert peer.max_length == lm.max_length and peer.prefix_token_id == lm.prefix_token_id
+    a = lm.loglikelihood(_ll(*PAIRS), disable_tqdm=True)
+    b = peer.loglikelihood(_ll(*PAIRS), disable_tqdm=True)
+    for (sa, ga), (sb, gb) in zip(a, b, strict=True):
+        assert sa == pytest.approx(sb, abs=1e-4) and ga == gb
+    text = "Rebellious subjects, enemies to peace, profaners of this neighbour-stained steel. " * 3
+    roll = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    assert lm.loglikelihood_rolling(roll, disable_tqdm=True)[0] == pytest.approx(
+        peer.loglikelihood_rolling(roll, disable_tqdm=True)[0], abs=1e-4)
+    # (lmfab_choice's lines run past this model's 32 positions, which HF's backend refuses)
+    tasks = ["lmfab_cloze"]
+    ours = flat_metrics(evaluate_tasks(lm, tasks, limit=24, bootstrap_iters=0))
+    theirs = flat_metrics(evaluate_tasks(peer, tasks, limit=24, bootstrap_iters=0))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-4), k

@@ -59,19 +59,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _generate_tokens(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
-                     temperature: float, eos_id: int | None) -> list[list[int]]:
-    """New tokens for each prompt (greedy at temperature 0). One call, so the generation
-    backend can be swapped in one place; this one is the no-cache reference sampler, one
-    prompt at a time (prompts of different lengths need no padding)."""
+def _generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: list[list[int]], *,
+              max_new_tokens: int, temperature: float, stop: list[str]) -> list[str]:
+    """The text generated after each prompt (token ids, already cut to fit), greedy at
+    temperature 0, ending at ``<|endoftext|>``; the caller cuts it at the first ``stop``
+    string. The one place generation happens, so the backend can be swapped here; this one
+    is infer's no-cache reference sampler, one prompt at a time (no padding needed)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(1234)
+    eos_id = tokenizer.token_to_id(EOT)
     out = []
     for ids in prompts:
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         full = sample(model, idx, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_k=None, generator=gen, eos_id=eos_id)
-        out.append(full[0, len(ids):].tolist())
+        out.append(tokenizer.decode(full[0, len(ids):].tolist(), skip_special_tokens=False))
     return out
 
 
@@ -253,10 +255,10 @@ class LmfabLM(TemplateLM):
             prompts = [self.tok_encode(c, left_truncate_len=self.max_length - max_gen) or
                        [self.prefix_token_id] for c in contexts]
             with self._autocast():
-                new = _generate_tokens(self.model, prompts, max_new_tokens=max_gen,
-                                       temperature=temperature, eos_id=self.eot_token_id)
-            for context, gen_kwargs, toks in zip(contexts, all_kwargs, new, strict=True):
-                text = postprocess_generated_text(self.tok_decode(toks), until, None)
+                new = _generate(self.model, self.tokenizer, prompts, max_new_tokens=max_gen,
+                                temperature=temperature, stop=until)
+            for context, gen_kwargs, generated in zip(contexts, all_kwargs, new, strict=True):
+                text = postprocess_generated_text(generated, until, None)
                 res.append(text)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return reorder.get_original(res)
