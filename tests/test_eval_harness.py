@@ -251,3 +251,31 @@ def test_scores_equal_lm_eval_hf_backend_on_the_export(lm, trained, tmp_path):
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-4), k
+
+
+def test_results_rows_keep_downstream_scores():
+    from lmfab.scaling.results import check_row
+
+    row = {"name": "a", "status": "done", "group": "f", "n_params": 10, "tokens": 100,
+           "flops": 6e3, "eval_loss": 3.0}
+    assert check_row({**row, "downstream": {"lmfab_cloze/acc": 0.25}}) is None
+    assert "downstream" in check_row({**row, "downstream": 0.25})
+
+
+def test_bad_tasks_limit_is_refused(tiny_data, capsys):
+    sets = tiny_overrides(tiny_data, **{"eval_input.tasks": "[lmfab_cloze]",
+                                        "eval_input.tasks_limit": 0})
+    assert main(["eval", "--params", TINY, "--model-dir", "unused",
+                 *[a for o in sets for a in ("--set", o)]]) == 2
+    assert "eval_input.tasks_limit" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_bf16_scores_near_fp32(trained):
+    """CUDA, bf16 autocast (the default there) against the CPU's fp32 scores."""
+    gpu = LmfabLM(str(trained), device="cuda", batch_size=4)
+    cpu = LmfabLM(str(trained), device="cpu", batch_size=4)
+    assert gpu.dtype == "bf16" and gpu.device.type == "cuda"
+    for (a, _), (b, _) in zip(gpu.loglikelihood(_ll(*PAIRS), disable_tqdm=True),
+                              cpu.loglikelihood(_ll(*PAIRS), disable_tqdm=True), strict=True):
+        assert a == pytest.approx(b, rel=0.05, abs=0.1)

@@ -371,6 +371,9 @@ def downstream_for_config(cfg) -> Callable[[torch.nn.Module], dict[str, float]] 
     e = cfg.eval_input
     if not e.tasks:
         return None
+    if e.tasks_limit is not None and e.tasks_limit < 1:
+        raise ValueError(f"eval_input.tasks_limit={e.tasks_limit}: must be at least 1, or null "
+                         "for every item")
     tok = run_tokenizer(cfg)
     if tok is None:
         raise ValueError("eval_input.tasks: the run's data has no tokenizer.json to encode "
