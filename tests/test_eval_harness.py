@@ -279,3 +279,26 @@ def test_on_the_gpu_bf16_scores_near_fp32(trained):
     for (a, _), (b, _) in zip(gpu.loglikelihood(_ll(*PAIRS), disable_tqdm=True),
                               cpu.loglikelihood(_ll(*PAIRS), disable_tqdm=True), strict=True):
         assert a == pytest.approx(b, rel=0.05, abs=0.1)
+
+
+def test_sweep_collects_the_final_eval_s_downstream_scores(tmp_path):
+    import yaml
+
+    from lmfab.scaling.sweep import collect_point, expand
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({
+        "base": str(CONFIGS / "train/subscale.yaml"),
+        "groups": [{"name": "fam", "family": "subscale", "flops": 1e15, "params": [1.75e6]}]}))
+    _, (point,) = expand(f)
+    steps = point.params["runconfig"]["max_steps"]
+    run = tmp_path / "runs" / point.name
+    run.mkdir(parents=True)
+    records = [{"step": steps, "split": "train", "loss": 3.1},
+               {"step": steps // 2, "split": "eval", "loss": 3.5, "lmfab_cloze/acc": 0.1},
+               {"step": steps, "split": "eval", "loss": 3.0, "bits_per_byte": 1.5,
+                "lmfab_cloze/acc": 0.2, "lmfab_choice/acc_norm": 0.4}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = collect_point(point, tmp_path)
+    assert row["status"] == "done" and row["eval_loss"] == 3.0
+    assert row["downstream"] == {"lmfab_cloze/acc": 0.2, "lmfab_choice/acc_norm": 0.4}
