@@ -1,7 +1,9 @@
 """Imports run one way (DESIGN.md, "Dependency direction"), pinned by parsing every module.
 
-    config <- kernels <- models <- dist <- checkpoint <- train <- (eval, infer, export,
-    scaling) <- tools, experimental <- cli
+    config <- kernels <- models <- dist <- checkpoint <- train <- (infer, export, scaling)
+    <- eval <- tools, experimental <- cli
+
+(eval scores what infer loads and generates, quantized models too, so it sits above it.)
 
 A module may import lmfab modules of its own package and of lower layers only. Every
 ``import`` statement counts, also those inside functions (a function-level import hides a
@@ -27,9 +29,10 @@ LAYERS = {
     "dist": 3,
     "checkpoint": 4,
     "train": 5,
-    "eval": 6, "infer": 6, "export": 6, "scaling": 6,
-    "tools": 7, "experimental": 7,
-    "cli": 8, "__main__": 9,
+    "infer": 6, "export": 6, "scaling": 6,
+    "eval": 7,
+    "tools": 8, "experimental": 8,
+    "cli": 9, "__main__": 10,
     "__init__": -1,  # lmfab/__init__.py: the version only, importable from anywhere
     # the foundation: standard library (and yaml) only, importable from anywhere, data too
     "atomic": -1,  # atomic writes and done markers
@@ -130,6 +133,8 @@ def test_no_torch_distributed_in_model_code():
     ("lmfab.config.load", "lmfab.tools.modelzoo"),
     ("lmfab.infer.generate", "lmfab.tools.coord_check"),
     ("lmfab.train.loop", "lmfab.eval.loss"),
+    ("lmfab.infer.generate", "lmfab.eval.harness"),  # eval sits above infer
+    ("lmfab.scaling.sweep", "lmfab.eval.harness"),
     ("lmfab.train.loop", "lmfab.experimental.graph"),
     ("lmfab.data.curate.pipeline", "lmfab.train.loop"),
     ("lmfab.models.gpt", "lmfab.data.loader"),

@@ -36,6 +36,7 @@ examples:
   lmfab train --params configs/train/tiny.yaml --dry-run
   lmfab train --params configs/train/tiny.yaml --model-dir runs/x --num-devices 2
   lmfab eval --params configs/train/tiny.yaml --model-dir runs/x
+  lmfab eval --model-dir runs/x --tasks lmfab_cloze,lmfab_choice --limit 100
   lmfab generate --model-dir runs/x --prompt "ROMEO."
   lmfab plan --flops 1e18 --base configs/train/gpt2-124m.yaml -o runs/plan.yaml
   lmfab sweep configs/sweeps/subscale-family.yaml --parallel 8
@@ -117,8 +118,8 @@ def _launch_flags(p: argparse.ArgumentParser) -> None:
          "node 0")
 
 
-def _run_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", required=True, metavar="YAML",
+def _run_common(p: argparse.ArgumentParser, params_required: bool = True) -> None:
+    p.add_argument("--params", required=params_required, metavar="YAML",
                    help="the params YAML (lmfab or Model Zoo format)")
     _opt(p, "--model-dir", metavar="DIR", help="run folder: checkpoints, metrics, resolved config "
          "(default: runconfig.model_dir)")
@@ -139,9 +140,23 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
-    _run_common(p)
+    _run_common(p, params_required=False)
     _launch_flags(p)
     p.set_defaults(num_steps=None, max_steps=None, init_from=None)
+    g = p.add_argument_group("downstream tasks", "with --tasks: lm-evaluation-harness on the "
+                             "newest checkpoint of --model-dir (no --params needed); without: "
+                             "held-out loss of --params")
+    g.add_argument("--tasks", help="comma-separated task names: lmfab_cloze, lmfab_choice "
+                   "(offline) or lm-eval's (hellaswag, lambada_openai, ...: need the Hub)")
+    g.add_argument("--limit", type=float, help="items per task (a fraction below 1: a share)")
+    _opt(g, "--batch-size", type=int, default=16, help="requests per forward pass")
+    g.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    _opt(g, "--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    _opt(g, "--bootstrap-iters", type=int, default=1000,
+         help="bootstrap resamples for standard errors (0: none)")
+    g.add_argument("--output", metavar="JSON", help="also write lm-eval's results here")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
@@ -310,8 +325,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return cmd_eval_tasks(args)
+    if not args.params:
+        raise ValueError("lmfab eval: give --params (held-out loss) or --tasks (downstream)")
     args.mode = "eval"
     return cmd_run(args)
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    if not args.model_dir:
+        raise ValueError("lmfab eval: --tasks needs --model-dir (a run or checkpoint folder)")
+    from lmfab.eval.harness import eval_command
+
+    eval_command(args.model_dir, args.tasks, limit=args.limit, batch_size=args.batch_size,
+                 device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot,
+                 bootstrap_iters=args.bootstrap_iters, output=args.output)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -329,8 +359,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit(f"lmfab {args.verb}: --model-dir is required (or set runconfig.model_dir)")
     from lmfab.train.loop import run_mode
 
+    extra = {}
+    if cfg.eval_input.tasks:  # downstream tasks at each eval (lmfab.eval sits above train)
+        from lmfab.eval.harness import downstream_for_config
+
+        extra["downstream"] = downstream_for_config(cfg)
     run_mode(cfg, mode=args.mode, model_dir=model_dir, num_steps=args.num_steps,
-             init_from=args.init_from)
+             init_from=args.init_from, **extra)
     return 0
 
 
@@ -531,7 +566,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 VERBS: dict[str, Verb | Group] = {
     "train": Verb(cmd_train, _train_flags, "train from one params YAML (= run --mode train)"),
     "eval": Verb(cmd_eval, _eval_flags,
-                 "evaluate a run's newest checkpoint on held-out data (= run --mode eval)"),
+                 "evaluate a run's newest checkpoint: held-out loss (= run --mode eval), or "
+                 "downstream tasks through lm-evaluation-harness (--tasks)"),
     "run": Verb(cmd_run, _run_flags, "train and/or evaluate, the Model Zoo's run.py: --mode "
                 "train | eval | train_and_eval | eval_all"),
     "generate": Verb(cmd_generate, _generate_flags, "sample text from a trained run"),

@@ -140,6 +140,15 @@ class EvalInputConfig:
     split: str = "val"
     max_batches: int | None = 20  # None: the whole split
     seq_len: int | None = None  # default train_input.seq_len; longer tests extrapolation
+    tasks: list[str] = field(default_factory=list)
+    """Downstream tasks scored through lm-evaluation-harness at every eval (eval_steps, the
+    final eval, eval and eval_all), logged beside the held-out loss as ``<task>/<metric>``,
+    e.g. [lmfab_cloze, lmfab_choice] (lmfab's offline tasks) or lm-eval's (hellaswag: needs
+    the Hugging Face Hub). Empty: held-out loss only."""
+    tasks_limit: int | None = 200
+    """Items per downstream task at each eval (None: all); bounds the time an eval takes."""
+    tasks_batch_size: int = 16
+    """Requests per forward pass of the downstream evaluation."""
 
 
 @dataclass

@@ -23,7 +23,8 @@ REQUIRED = {"name": str, "status": str, "group": str, "n_params": int, "tokens":
 # Fields checked for type where present; the fits that need them say so.
 OPTIONAL = {"reason": str, "n_params_nonembed": int, "eval_loss_smoothed": float,
             "bpb": float, "wall_s": float, "d_model": int, "n_layer": int,
-            "learning_rate": float, "parametrization": str, "vocab_size": int, "tags": dict}
+            "learning_rate": float, "parametrization": str, "vocab_size": int, "tags": dict,
+            "downstream": dict}
 POSITIVE = ("n_params", "n_params_nonembed", "tokens", "flops", "eval_loss",
             "eval_loss_smoothed", "learning_rate", "d_model")
 
@@ -120,6 +121,17 @@ def load_results(source: str | Path, *, loss_key: str = "eval_loss") -> Results:
         else:
             kept[name] = row
     return Results(str(path), list(kept.values()), list(rejected.values()))
+
+
+def downstream_metrics(record: dict | None) -> dict[str, float] | None:
+    """The downstream scores of an eval record of metrics.jsonl (``"<task>/<metric>"`` keys,
+    logged when the run's ``eval_input.tasks`` names tasks), or None when it has none. A
+    results row keeps them under ``downstream``, so loss -> accuracy can be fitted."""
+    if not record:
+        return None
+    found = {k: v for k, v in record.items()
+             if "/" in k and (v is None or isinstance(v, int | float))}
+    return found or None
 
 
 def is_isoflop_group(group: str) -> bool:

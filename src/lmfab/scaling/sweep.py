@@ -54,6 +54,7 @@ import yaml
 
 from lmfab.atomic import atomic_write_json, atomic_write_text
 from lmfab.scaling.plan import PlanError, load_family, merge, params_dict, plan
+from lmfab.scaling.results import downstream_metrics
 
 RESULT_FIELDS = ["name", "group", "status", "reason", "n_params", "n_params_nonembed", "tokens",
                  "flops", "eval_loss", "eval_loss_smoothed", "bpb", "train_loss", "wall_s",
@@ -367,6 +368,8 @@ def collect_point(point: Point, out: Path) -> dict:
             and isinstance(r.get("loss"), int | float)]
     row.update(eval_loss=loss, bpb=final.get("bits_per_byte"),
                eval_loss_smoothed=sum(late) / len(late) if late else loss)
+    if (scores := downstream_metrics(final)) is not None:  # eval_input.tasks
+        row["downstream"] = scores
     wall = pdir / "wall.json"
     if wall.is_file():
         row["wall_s"] = json.loads(wall.read_text()).get("wall_s")

@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,9 @@ class Run:
     wrapped: nn.Module  # what the loop calls (compiled / DDP)
     autocast: contextlib.AbstractContextManager
     log: MetricsLogger
+    # Downstream tasks at each eval: model -> {"<task>/<metric>": value}, injected by the
+    # caller (lmfab.eval sits above train); None: held-out loss only.
+    downstream: Callable[[nn.Module], dict] | None = None
 
     def say(self, msg: str) -> None:
         console(msg, self.world.is_main)
@@ -239,6 +243,11 @@ def _eval_and_log(run: Run, dataset: TokenDataset, step: int) -> dict:
     bpb = metrics.get("bits_per_byte")
     run.say(f"eval step {step} | loss {metrics['loss']:.4f} | ppl {metrics['perplexity']:.2f} "
             f"| bpb {'-' if bpb is None else f'{bpb:.4f}'} | {metrics['tokens']:,} tokens")
+    if run.downstream is not None:  # every rank runs it (FSDP shards need them all)
+        scores = run.downstream(run.model)
+        run.say(f"eval step {step} | " + " | ".join(
+            f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in scores.items()))
+        metrics.update(scores)
     run.log.log(step, metrics, prefix="eval")
     return metrics
 
@@ -269,11 +278,14 @@ def run_mode(
     model_dir: str | Path,
     num_steps: int | None = None,
     init_from: str | None = None,
+    downstream: Callable[[nn.Module], dict] | None = None,
 ) -> dict | list[dict]:
-    """Entry point of ``lmfab run``: set up the world, run the mode, tear down."""
+    """Entry point of ``lmfab run``: set up the world, run the mode, tear down.
+    ``downstream``: scores downstream tasks at each eval (:attr:`Run.downstream`)."""
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     run = setup(cfg, model_dir)
+    run.downstream = downstream
     done = False
     try:
         if mode in ("train", "train_and_eval"):
