@@ -357,3 +357,21 @@ def test_fit_and_plots_do_not_import_torch():
             "sys.exit('torch' in sys.modules or 'lmfab.train.plan' in sys.modules)")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_a_downstream_accuracy_is_fitted_as_its_error(tmp_path):
+    """``--metric TASK/acc`` fits 1 - acc with the same law; a run without that score is
+    left out by name."""
+    C, err = noisy_cerebras(seed=3, noise=0.0)
+    err = err / 10  # errors in (0, 1)
+    rows = [row(f"fam-{i}", "family", math.sqrt(c / 120), 20 * math.sqrt(c / 120), 3.0,
+                downstream={"lmfab_choice/acc": 1 - e, "lmfab_choice/acc_norm": 0.5})
+            for i, (c, e) in enumerate(zip(C, err, strict=True))]
+    rows.append(row("no-scores", "family", 1e9, 2e10, 3.0))
+    res = load_results(write_rows(tmp_path / "results.jsonl", rows), loss_key="lmfab_choice/acc")
+    assert [r.name for r in res.rejected] == ["no-scores"]
+    assert "lmfab_choice/acc" in res.rejected[0].reason
+    out = run_fit(tmp_path, out_dir=tmp_path / "fit", loss_key="lmfab_choice/acc", bootstrap=10,
+                  echo=False)
+    assert out["power"]["b"] == pytest.approx(B_EXP, rel=1e-3)
+    assert out["power"]["c"] == pytest.approx(C_IRR / 10, rel=1e-2)

@@ -307,14 +307,23 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default: the file's `out:`)")
 
 
+def _fit_metric(value: str) -> str:
+    if value in ("eval_loss", "bpb") or (value.count("/") == 1 and all(value.split("/"))):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r}: expected eval_loss, bpb or a downstream TASK/METRIC such as lmfab_choice/acc")
+
+
 def _fit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep folder or its results.jsonl")
     p.add_argument("--predict", metavar="YAML", help="params YAML of a target run: its loss, "
                    "predicted with an interval")
     p.add_argument("--form", default="power", choices=["power", "chinchilla", "both"],
                    help="L(C) = a·C^-b + c, L(N, D) = E + A/N^alpha + B/D^beta, or both")
-    p.add_argument("--metric", default="eval_loss", choices=["eval_loss", "bpb"],
-                   help="what is fitted: held-out loss (nats/token) or bits per byte")
+    p.add_argument("--metric", default="eval_loss", type=_fit_metric,
+                   help="what is fitted: eval_loss (nats/token), bpb (bits per byte), or a "
+                   "downstream score TASK/METRIC of the runs' eval_input.tasks (e.g. "
+                   "lmfab_choice/acc; accuracies are fitted as the error 1 - acc)")
     p.add_argument("-o", "--out", required=True, metavar="DIR",
                    help="folder for fit.json and the plots")
 

@@ -113,6 +113,7 @@ def load_results(source: str | Path, *, loss_key: str = "eval_loss") -> Results:
             continue
         name = row.get("name") if isinstance(row, dict) else None
         name = name if isinstance(name, str) and name else f"line {i}"
+        row = with_downstream_value(row, loss_key)
         why = check_row(row, loss_key)
         kept.pop(name, None)
         rejected.pop(name, None)
@@ -132,6 +133,24 @@ def downstream_metrics(record: dict | None) -> dict[str, float] | None:
     found = {k: v for k, v in record.items()
              if "/" in k and (v is None or isinstance(v, int | float))}
     return found or None
+
+
+def with_downstream_value(row: Any, key: str) -> Any:
+    """A row with ``key`` filled from its downstream scores when ``key`` names one.
+
+    ``key`` is ``"<task>/<metric>"`` (e.g. ``lmfab_choice/acc``). Accuracies (metrics named
+    ``acc...``) are fitted as the error 1 - acc, which falls with compute like a loss, so the
+    same law L = a·C^-b + c applies (Cerebras-GPT's downstream fits take this form too);
+    other metrics (perplexity) are fitted as they are. A row without that score is returned
+    unchanged and :func:`check_row` names the missing field."""
+    if "/" not in key or not isinstance(row, dict) or key in row:
+        return row
+    scores = row.get("downstream")
+    value = scores.get(key) if isinstance(scores, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return row
+    metric = key.split("/", 1)[1]
+    return {**row, key: 1.0 - float(value) if metric.startswith("acc") else float(value)}
 
 
 def is_isoflop_group(group: str) -> bool:
