@@ -350,6 +350,8 @@ def export_hf(model_dir: str | Path, out: str | Path, *, checkpoint: str | None 
                            dtype=dtype)
         tensors = complete_tensors(tensors, expected_tensors(config), plain)
         tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+        if arch == "gpt_neox" and "lm_head.weight" in tensors:  # the name on disk, as
+            tensors["embed_out.weight"] = tensors.pop("lm_head.weight")  # save_pretrained's
         write_safetensors(tensors, tmp)
         config.save_pretrained(str(tmp))
         write_generation_config(tmp, ids)
