@@ -73,6 +73,7 @@ FAMILIES = {
                                "tied_embeddings": False}, "GPT2LMHeadModel"),
     "llama": ({"preset": "tiny-llama"}, "LlamaForCausalLM"),
     "neox": ({"preset": "tiny-neox", "dropout": 0.0}, "GPTNeoXForCausalLM"),
+    "alibi-swiglu-bundled": ({"preset": "tiny-alibi-swiglu"}, "LmfabAlibiForCausalLM"),
     "gpt2-mup": ({"preset": "tiny-learned", "init_std": 0.08, "embedding_mult": 10.0,
                   "output_mult": 1.3, "attn_score_scale": "inv_d_head",
                   "mup_base_d_model": 32}, "GPT2LMHeadModel"),
@@ -91,7 +92,10 @@ def test_export_is_the_same_model(family, tiny_data, tmp_path):
     assert cfg["architectures"] == [arch]
 
     ours, tok, _ = load_trained(run)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    remote = arch == "LmfabAlibiForCausalLM"  # bundled code: BTLM's and Jais's way
+    assert (out / "modeling_lmfab_alibi.py").is_file() == remote
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out),
+                                                           trust_remote_code=remote).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf_tok(TEXT)["input_ids"] == tok.encode(TEXT).ids  # same tokenizer, ~20k chars
     assert hf_tok.decode(tok.encode(TEXT).ids) == TEXT
@@ -110,7 +114,7 @@ def test_export_is_the_same_model(family, tiny_data, tmp_path):
     assert theirs[0].tolist() == mine[0].tolist()
     card = (out / "README.md").read_text()
     assert arch in card and "Training budget" in card
-    assert ("Folded multipliers" in card) == (family == "gpt2-mup")
+    assert ("Folded multipliers" in card) == (family in ("gpt2-mup", "alibi-swiglu-bundled"))
 
 
 @pytest.mark.slow

@@ -149,3 +149,18 @@ def test_weights_only_bin_is_read(tiny_data, tmp_path):
     ours, _, _ = load_trained(tmp_path / "run")
     torch.testing.assert_close(ours.state_dict()["blocks.0.attn.qkv.weight"],
                                sd["transformer.h.0.attn.c_attn.weight"].t())
+
+
+@pytest.mark.slow
+def test_bundled_alibi_export_imports_back(tiny_data, tmp_path):
+    from .test_export_hf import make_run
+
+    run = make_run(tmp_path, tiny_data, {"preset": "tiny-alibi-swiglu"})
+    out, back = tmp_path / "hf", tmp_path / "back"
+    assert main(["export", "hf", "--model-dir", str(run), "--out", str(out)]) == 0
+    assert main(["import", "hf", str(out), "--out", str(back)]) == 0
+    a, _, _ = load_trained(run)
+    b, _, _ = load_trained(back)
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids), a(ids), atol=1e-4, rtol=0)

@@ -42,6 +42,7 @@ def model_card(cfg: Config, *, arch: str, run_dir: Path, checkpoint: Path, state
     from lmfab.models.gpt import build_model
 
     m = cfg.model
+    remote = arch == "LmfabAlibiForCausalLM"
     step, tokens = state.get("step"), state.get("tokens")
     seq_len = cfg.train_input.seq_len
     flops_tok = build_model(m).flops_per_token(seq_len)
@@ -56,8 +57,13 @@ def model_card(cfg: Config, *, arch: str, run_dir: Path, checkpoint: Path, state
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'tok = AutoTokenizer.from_pretrained("path/to/this/folder")',
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"'
+        f'{", trust_remote_code=True" if remote else ""})',
         "```", "",
+        *([f"transformers has no class for these fields (pos {m.pos}, mlp {m.mlp}): the "
+           "folder bundles its modeling code, `modeling_lmfab_alibi.py` (torch and "
+           "transformers only), which `trust_remote_code=True` runs from this folder.", ""]
+          if remote else []),
         "## Training budget", "",
         f"- checkpoint: `{checkpoint.name}`, step {_fmt(step)}",
         f"- tokens seen: {tokens:,}" if isinstance(tokens, int) else "- tokens seen: unknown",

@@ -9,7 +9,9 @@ lmfab fields                                                transformers class
 pos learned, layernorm, gelu / gelu_tanh / relu, serial      GPT2LMHeadModel
 pos rope (rope_fraction 1), rmsnorm, swiglu, serial (+GQA)   LlamaForCausalLM
 pos rope (any fraction), layernorm, gelu / gelu_tanh / relu  GPTNeoXForCausalLM
-pos alibi (BTLM, Jais: ALiBi + SwiGLU)                       refused (the fields named)
+pos alibi (BTLM, Jais: ALiBi + SwiGLU; any norm / MLP)       LmfabAlibiForCausalLM,
+                                                            bundled modeling code
+other combinations                                          refused, the fields named
 ==========================================================  =====================
 
 Before mapping, muP and the other multipliers are folded into the weights
@@ -43,6 +45,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}  # HF ACT2FN names
 
 
+BUNDLED = "lmfab_alibi"  # model_type of the bundled modeling code
+BUNDLED_FILE = Path(__file__).with_name("modeling_lmfab_alibi.py")
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                 "gpt_neox": "GPTNeoXForCausalLM", BUNDLED: "LmfabAlibiForCausalLM"}
+
+
 class ExportError(ConfigError):
     """A model, checkpoint or option that cannot be exported; the message names the field."""
 
@@ -69,16 +77,18 @@ def _needs(cfg: ModelConfig) -> dict[str, list[str]]:
 
 
 def choose_architecture(cfg: ModelConfig) -> str:
-    """The ``model_type`` (gpt2, llama, gpt_neox) that computes ``cfg``'s model natively, or an
-    :class:`ExportError` listing, for each, the fields that do not fit."""
+    """The ``model_type`` that computes ``cfg``'s model: gpt2, llama or gpt_neox natively;
+    ``lmfab_alibi`` (bundled modeling code, :mod:`lmfab.export.modeling_lmfab_alibi`) for
+    ALiBi, which no transformers class has with these fields; otherwise an
+    :class:`ExportError` listing, for each native class, the fields that do not fit."""
     needs = _needs(cfg)
     for arch in ("gpt2", "llama", "gpt_neox"):
         if not needs[arch]:
             return arch
+    if cfg.pos == "alibi":
+        return BUNDLED
     lines = "; ".join(f"{arch}: {', '.join(why)}" for arch, why in needs.items())
-    hint = (" (ALiBi with SwiGLU is BTLM / Jais, which transformers has no class for; see "
-            "docs/export.md)" if cfg.pos == "alibi" else "")
-    raise ExportError(f"model fields with no native transformers mapping{hint}: {lines}")
+    raise ExportError(f"model fields with no native transformers mapping: {lines}")
 
 
 def hf_config(cfg: ModelConfig, arch: str, *, bos: int | None, eos: int | None,
@@ -103,6 +113,16 @@ def hf_config(cfg: ModelConfig, arch: str, *, bos: int | None, eos: int | None,
                         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                         attention_bias=cfg.bias, mlp_bias=cfg.bias,
                         attention_dropout=cfg.dropout, **common)
+    elif arch == BUNDLED:
+        from lmfab.export.modeling_lmfab_alibi import LmfabAlibiConfig
+
+        c = LmfabAlibiConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+                             intermediate_size=cfg.ffn_dim, max_position_embeddings=cfg.max_seq_len,
+                             mlp=cfg.mlp, norm=cfg.norm, norm_eps=cfg.norm_eps,
+                             parallel_residual=cfg.parallel_residual, bias=cfg.bias, **common)
+        c.auto_map = {"AutoConfig": "modeling_lmfab_alibi.LmfabAlibiConfig",
+                      "AutoModelForCausalLM": "modeling_lmfab_alibi.LmfabAlibiForCausalLM"}
     else:
         c = GPTNeoXConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
                           num_attention_heads=cfg.n_head, intermediate_size=cfg.ffn_dim,
@@ -113,8 +133,7 @@ def hf_config(cfg: ModelConfig, arch: str, *, bos: int | None, eos: int | None,
                           use_parallel_residual=cfg.parallel_residual,
                           attention_bias=cfg.bias, attention_dropout=cfg.dropout,
                           hidden_dropout=cfg.dropout, **common)
-    c.architectures = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                        "gpt_neox": "GPTNeoXForCausalLM"}[arch]]
+    c.architectures = [ARCHITECTURES[arch]]
     c.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     return c
 
@@ -132,6 +151,8 @@ def to_hf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> d
             out[name] = fn(sd[key]).contiguous()
 
     t = lambda w: w.t()  # noqa: E731 -- GPT-2's Conv1D: (in, out)
+    if arch == BUNDLED:  # the bundled code keeps lmfab's names and layout
+        return {k: v.contiguous() for k, v in sd.items()}
     if arch == "gpt2":
         put("transformer.wte.weight", "wte.weight")
         put("transformer.wpe.weight", "wpe.weight")
@@ -193,7 +214,12 @@ def expected_tensors(config) -> dict[str, tuple[int, ...]]:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        if config.model_type == BUNDLED:
+            from lmfab.export.modeling_lmfab_alibi import LmfabAlibiForCausalLM
+
+            model = LmfabAlibiForCausalLM(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
 
@@ -354,6 +380,8 @@ def export_hf(model_dir: str | Path, out: str | Path, *, checkpoint: str | None 
             tensors["embed_out.weight"] = tensors.pop("lm_head.weight")  # save_pretrained's
         write_safetensors(tensors, tmp)
         config.save_pretrained(str(tmp))
+        if arch == BUNDLED:
+            shutil.copyfile(BUNDLED_FILE, tmp / BUNDLED_FILE.name)
         write_generation_config(tmp, ids)
         state = read_state(ckpt) if (ckpt / "state.json").is_file() else {}
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else Path(model_dir)
@@ -369,8 +397,10 @@ def export_hf(model_dir: str | Path, out: str | Path, *, checkpoint: str | None 
 
 
 def describe(e: Exported) -> str:
+    remote = ", trust_remote_code=True" if e.arch == ARCHITECTURES[BUNDLED] else ""
     return (f"wrote {e.out} ({e.arch}, from {e.checkpoint}): {', '.join(e.files)}\n"
-            f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(e.out)!r})")
+            f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(e.out)!r}"
+            f"{remote})")
 
 
 __all__ = ["ExportError", "choose_architecture", "export_hf", "hf_config", "to_hf_tensors"]

@@ -31,11 +31,11 @@ import torch
 
 from lmfab.config.load import config_from_dict, write_config
 from lmfab.config.schema import ModelConfig
-from lmfab.export.hf import ExportError, _out_folder
+from lmfab.export.hf import BUNDLED, ExportError, _out_folder
 
 _ACT_BACK = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
              "relu": "relu"}
-ARCHS = ("gpt2", "llama", "gpt_neox")
+ARCHS = ("gpt2", "llama", "gpt_neox", BUNDLED)
 # Buffers some older checkpoints carry (causal masks, rotary tables): not weights.
 _BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
             ".rotary_emb.inv_freq")
@@ -103,6 +103,14 @@ def model_config_from_hf(c: dict, path: Path) -> tuple[ModelConfig, str]:
                       max_seq_len=c["max_position_embeddings"], pos="rope", rope_theta=theta,
                       mlp="swiglu", norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
                       bias=bool(c.get("attention_bias", False)))
+    elif arch == BUNDLED:  # lmfab's own export with bundled ALiBi code: lmfab's fields
+        h = c["num_attention_heads"]
+        kv = c.get("num_key_value_heads") or h
+        fields = dict(n_layer=c["num_hidden_layers"], n_head=h, d_model=c["hidden_size"],
+                      n_kv_head=None if kv == h else kv, d_ff=c["intermediate_size"],
+                      max_seq_len=c["max_position_embeddings"], pos="alibi", mlp=c["mlp"],
+                      norm=c["norm"], norm_eps=c["norm_eps"],
+                      parallel_residual=c["parallel_residual"], bias=c["bias"])
     else:
         theta, frac, rope_bad = _rope(c)
         bad += rope_bad
@@ -134,6 +142,12 @@ def from_hf_tensors(hf: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
         out[lm] = fn(hf[name]).contiguous()
 
     t = lambda w: w.t()  # noqa: E731
+    if arch == BUNDLED:  # lmfab's names and layout already
+        from lmfab.models.gpt import build_model
+
+        for k in build_model(cfg).state_dict():
+            take(k, k)
+        return out
     if arch == "gpt2":
         take("wte.weight", "transformer.wte.weight")
         take("wpe.weight", "transformer.wpe.weight")
