@@ -37,6 +37,7 @@ examples:
   lmfab train --params configs/train/tiny.yaml --model-dir runs/x --num-devices 2
   lmfab eval --params configs/train/tiny.yaml --model-dir runs/x
   lmfab generate --model-dir runs/x --prompt "ROMEO."
+  lmfab export hf --model-dir runs/x --out exports/x-hf
   lmfab plan --flops 1e18 --base configs/train/gpt2-124m.yaml -o runs/plan.yaml
   lmfab sweep configs/sweeps/subscale-family.yaml --parallel 8
   lmfab fit runs/sweeps/subscale-family --predict runs/plan.yaml -o runs/fit

@@ -303,6 +303,17 @@ def write_generation_config(folder: Path, ids: dict[str, int | None]) -> None:
 
 # ---- the command ---------------------------------------------------------------------------
 
+def _need_transformers() -> None:
+    """transformers 5 (its config keys, e.g. ``rope_parameters``, are what is written)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ExportError("lmfab export hf needs transformers: pip install 'lmfab[hf]'") from None
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ExportError(f"lmfab export hf needs transformers 5, found {transformers.__version__}"
+                          ": pip install 'lmfab[hf]'")
+
+
 @dataclass
 class Exported:
     out: Path
@@ -358,6 +369,7 @@ def export_hf(model_dir: str | Path, out: str | Path, *, checkpoint: str | None 
     from lmfab.checkpoint import find_tokenizer, read_run_config, read_state
     from lmfab.export.card import model_card
 
+    _need_transformers()
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     ckpt = pick_checkpoint(model_dir, checkpoint)
