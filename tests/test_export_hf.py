@@ -69,8 +69,10 @@ def sample_ids(tok: Tokenizer, n: int = 40) -> list[int]:
 
 FAMILIES = {
     "gpt2-learned": ({"preset": "tiny-learned"}, "GPT2LMHeadModel"),
-    "gpt2-gelu-tanh-untied": ({"preset": "tiny-learned", "mlp": "gelu_tanh",
-                               "tied_embeddings": False}, "GPT2LMHeadModel"),
+    # no biases: GPT-2 always has them, written as zeros
+    "gpt2-gelu-tanh-untied-nobias": ({"preset": "tiny-learned", "mlp": "gelu_tanh",
+                                      "tied_embeddings": False, "bias": False},
+                                     "GPT2LMHeadModel"),
     "llama": ({"preset": "tiny-llama"}, "LlamaForCausalLM"),
     "neox": ({"preset": "tiny-neox", "dropout": 0.0}, "GPTNeoXForCausalLM"),
     "alibi-swiglu-bundled": ({"preset": "tiny-alibi-swiglu"}, "LmfabAlibiForCausalLM"),
