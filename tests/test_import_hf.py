@@ -34,7 +34,8 @@ CONFIGS = {
 }
 
 
-def hf_folder(root: Path, data: Path, arch: str, *, seed: int = 0) -> Path:
+def hf_folder(root: Path, data: Path, arch: str, *, seed: int = 0,
+              eos: str = "<|endoftext|>") -> Path:
     """A transformers model with random weights (norms and biases too), saved with the tiny
     dataset's tokenizer."""
     torch.manual_seed(seed)
@@ -46,7 +47,7 @@ def hf_folder(root: Path, data: Path, arch: str, *, seed: int = 0) -> Path:
     out = root / f"hf-{arch}"
     model.save_pretrained(str(out))
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(data / "tokenizer.json"),
-                                               eos_token="<|endoftext|>")
+                                               eos_token=eos, bos_token=eos)
     tok.save_pretrained(str(out))
     return out
 
@@ -89,6 +90,18 @@ def test_continued_pretraining_starts_from_the_import(tiny_data, tmp_path, capsy
                  "--init-from", str(run), "--max-steps", "2"]) == 0
     assert "initialised weights from" in capsys.readouterr().out
     assert (cpt / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
+
+
+def test_foreign_special_tokens_survive_the_round_trip(tiny_data, tmp_path):
+    """A model whose EOS is not lmfab's <|endoftext|> keeps its own through import + export."""
+    src = hf_folder(tmp_path, tiny_data, "gpt2", eos="<|pad|>")
+    run, back = tmp_path / "run", tmp_path / "back"
+    assert main(["import", "hf", str(src), "--out", str(run)]) == 0
+    assert main(["export", "hf", "--model-dir", str(run), "--out", str(back)]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(str(back))
+    assert tok.eos_token == tok.bos_token == "<|pad|>"
+    gen = json.loads((back / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.convert_tokens_to_ids("<|pad|>")
 
 
 # ---- bad input -----------------------------------------------------------------------------

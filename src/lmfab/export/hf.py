@@ -274,23 +274,26 @@ def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, *,
 
 # ---- the tokenizer and generation defaults --------------------------------------------------
 
-def write_tokenizer(tokenizer_file: Path, folder: Path, max_len: int) -> dict[str, int | None]:
+def write_tokenizer(tokenizer_file: Path, folder: Path, max_len: int,
+                    specials: dict[str, str] | None = None) -> dict[str, int | None]:
     """tokenizer.json + tokenizer_config.json (a ``PreTrainedTokenizerFast``; BOS = EOS =
     ``<|endoftext|>`` as lmfab uses it between documents; ``<|pad|>`` when the vocabulary has
-    it). Returns the special tokens' ids."""
+    it). ``specials``: the bos / eos / pad strings an imported model came with (they win).
+    Returns the special tokens' ids."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer.from_file(str(tokenizer_file))
-    eos = tok.token_to_id(EOS)
-    pad = tok.token_to_id(PAD)
-    if eos is None:
-        raise ExportError(f"{tokenizer_file}: the vocabulary has no {EOS} token")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS,
-                                   unk_token=None, pad_token=PAD if pad is not None else None,
+    names = {"bos": EOS, "eos": EOS, "pad": PAD, **(specials or {})}
+    ids = {k: tok.token_to_id(v) for k, v in names.items()}
+    if ids["eos"] is None:
+        raise ExportError(f"{tokenizer_file}: the vocabulary has no {names['eos']} token (EOS)")
+    names = {k: (v if ids[k] is not None else None) for k, v in names.items()}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=names["bos"],
+                                   eos_token=names["eos"], unk_token=None, pad_token=names["pad"],
                                    model_max_length=max_len, clean_up_tokenization_spaces=False)
     fast.save_pretrained(str(folder))
-    return {"bos": eos, "eos": eos, "pad": pad}
+    return ids
 
 
 def write_generation_config(folder: Path, ids: dict[str, int | None]) -> None:
@@ -383,7 +386,8 @@ def export_hf(model_dir: str | Path, out: str | Path, *, checkpoint: str | None 
     try:
         sd = fold_state_dict(load_file(str(ckpt / "model.safetensors")), m)
         tensors = to_hf_tensors(sd, plain, arch)
-        ids = write_tokenizer(tok_file, tmp, m.max_seq_len)
+        state = read_state(ckpt) if (ckpt / "state.json").is_file() else {}
+        ids = write_tokenizer(tok_file, tmp, m.max_seq_len, state.get("special_tokens"))
         config = hf_config(plain, arch, bos=ids["bos"], eos=ids["eos"], pad=ids["pad"],
                            dtype=dtype)
         tensors = complete_tensors(tensors, expected_tensors(config), plain)
@@ -395,7 +399,6 @@ def export_hf(model_dir: str | Path, out: str | Path, *, checkpoint: str | None 
         if arch == BUNDLED:
             shutil.copyfile(BUNDLED_FILE, tmp / BUNDLED_FILE.name)
         write_generation_config(tmp, ids)
-        state = read_state(ckpt) if (ckpt / "state.json").is_file() else {}
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else Path(model_dir)
         (tmp / "README.md").write_text(model_card(
             cfg, arch=config.architectures[0], run_dir=run_dir, checkpoint=ckpt, state=state,

@@ -46,9 +46,9 @@ def _refuse(path: Path, fields: list[str]) -> None:
         raise ExportError(f"{path}: fields lmfab cannot represent: {'; '.join(fields)}")
 
 
-def _rope(c: dict) -> tuple[float, float, list[str]]:
+def _rope(c: dict, default_fraction: float = 1.0) -> tuple[float, float, list[str]]:
     """(theta, partial rotary fraction, refusals) from transformers 5's rope_parameters or the
-    older top-level keys."""
+    older top-level keys; absent keys take the class's defaults."""
     rp = c.get("rope_parameters") or {}
     bad = []
     scaling = c.get("rope_scaling")
@@ -56,7 +56,8 @@ def _rope(c: dict) -> tuple[float, float, list[str]]:
     if kind != "default":
         bad.append(f"rope_parameters.rope_type={kind} (lmfab has plain RoPE only)")
     theta = rp.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", 10000.0)))
-    frac = rp.get("partial_rotary_factor", c.get("rotary_pct", c.get("partial_rotary_factor", 1.0)))
+    frac = rp.get("partial_rotary_factor",
+                  c.get("rotary_pct", c.get("partial_rotary_factor", default_fraction)))
     return float(theta), float(frac), bad
 
 
@@ -112,7 +113,7 @@ def model_config_from_hf(c: dict, path: Path) -> tuple[ModelConfig, str]:
                       norm=c["norm"], norm_eps=c["norm_eps"],
                       parallel_residual=c["parallel_residual"], bias=c["bias"])
     else:
-        theta, frac, rope_bad = _rope(c)
+        theta, frac, rope_bad = _rope(c, default_fraction=0.25)  # GPTNeoXConfig's default
         bad += rope_bad
         act = c.get("hidden_act", "gelu")
         if act not in _ACT_BACK:
@@ -126,8 +127,9 @@ def model_config_from_hf(c: dict, path: Path) -> tuple[ModelConfig, str]:
                       norm_eps=c.get("layer_norm_eps", 1e-5),
                       parallel_residual=bool(c.get("use_parallel_residual", True)), bias=True)
     _refuse(path, bad)
-    fields.update(vocab_size=c["vocab_size"], tied_embeddings=bool(c.get("tie_word_embeddings",
-                                                                       arch != "gpt_neox")),
+    tied_default = arch in ("gpt2", BUNDLED)  # the config classes' defaults
+    fields.update(vocab_size=c["vocab_size"],
+                  tied_embeddings=bool(c.get("tie_word_embeddings", tied_default)),
                   init_std=c.get("initializer_range", 0.02), dropout=0.0)
     return ModelConfig(**fields), arch
 
@@ -252,6 +254,31 @@ class _Seen(dict):
         return super().__getitem__(key)
 
 
+def special_tokens(folder: Path, hf_cfg: dict, tokenizer_file: Path) -> dict[str, str]:
+    """BOS / EOS / PAD token strings of a foreign folder (tokenizer_config.json, else the ids
+    in config.json), kept so that a later export names the same tokens."""
+    from tokenizers import Tokenizer
+
+    found: dict[str, str] = {}
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            raw = json.loads(tc.read_text())
+        except json.JSONDecodeError:
+            raw = {}
+        for key in ("bos", "eos", "pad"):
+            v = raw.get(f"{key}_token")
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                found[key] = v
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    for key in ("bos", "eos", "pad"):
+        i = hf_cfg.get(f"{key}_token_id")
+        if key not in found and isinstance(i, int) and tok.id_to_token(i) is not None:
+            found[key] = tok.id_to_token(i)
+    return found
+
+
 @dataclass
 class Imported:
     out: Path
@@ -320,7 +347,8 @@ def import_hf(path: str | Path, out: str | Path, *, data_dir: str | None = None)
                   str(ck / "model.safetensors"), metadata={"format": "pt"})
         (ck / "state.json").write_text(json.dumps(
             {"format": 1, "step": 0, "tokens": 0, "imported_from": str(src.resolve().name),
-             "model_type": arch}, indent=1))
+             "model_type": arch, "special_tokens": special_tokens(src, hf_cfg, tok)},
+            indent=1))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
