@@ -104,6 +104,18 @@ def test_foreign_special_tokens_survive_the_round_trip(tiny_data, tmp_path):
     assert gen["eos_token_id"] == tok.convert_tokens_to_ids("<|pad|>")
 
 
+def test_old_gpt2_names_and_buffers(tiny_data, tmp_path):
+    """GPT-2 files from before the ``transformer.`` prefix, with their causal-mask buffers."""
+    src = hf_folder(tmp_path, tiny_data, "gpt2")
+    sd = load_file(str(src / "model.safetensors"))
+    old = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    old["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    save_file(old, str(src / "model.safetensors"))
+    assert main(["import", "hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    ours, _, _ = load_trained(tmp_path / "run")
+    torch.testing.assert_close(ours.state_dict()["wpe.weight"], sd["transformer.wpe.weight"])
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 def _refused(src: Path, tmp_path: Path, capsys, *needles: str) -> None:
