@@ -198,3 +198,19 @@ def test_run_without_checkpoint(tiny_data, tmp_path, capsys):
 def test_unmappable_architecture_lists_the_fields(model, fields, tiny_data, tmp_path, capsys):
     run = make_run(tmp_path, tiny_data, model)
     _refused(["--model-dir", str(run)], tmp_path / "x", capsys, "no native transformers", *fields)
+
+
+EXPECTED = {"cerebras-gpt": "gpt2", "gpt3": "gpt2", "tiny-learned": "gpt2", "llama": "llama",
+            "tiny-llama": "llama", "gpt-neox": "gpt_neox", "tiny-neox": "gpt_neox",
+            "btlm": "lmfab_alibi", "jais": "lmfab_alibi", "tiny-alibi": "lmfab_alibi"}
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIGS / "models").glob("*.yaml")))
+def test_every_preset_has_an_export_class(preset):
+    from lmfab.export.fold import folded_config
+    from lmfab.export.hf import choose_architecture
+    from lmfab.tools.modelzoo import load_model_config
+
+    want = next(v for k, v in EXPECTED.items() if preset.startswith(k))
+    cfg = load_model_config(str(CONFIGS / "models" / f"{preset}.yaml"), [])
+    assert choose_architecture(folded_config(cfg)) == want
