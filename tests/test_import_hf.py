@@ -116,6 +116,27 @@ def test_old_gpt2_names_and_buffers(tiny_data, tmp_path):
     torch.testing.assert_close(ours.state_dict()["wpe.weight"], sd["transformer.wpe.weight"])
 
 
+def test_tokenizer_made_from_vocab_and_merges(tiny_data, tmp_path):
+    """A folder with GPT-2's vocab.json + merges.txt and no tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    src = hf_folder(tmp_path, tiny_data, "gpt2")
+    Tokenizer.from_file(str(src / "tokenizer.json")).model.save(str(src))
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    want = transformers.AutoTokenizer.from_pretrained(str(src))("ROMEO. Soft!")["input_ids"]
+    assert main(["import", "hf", str(src), "--out", str(tmp_path / "run")]) == 0
+    got = Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json")).encode("ROMEO. Soft!").ids
+    assert got == want and len(got) > 2
+
+
+def test_no_tokenizer_at_all(tiny_data, tmp_path, capsys):
+    src = hf_folder(tmp_path, tiny_data, "gpt2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    _refused(src, tmp_path, capsys, "tokenizer.json: missing")
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 def _refused(src: Path, tmp_path: Path, capsys, *needles: str) -> None:

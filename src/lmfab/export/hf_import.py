@@ -254,7 +254,32 @@ class _Seen(dict):
         return super().__getitem__(key)
 
 
-def special_tokens(folder: Path, hf_cfg: dict, tokenizer_file: Path) -> dict[str, str]:
+def tokenizer_json(folder: Path) -> str:
+    """The folder's tokenizer.json, or one that transformers converts from its other tokenizer
+    files (GPT-2's vocab.json + merges.txt, ...)."""
+    f = folder / "tokenizer.json"
+    if f.is_file():
+        return f.read_text(encoding="utf-8")
+    sources = [n for n in ("vocab.json", "merges.txt", "tokenizer.model") if (folder / n).is_file()]
+    if not sources:
+        raise ExportError(f"{f}: missing, and the folder has no vocab.json + merges.txt or "
+                          "tokenizer.model to build one from")
+    try:
+        from tokenizers import Tokenizer
+        from transformers import AutoTokenizer
+
+        text = AutoTokenizer.from_pretrained(str(folder)).backend_tokenizer.to_str()
+        size = Tokenizer.from_str(text).get_vocab_size()
+    except Exception as e:  # noqa: BLE001 -- any failure: the same message, with its cause
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"{f}: missing, and transformers could not build one from "
+                          f"{', '.join(sources)} ({first})") from None
+    if size < 2:
+        raise ExportError(f"{f}: missing, and the one built from {', '.join(sources)} is empty")
+    return text
+
+
+def special_tokens(folder: Path, hf_cfg: dict, tokenizer_text: str) -> dict[str, str]:
     """BOS / EOS / PAD token strings of a foreign folder (tokenizer_config.json, else the ids
     in config.json), kept so that a later export names the same tokens."""
     from tokenizers import Tokenizer
@@ -271,7 +296,7 @@ def special_tokens(folder: Path, hf_cfg: dict, tokenizer_file: Path) -> dict[str
             v = v.get("content") if isinstance(v, dict) else v
             if isinstance(v, str):
                 found[key] = v
-    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok = Tokenizer.from_str(tokenizer_text)
     for key in ("bos", "eos", "pad"):
         i = hf_cfg.get(f"{key}_token_id")
         if key not in found and isinstance(i, int) and tok.id_to_token(i) is not None:
@@ -304,9 +329,7 @@ def import_hf(path: str | Path, out: str | Path, *, data_dir: str | None = None)
         model_cfg, arch = model_config_from_hf(hf_cfg, cfg_file)
     except KeyError as e:
         raise ExportError(f"{cfg_file}: the field {e.args[0]} is missing") from None
-    tok = src / "tokenizer.json"
-    if not tok.is_file():
-        raise ExportError(f"{tok}: missing (lmfab trains from a tokenizers tokenizer.json)")
+    tok_text = tokenizer_json(src)
     raw, weights_file = read_hf_weights(src)
     hf = _Seen(_normalise_names(raw, arch))
     try:
@@ -342,12 +365,12 @@ def import_hf(path: str | Path, out: str | Path, *, data_dir: str | None = None)
         ck.mkdir(parents=True)
         write_config(cfg, tmp / "config.yaml")
         write_config(cfg, ck / "config.yaml")
-        shutil.copyfile(tok, tmp / "tokenizer.json")
+        (tmp / "tokenizer.json").write_text(tok_text, encoding="utf-8")
         save_file({k: v.to(torch.float32).contiguous() for k, v in sd.items()},
                   str(ck / "model.safetensors"), metadata={"format": "pt"})
         (ck / "state.json").write_text(json.dumps(
             {"format": 1, "step": 0, "tokens": 0, "imported_from": str(src.resolve().name),
-             "model_type": arch, "special_tokens": special_tokens(src, hf_cfg, tok)},
+             "model_type": arch, "special_tokens": special_tokens(src, hf_cfg, tok_text)},
             indent=1))
         if out.exists():
             out.rmdir()
