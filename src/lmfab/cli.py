@@ -38,6 +38,7 @@ examples:
   lmfab eval --params configs/train/tiny.yaml --model-dir runs/x
   lmfab eval --model-dir runs/x --tasks lmfab_cloze,lmfab_choice --limit 100
   lmfab generate --model-dir runs/x --prompt "ROMEO."
+  lmfab export hf --model-dir runs/x --out exports/x-hf
   lmfab plan --flops 1e18 --base configs/train/gpt2-124m.yaml -o runs/plan.yaml
   lmfab sweep configs/sweeps/subscale-family.yaml --parallel 8
   lmfab fit runs/sweeps/subscale-family --predict runs/plan.yaml -o runs/fit
@@ -569,6 +570,38 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_hf_flags(p: argparse.ArgumentParser) -> None:
+    _opt(p, "--model-dir", required=True, metavar="DIR", help="run folder (or a checkpoint folder)")
+    p.add_argument("--checkpoint", metavar="STEP", help="step_N, N or a checkpoint folder "
+                   "(default: the newest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (new or empty)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the written weights")
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from lmfab.export.hf import describe, export_hf
+
+    print(describe(export_hf(args.model_dir, args.out, checkpoint=args.checkpoint,
+                             dtype=args.dtype)))
+    return 0
+
+
+def _import_hf_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a local GPT-2, Llama or GPT-NeoX folder (config.json, "
+                   "safetensors or weights-only .bin, tokenizer.json)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder to write (new or empty)")
+    _opt(p, "--data-dir", metavar="DIR", help="train_input.data_dir of the written params "
+         "(default: a placeholder to set before training)")
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from lmfab.export.hf_import import describe, import_hf
+
+    print(describe(import_hf(args.path, args.out, data_dir=args.data_dir)))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 # The table.
 
@@ -606,9 +639,15 @@ VERBS: dict[str, Verb | Group] = {
         "transfer": Verb(cmd_transfer, _transfer_flags,
                          "write a target params YAML with a proxy's tuned muP HPs"),
     }),
-    "import": Group("convert other tools' configs", {
+    "import": Group("bring in other tools' configs and models", {
         "modelzoo": Verb(cmd_import_modelzoo, _modelzoo_flags,
                          "a Cerebras Model Zoo GPT-2 / GPT-3 / BTLM params YAML"),
+        "hf": Verb(cmd_import_hf, _import_hf_flags,
+                   "a local Hugging Face GPT-2 / Llama / GPT-NeoX model into a run folder"),
+    }),
+    "export": Group("models out of lmfab", {
+        "hf": Verb(cmd_export_hf, _export_hf_flags,
+                   "a folder transformers loads: config, safetensors, tokenizer, model card"),
     }),
 }
 
