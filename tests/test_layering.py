@@ -1,7 +1,7 @@
 """Imports run one way (DESIGN.md, "Dependency direction"), pinned by parsing every module.
 
     config <- kernels <- models <- dist <- checkpoint <- train <- (eval, infer, export,
-    scaling) <- tools, experimental <- cli
+    scaling) <- tools, serve, experimental <- cli
 
 A module may import lmfab modules of its own package and of lower layers only. Every
 ``import`` statement counts, also those inside functions (a function-level import hides a
@@ -28,7 +28,7 @@ LAYERS = {
     "checkpoint": 4,
     "train": 5,
     "eval": 6, "infer": 6, "export": 6, "scaling": 6,
-    "tools": 7, "experimental": 7,
+    "tools": 7, "experimental": 7, "serve": 7,
     "cli": 8, "__main__": 9,
     "__init__": -1,  # lmfab/__init__.py: the version only, importable from anywhere
     # the foundation: standard library (and yaml) only, importable from anywhere, data too
