@@ -33,6 +33,9 @@ class Batcher:
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0  # batches decoded so far
         self.largest_batch = 0
+        self._open = threading.Event()  # cleared by hold(): requests queue up, none run
+        self._open.set()
+        self._taken = 0  # requests taken off the queue and not yet decoded
         self._thread = threading.Thread(target=self._run, name="lmfab-batcher", daemon=True)
         self._thread.start()
 
@@ -45,7 +48,19 @@ class Batcher:
         self.waiting.put(job)
         return job
 
+    def hold(self) -> None:
+        """Let requests queue without decoding them (until :meth:`release`)."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def pending(self) -> int:
+        """Requests waiting for a batch."""
+        return self.waiting.qsize() + self._taken
+
     def close(self) -> None:
+        self._open.set()
         self.waiting.put(None)
         self._thread.join(timeout=30)
 
@@ -54,6 +69,8 @@ class Batcher:
             job = self.waiting.get()
             if job is None:
                 return
+            self._taken = 1
+            self._open.wait()
             batch = [job]
             while len(batch) < self.max_batch_size:
                 try:
@@ -64,6 +81,7 @@ class Batcher:
                     self.waiting.put(None)  # stop after this batch
                     break
                 batch.append(nxt)
+            self._taken = 0
             batch = [j for j in batch if not j.cancel.is_set()]
             if not batch:
                 continue
