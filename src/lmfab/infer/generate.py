@@ -189,42 +189,60 @@ def _step(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
 
 
 @functools.cache
-def _compiled_step():
-    return torch.compile(_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+def _compiled_step(mode: str):
+    return torch.compile(_step, mode=mode, fullgraph=True, dynamic=False)
 
 
-def use_compile(device: torch.device, compile: bool | None) -> bool:
-    """``compile`` None: compile the decode step on CUDA only (on a CPU the compile time
-    outweighs the gain for the short generations of tests and demos)."""
-    return device.type == "cuda" if compile is None else compile
+def compile_mode(device: torch.device, compile: bool | str | None) -> str | None:
+    """The torch.compile mode of the decode step, or None to run it eagerly. ``compile``
+    None: ``reduce-overhead`` (CUDA graphs) on CUDA, eager elsewhere (on a CPU the compile
+    time outweighs the gain for the short generations of tests and demos); True: that
+    mode anywhere; a string: that mode."""
+    if compile is None:
+        compile = device.type == "cuda"
+    if compile is True:
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return compile or None
 
 
 class _Text:
     """Incremental detokenisation of one row: text is released when it is complete UTF-8
     (byte-level BPE splits characters across tokens: an incomplete one decodes to U+FFFD)
-    and cannot be the beginning of a stop string."""
+    and cannot be the beginning of a stop string. Without stop strings and without a
+    listener (``lazy``) the text is decoded once, at the end."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], *, lazy: bool = False):
         self.tok, self.stop = tokenizer, [s for s in stop if s]
+        self.lazy = lazy and not self.stop
         self.ids: list[int] = []
         self.sent = 0  # characters already released
-        self.text = ""
+        self._text = ""
+        self._stale = False
+
+    @property
+    def text(self) -> str:
+        if self._stale:
+            self._text, self._stale = self.tok.decode(self.ids), False
+        return self._text
 
     def add(self, token: int) -> tuple[str, bool]:
         """Append a token; the newly releasable text and whether a stop string was hit."""
         self.ids.append(token)
-        self.text = self.tok.decode(self.ids)
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop)
+        if self.lazy:
+            self._stale = True
+            return "", False
+        text = self._text = self.tok.decode(self.ids)
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop)
                 if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
-            return self._release(len(self.text)), True
-        end = len(self.text)
-        while end > self.sent and self.text[end - 1] == "\ufffd":
+            self._text = text[:min(hits)]
+            return self._release(len(self._text)), True
+        end = len(text)
+        while end > self.sent and text[end - 1] == "\ufffd":
             end -= 1
         for s in self.stop:  # hold back a suffix that may grow into a stop string
             for n in range(min(len(s) - 1, end - self.sent), 0, -1):
-                if self.text[end - n:end] == s[:n]:
+                if text[end - n:end] == s[:n]:
                     end -= n
                     break
         return self._release(end), False
@@ -239,7 +257,7 @@ class _Text:
 
 @torch.no_grad()
 def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
-              compile: bool | None = None) -> list[Completion]:
+              compile: bool | str | None = None) -> list[Completion]:
     """Continue every request's prompt (already fitted to the context, see
     :func:`fit_prompt`) in one batch; the completions in request order."""
     if not requests:
@@ -255,7 +273,7 @@ def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
     eos = tokenizer.token_to_id(EOS)
     stops = [set(r.stop_token_ids) if r.stop_token_ids is not None else
              ({eos} if eos is not None else set()) for r in requests]
-    texts = [_Text(tokenizer, r.stop) for r in requests]
+    texts = [_Text(tokenizer, r.stop, lazy=r.on_text is None) for r in requests]
     done = [b == 0 for b in budget]
     reasons = ["length"] * B
 
@@ -276,9 +294,10 @@ def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
                   else None for r in requests]
 
     step = _step
-    if use_compile(device, compile):
+    mode = compile_mode(device, compile)
+    if mode is not None:
         cache.mark_static()
-        compiled = _compiled_step()
+        compiled = _compiled_step(mode)
         step = lambda m, x, c: compiled(m, x, c).clone()  # noqa: E731  (graph outputs are reused)
     logits = _step(model, prompt, cache)  # prefill: eager, any length
     n_new = 0
@@ -328,7 +347,7 @@ def generate(
     seed: int = 0,
     on_long_prompt: str = "truncate",
     batch_size: int = 16,
-    compile: bool | None = None,
+    compile: bool | str | None = None,
     on_text: Callable[[int, str], None] | None = None,
 ) -> list[str]:
     """The continuations of ``prompts`` (without the prompts, cut before a stop string).
