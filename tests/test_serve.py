@@ -17,6 +17,8 @@ uvicorn = pytest.importorskip("uvicorn", reason="lmfab serve runs on uvicorn (de
 from lmfab.infer.generate import generate, load_trained  # noqa: E402
 from lmfab.serve.app import ChatMessage, chat_prompt, create_app  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a live server, a trained model: tens of seconds in all
+
 PROMPTS = ["The king", "And then the", "A", "Once upon a time there was"]
 
 

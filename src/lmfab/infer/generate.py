@@ -19,6 +19,8 @@ the context (finish reason ``"length"``).
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +184,24 @@ def _cache_length(need: int, context: int) -> int:
     return min(context, -(-need // 64) * 64)
 
 
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shape: KVCache}
+_CACHES_PER_MODEL = 4
+
+
+def _cache_for(model: GPT, batch: int, length: int, device, dtype) -> KVCache:
+    """A cache of this shape, reused from an earlier batch of the same model when there is
+    one: its buffers keep their addresses, so a compiled step (and its CUDA graph) is
+    reused instead of compiled again. The few most recent shapes are kept; threads never
+    share one."""
+    pool = _CACHES.setdefault(model, {})
+    key = (batch, length, str(device), dtype, threading.get_ident())
+    cache = pool.pop(key, None) or KVCache(model.cfg, batch, length, device=device, dtype=dtype)
+    pool[key] = cache  # most recent last
+    while len(pool) > _CACHES_PER_MODEL:
+        pool.pop(next(iter(pool)))
+    return cache
+
+
 def _step(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed ``idx`` (B, T) after the cached tokens; the last position's logits (B, V)."""
     h = model.hidden_states(idx, cache=cache)
@@ -280,8 +300,7 @@ def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         dtype = torch.float32  # quantized weights: the activations' dtype
-    cache = KVCache(model.cfg, B, _cache_length(T0 + max(budget), context), device=device,
-                    dtype=dtype)
+    cache = _cache_for(model, B, _cache_length(T0 + max(budget), context), device, dtype)
     pad = [T0 - n for n in lengths]
     cache.reset(pad)
     fill = eos if eos is not None else 0
