@@ -190,8 +190,8 @@ def main() -> int:
         for impl, run in (("lmfab", lambda p, n: lmfab_run(model, p, n, lm_compile)),
                           ("hf-static", lambda p, n: hf_run(hf, p, n))):
             with torch.no_grad():
-                t_n = timed(lambda run=run: run(prompts, a.new_tokens), device, a.repeats)
-                t_1 = timed(lambda run=run: run(prompts, 1), device, a.repeats)
+                t_n = timed(lambda run=run, p=prompts: run(p, a.new_tokens), device, a.repeats)
+                t_1 = timed(lambda run=run, p=prompts: run(p, 1), device, a.repeats)
             tps = B * (a.new_tokens - 1) / max(t_n - t_1, 1e-9)
             rows.append({"impl": impl, "batch": B, "decode_tokens_per_s": tps,
                          "ms_per_step": 1e3 * (t_n - t_1) / (a.new_tokens - 1),
