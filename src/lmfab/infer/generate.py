@@ -225,6 +225,31 @@ def compile_mode(device: torch.device, compile: bool | str | None) -> str | None
     return compile or None
 
 
+_COMPILE_FAILED: set[str] = set()  # modes whose compilation failed in this process
+
+
+def _guarded(compiled, mode: str):
+    """The compiled step; should compiling fail (an unsupported op or backend), a warning
+    and the eager step for the rest of the process. Its outputs are cloned: a CUDA graph
+    reuses its output memory at the next replay."""
+
+    def step(m, x, c):
+        if mode not in _COMPILE_FAILED:
+            try:
+                return compiled(m, x, c).clone()
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001  (compilation errors have many types)
+                import warnings
+
+                _COMPILE_FAILED.add(mode)
+                warnings.warn(f"the compiled decode step (mode={mode!r}) failed, decoding "
+                              f"eagerly instead: {type(e).__name__}: {e}", stacklevel=2)
+        return _step(m, x, c)
+
+    return step
+
+
 class _Text:
     """Incremental detokenisation of one row: text is released when it is complete UTF-8
     (byte-level BPE splits characters across tokens: an incomplete one decodes to U+FFFD)
@@ -316,8 +341,7 @@ def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
     mode = compile_mode(device, compile)
     if mode is not None:
         cache.mark_static()
-        compiled = _compiled_step(mode)
-        step = lambda m, x, c: compiled(m, x, c).clone()  # noqa: E731  (graph outputs are reused)
+        step = _guarded(_compiled_step(mode), mode)
     logits = _step(model, prompt, cache)  # prefill: eager, any length
     n_new = 0
     while not all(done):
