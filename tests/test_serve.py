@@ -146,3 +146,19 @@ def test_bad_requests_get_a_4xx_with_a_message(server):
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded" and "context is 32" in err["message"]
     assert httpx.get(url + "/health").status_code == 200  # still up
+
+
+def test_the_openai_client_talks_to_it(server):
+    openai = pytest.importorskip("openai", reason="the OpenAI client (dev extra)")
+    url, _, model, tok = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    c = client.completions.create(model="tiny", prompt="The king", max_tokens=8, temperature=0)
+    assert c.choices[0].text == generate(model, tok, ["The king"], max_new_tokens=8)[0]
+    msgs = [{"role": "user", "content": "Hello"}]
+    pieces = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True)]
+    assert "".join(pieces) == generate(model, tok, ["User: Hello\n\nAssistant:"],
+                                       max_new_tokens=8, stop=["\nUser:"])[0]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="other", prompt="x")
