@@ -64,3 +64,24 @@ def test_unsupported_schemes_and_devices_say_what_is_supported(tiny_run, capsys)
     assert main(["generate", "--model-dir", str(tiny_run), "--quantize", "int8", "--device",
                  "cpu", "--prompt", "The", "--max-new-tokens", "4"]) == 0
     assert "quantized: int8 on cpu" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_int4_on_cuda_packs_two_weights_per_byte():
+    from lmfab.config import ModelConfig
+    from lmfab.infer.generate import Request, run_batch
+    from lmfab.models import materialize
+    from tests.test_generate import _NoTokenizer
+
+    # widths that are multiples of 1024: the tinygemm layout pads inputs to those
+    cfg = ModelConfig(n_layer=1, n_head=8, d_model=1024, d_ff=4096, vocab_size=512,
+                      max_seq_len=64, pos="rope", mlp="swiglu", norm="rmsnorm", bias=False)
+    model = materialize(build_model(cfg), "cuda", seed=0, dtype=torch.bfloat16).eval()
+    linear = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    before = weight_bytes(model)
+    report = quantize_model(model, "int4")
+    assert set(report.layers.values()) == {"int4 groups of 128"}
+    assert weight_bytes(model) < before - 0.7 * linear  # 2 bytes -> ~0.53 per weight
+    out = run_batch(model, _NoTokenizer(), [Request([1, 2, 3], max_new_tokens=8,
+                                                    stop_token_ids=[])])
+    assert len(out[0].token_ids) == 8
