@@ -104,12 +104,15 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                top_p: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+                top_p: torch.Tensor, generators: Sequence[torch.Generator | None], *,
+                hot: list[int] | None = None) -> torch.Tensor:
     """One token per row (B,): the argmax where ``temperature[b]`` is 0, else a draw from the
-    filtered, tempered distribution with row b's own generator."""
+    filtered, tempered distribution with row b's own generator. ``hot``: the rows with a
+    temperature above 0, when the caller knows them (saves a device sync per step)."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
-    hot = (temperature > 0).nonzero().flatten().tolist()
+    if hot is None:
+        hot = (temperature > 0).nonzero().flatten().tolist()
     if not hot:
         return greedy
     rows = torch.tensor(hot, device=logits.device)
@@ -336,6 +339,7 @@ def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
     top_p = torch.tensor([1.0 if r.top_p is None else r.top_p for r in requests], device=device)
     generators = [torch.Generator(device=device).manual_seed(r.seed) if r.temperature > 0
                   else None for r in requests]
+    hot = [b for b, r in enumerate(requests) if r.temperature > 0]
 
     step = _step
     mode = compile_mode(device, compile)
@@ -345,7 +349,7 @@ def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
     logits = _step(model, prompt, cache)  # prefill: eager, any length
     n_new = 0
     while not all(done):
-        nxt = next_tokens(logits, temperature, top_k, top_p, generators)
+        nxt = next_tokens(logits, temperature, top_k, top_p, generators, hot=hot)
         n_new += 1
         for b, t in enumerate(nxt.tolist()):
             if done[b]:
