@@ -142,9 +142,11 @@ def test_long_prompts_are_truncated_or_refused(tiny_run, capsys):
     long = "the king and the queen " * 40
     assert main(["generate", "--model_dir", str(tiny_run), "--prompt", long,
                  "--max_new_tokens", "3", "--on_long_prompt", "refuse"]) == 2
-    assert "context is 32" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "context is 32" in refused.err and refused.out == ""  # nothing printed first
     assert main(["generate", "--model-dir", str(tiny_run), "--prompt", long,
                  "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert "its last 31 tokens are kept" in capsys.readouterr().err
 
 
 def test_generate_cli_prompts_file_and_stop(tiny_run, tmp_path, capsys):

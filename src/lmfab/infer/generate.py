@@ -473,6 +473,13 @@ def generate_cli(model_dir: str | Path, prompts: list[str], *, out=None, device:
     model, tok, _, report = load_for_inference(model_dir, device=device, quantize=quantize)
     if report is not None:
         print(f"quantized: {report.summary()}", file=sys.stderr)
+    context = model.cfg.max_seq_len
+    for i, p in enumerate(prompts):  # refuse (or report truncation) before printing anything
+        _, cut = encode_prompt(tok, p, context,
+                               on_long_prompt=kw.get("on_long_prompt", "truncate"))
+        if cut:
+            print(f"prompt {i + 1}: longer than the context ({context} tokens); its last "
+                  f"{context - 1} tokens are kept", file=sys.stderr)
     if len(prompts) == 1:
         out.write(prompts[0])
         out.flush()
