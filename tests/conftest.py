@@ -52,3 +52,18 @@ def tiny_overrides(data_dir: Path, **extra) -> list[str]:
     }
     return [f"{k}={v}" for k, v in values.items()]
 
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """A run folder with a briefly trained tiny GPT (25 steps on the sample, seconds): what
+    generation, quantization and serving tests load."""
+    from lmfab.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    args = ["run", "--params", str(CONFIGS / "train" / "tiny.yaml"), "--mode", "train",
+            "--model_dir", str(run), "--num_steps", "25"]
+    for s in tiny_overrides(tiny_data, **{"runconfig.log_steps": 25}):
+        args += ["--set", s]
+    assert main(args) == 0
+    return run

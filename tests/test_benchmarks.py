@@ -109,3 +109,47 @@ def test_throughput_sweep_prints_one_row_per_variant(tmp_path):
     params = json.loads((tmp_path / "std.json").read_text())["results"][0]["params"]
     assert rows[0].split("|")[2].strip() == f"{params:,}"  # the params column, aligned
     assert (tmp_path / "fused.json").is_file()
+
+
+def _run_script(name: str, args: list[str], monkeypatch) -> None:
+    """A benchmark script in this process (its imports are already loaded here)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    try:
+        runpy.run_path(str(REPO / "benchmarks" / name), run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None), e.code
+
+
+@pytest.mark.slow
+def test_decode_and_quantize_benchmarks_run_on_cpu(tiny_run, tmp_path, monkeypatch, capsys):
+    """The decode benchmark checks lmfab's greedy tokens against HF's before timing; the
+    quantize benchmark scores the run's held-out split per scheme."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "decode.json"
+        _run_script("decode.py", [
+            "--device", "cpu", "--model", str(CONFIGS / "models" / "tiny-llama.yaml"),
+            "--batch", "1,3", "--prompt-len", "8", "--new-tokens", "6", "--repeats", "1",
+            "--warmup", "1", "--min-agreement", "1.0", "--json", str(out)], monkeypatch)
+        rows = json.loads(out.read_text())["results"]
+        assert [(r["impl"], r["batch"]) for r in rows] == [
+            ("lmfab", 1), ("hf-static", 1), ("lmfab", 3), ("hf-static", 3)]
+        assert all(r["greedy_agreement"] == 1.0 and r["decode_tokens_per_s"] > 0 for r in rows)
+        assert "| hf-static | 3 |" in capsys.readouterr().out
+
+        out = tmp_path / "quantize.json"
+        _run_script("quantize.py", [
+            "--model-dir", str(tiny_run), "--device", "cpu", "--windows", "16",
+            "--new-tokens", "6", "--json", str(out)], monkeypatch)
+        rows = {r["scheme"]: r for r in json.loads(out.read_text())["results"]}
+        assert set(rows) == {"none", "int8", "int4"}
+        assert rows["int8"]["weight_bytes"] < rows["none"]["weight_bytes"]
+        assert all(abs(r["bpb"] - rows["none"]["bpb"]) < 0.2 for r in rows.values())
+        assert "| int4 |" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Imports run one way (DESIGN.md, "Dependency direction"), pinned by parsing every module.
 
     config <- kernels <- models <- dist <- checkpoint <- train <- (infer, export, scaling)
-    <- eval <- tools, experimental <- cli
+    <- eval <- tools, serve, experimental <- cli
 
 (eval scores what infer loads and generates, quantized models too, so it sits above it.)
 
@@ -31,7 +31,7 @@ LAYERS = {
     "train": 5,
     "infer": 6, "export": 6, "scaling": 6,
     "eval": 7,
-    "tools": 8, "experimental": 8,
+    "tools": 8, "experimental": 8, "serve": 8,
     "cli": 9, "__main__": 10,
     "__init__": -1,  # lmfab/__init__.py: the version only, importable from anywhere
     # the foundation: standard library (and yaml) only, importable from anywhere, data too

@@ -39,6 +39,7 @@ examples:
   lmfab eval --model-dir runs/x --tasks lmfab_cloze,lmfab_choice --limit 100
   lmfab generate --model-dir runs/x --prompt "ROMEO."
   lmfab export hf --model-dir runs/x --out exports/x-hf
+  lmfab serve --model-dir runs/x --port 8000
   lmfab plan --flops 1e18 --base configs/train/gpt2-124m.yaml -o runs/plan.yaml
   lmfab sweep configs/sweeps/subscale-family.yaml --parallel 8
   lmfab fit runs/sweeps/subscale-family --predict runs/plan.yaml -o runs/fit
@@ -167,14 +168,40 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     _train_flags(p)
 
 
-def _generate_flags(p: argparse.ArgumentParser) -> None:
+def _inference_flags(p: argparse.ArgumentParser) -> None:
     _opt(p, "--model-dir", required=True, metavar="DIR", help="run folder or checkpoint folder")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only quantization through torchao")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
+    _inference_flags(p)
     p.add_argument("--prompt", default="", help="text to continue")
+    _opt(p, "--prompts-file", metavar="FILE", help="prompts, one per line (or .jsonl with "
+         "a prompt field), generated as a batch and printed as JSON lines")
     _opt(p, "--max-new-tokens", type=int, default=100, help="tokens to sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    _opt(p, "--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature "
+                   "(0: greedy)")
+    _opt(p, "--top-k", type=int, default=50, help="sample among the k most likely tokens "
+         "(0: no limit)")
+    _opt(p, "--top-p", type=float, help="sample among the most likely tokens that make up "
+         "this probability (nucleus sampling)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text, repeatable (\\n and \\t stand for newline and tab)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    _opt(p, "--batch-size", type=int, default=16, help="prompts per batch")
+    _opt(p, "--on-long-prompt", default="truncate", choices=["truncate", "refuse"],
+         help="a prompt longer than the context: keep its end, or stop with an error")
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    _inference_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    _opt(p, "--max-batch-size", type=int, default=16,
+         help="concurrent requests decoded as one batch")
+    _opt(p, "--model-name", help="the model's name in the API (default: the run folder's)")
 
 
 def _inputs(p: argparse.ArgumentParser) -> None:
@@ -413,11 +440,22 @@ def _print_plan(cfg, mode: str, model_dir: str | None, world_size: int) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmfab.infer.generate import generate_text
+    from lmfab.infer.generate import generate_cli, read_prompts
 
-    print(generate_text(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                        device=args.device))
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
+    stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    generate_cli(args.model_dir, prompts, device=args.device, quantize=args.quantize,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, stop=stop, seed=args.seed,
+                 batch_size=args.batch_size, on_long_prompt=args.on_long_prompt)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lmfab.serve.app import serve
+
+    serve(args.model_dir, host=args.host, port=args.port, device=args.device,
+          quantize=args.quantize, max_batch_size=args.max_batch_size, model_name=args.model_name)
     return 0
 
 
@@ -613,6 +651,7 @@ VERBS: dict[str, Verb | Group] = {
     "run": Verb(cmd_run, _run_flags, "train and/or evaluate, the Model Zoo's run.py: --mode "
                 "train | eval | train_and_eval | eval_all"),
     "generate": Verb(cmd_generate, _generate_flags, "sample text from a trained run"),
+    "serve": Verb(cmd_serve, _serve_flags, "an OpenAI-compatible HTTP server for a trained run"),
     "plan": Verb(cmd_plan, _plan_flags, "a compute-optimal params YAML from a budget "
                  "(FLOPs, parameters or tokens) and a family rule"),
     "sweep": Verb(cmd_sweep, _sweep_flags, "expand a sweep YAML into runs, run them "

@@ -1,19 +1,38 @@
-"""Text generation from a trained run: load the resolved config, weights and tokenizer.
+"""Text generation from a trained run: KV-cached batched decoding, sampling, stop rules.
 
-Sampling is temperature + top-k over the model's logits, seeded for reproducibility. The
-context is cropped to the model's positions. (A KV cache and quantized weights are on the
-roadmap; this is the reference path they will be checked against.)
+:func:`generate` continues a batch of prompts and returns the texts; :func:`run_batch` is
+the engine under it (and under ``lmfab serve``): one prefill of the left-padded prompts
+into a preallocated :class:`~lmfab.infer.cache.KVCache`, then one-token decode steps, each
+row with its own sampling settings (greedy, temperature, top-k, top-p, a seed), its own
+stop strings and stop tokens, and an optional callback that receives text as soon as it is
+complete UTF-8 and cannot be the start of a stop string (streaming). On CUDA the decode step
+is compiled (``torch.compile``, CUDA graphs); elsewhere it runs eagerly.
+
+:func:`sample` is the reference path without a cache: it recomputes the whole context for
+every token. The tests check that greedy decoding with the cache gives the same tokens.
+
+A prompt longer than the model's context is cut from the left (``on_long_prompt="truncate"``)
+or refused with a :class:`PromptTooLong` error (``"refuse"``); generation ends at the end of
+the context (finish reason ``"length"``).
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
 from lmfab.checkpoint import find_tokenizer, load_weights, read_run_config, resolve_checkpoint
+from lmfab.infer.cache import KVCache
 from lmfab.models.gpt import GPT, build_model, materialize
+
+EOS = "<|endoftext|>"
 
 
 def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, Path]:
@@ -26,6 +45,17 @@ def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, Token
     return model.eval(), Tokenizer.from_file(str(tok_file)), ckpt
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: CUDA when present, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device here (use cpu or auto)")
+    return device
+
+
+# ---- the reference path ---------------------------------------------------------------------
+
 @torch.no_grad()
 def sample(
     model: GPT,
@@ -37,7 +67,8 @@ def sample(
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
 ) -> torch.Tensor:
-    """Append up to ``max_new_tokens`` sampled tokens to ``idx`` (B, T)."""
+    """Append up to ``max_new_tokens`` sampled tokens to ``idx`` (B, T), recomputing the
+    whole (cropped) context for every token: the reference the cached path is checked on."""
     for _ in range(max_new_tokens):
         logits = model(idx[:, -model.cfg.max_seq_len :])[:, -1, :].float()  # (B, V)
         if temperature <= 0:
@@ -55,6 +86,415 @@ def sample(
     return idx
 
 
+# ---- sampling ---------------------------------------------------------------------------------
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every logit outside each row's top-k (``top_k[b]`` <= 0: no limit) and
+    outside its nucleus: the smallest set of most likely tokens whose probability reaches
+    ``top_p[b]`` (1.0: no limit). logits (B, V) float; returns a new tensor."""
+    V = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V)[:, None]
+    drop = rank >= k
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    drop |= (before >= top_p[:, None]) & (rank > 0)  # the most likely token always stays
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, generators: Sequence[torch.Generator | None], *,
+                hot: list[int] | None = None) -> torch.Tensor:
+    """One token per row (B,): the argmax where ``temperature[b]`` is 0, else a draw from the
+    filtered, tempered distribution with row b's own generator. ``hot``: the rows with a
+    temperature above 0, when the caller knows them (saves a device sync per step)."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    if hot is None:
+        hot = (temperature > 0).nonzero().flatten().tolist()
+    if not hot:
+        return greedy
+    rows = torch.tensor(hot, device=logits.device)
+    scaled = logits[rows] / temperature[rows, None]
+    probs = torch.softmax(filter_logits(scaled, top_k[rows], top_p[rows]), dim=-1)
+    out = greedy.clone()
+    for j, b in enumerate(hot):
+        out[b] = torch.multinomial(probs[j], 1, generator=generators[b])[0]
+    return out
+
+
+# ---- requests and the engine ------------------------------------------------------------------
+
+class PromptTooLong(ValueError):
+    """A prompt longer than the model's context, refused (``on_long_prompt="refuse"``)."""
+
+
+@dataclass
+class Request:
+    """One prompt and how to continue it. ``stop_token_ids`` None: the tokenizer's
+    end-of-text token. ``seed`` fixes the draws of this row alone, whatever else is in the
+    batch. ``max_new_tokens`` is cut to what fits in the context."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int = 100
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None
+    seed: int = 0
+    on_text: Callable[[str], None] | None = None  # receives each new piece of text
+    cancelled: Callable[[], bool] | None = None  # True: stop this row (client went away)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (stop string or token), "length", or "cancelled"
+    prompt_tokens: int
+    truncated: bool = False  # the prompt was cut from the left to fit the context
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, context: int, *,
+                  on_long_prompt: str = "truncate") -> tuple[list[int], bool]:
+    """Token ids of ``text`` (an empty prompt: the end-of-text token) and whether they were
+    cut to the last ``context - 1`` tokens (one slot is left to generate into)."""
+    ids = tokenizer.encode(text).ids
+    if not ids:
+        eos = tokenizer.token_to_id(EOS)
+        ids = [eos if eos is not None else 0]
+    return fit_prompt(ids, context, on_long_prompt=on_long_prompt)
+
+
+def fit_prompt(ids: list[int], context: int, *, on_long_prompt: str = "truncate"):
+    limit = context - 1
+    if len(ids) <= limit:
+        return list(ids), False
+    if on_long_prompt == "refuse":
+        raise PromptTooLong(f"the prompt is {len(ids)} tokens and the model's context is "
+                            f"{context} (at most {limit} prompt tokens leave room for one new "
+                            "token); shorten it or allow truncation")
+    if on_long_prompt != "truncate":
+        raise ValueError(f"on_long_prompt={on_long_prompt!r}: expected truncate or refuse")
+    return list(ids[-limit:]), True
+
+
+def _cache_length(need: int, context: int) -> int:
+    """Cache slots for ``need`` tokens: rounded up to a multiple of 64 so that a compiled
+    step is reused across nearby lengths, never past the context."""
+    return min(context, -(-need // 64) * 64)
+
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shape: KVCache}
+_CACHES_PER_MODEL = 4
+
+
+def _cache_for(model: GPT, batch: int, length: int, device, dtype) -> KVCache:
+    """A cache of this shape, reused from an earlier batch of the same model when there is
+    one: its buffers keep their addresses, so a compiled step (and its CUDA graph) is
+    reused instead of compiled again. The few most recent shapes are kept; threads never
+    share one."""
+    pool = _CACHES.setdefault(model, {})
+    key = (batch, length, str(device), dtype, threading.get_ident())
+    cache = pool.pop(key, None) or KVCache(model.cfg, batch, length, device=device, dtype=dtype)
+    pool[key] = cache  # most recent last
+    while len(pool) > _CACHES_PER_MODEL:
+        pool.pop(next(iter(pool)))
+    return cache
+
+
+def _step(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed ``idx`` (B, T) after the cached tokens; the last position's logits (B, V)."""
+    h = model.hidden_states(idx, cache=cache)
+    return model.logits(h[:, -1])
+
+
+@functools.cache
+def _compiled_step(mode: str):
+    return torch.compile(_step, mode=mode, fullgraph=True, dynamic=False)
+
+
+def compile_mode(device: torch.device, compile: bool | str | None) -> str | None:
+    """The torch.compile mode of the decode step, or None to run it eagerly. ``compile``
+    None: ``reduce-overhead`` (CUDA graphs) on CUDA, eager elsewhere (on a CPU the compile
+    time outweighs the gain for the short generations of tests and demos); True: that
+    mode anywhere; a string: that mode."""
+    if compile is None:
+        compile = device.type == "cuda"
+    if compile is True:
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return compile or None
+
+
+_COMPILE_FAILED: set[str] = set()  # modes whose compilation failed in this process
+
+
+def _guarded(compiled, mode: str):
+    """The compiled step; should compiling fail (an unsupported op or backend), a warning
+    and the eager step for the rest of the process. Its outputs are cloned: a CUDA graph
+    reuses its output memory at the next replay."""
+
+    def step(m, x, c):
+        if mode not in _COMPILE_FAILED:
+            try:
+                return compiled(m, x, c).clone()
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001  (compilation errors have many types)
+                import warnings
+
+                _COMPILE_FAILED.add(mode)
+                warnings.warn(f"the compiled decode step (mode={mode!r}) failed, decoding "
+                              f"eagerly instead: {type(e).__name__}: {e}", stacklevel=2)
+        return _step(m, x, c)
+
+    return step
+
+
+class _Text:
+    """Incremental detokenisation of one row: text is released when it is complete UTF-8
+    (byte-level BPE splits characters across tokens: an incomplete one decodes to U+FFFD)
+    and cannot be the beginning of a stop string. Without stop strings and without a
+    listener (``lazy``) the text is decoded once, at the end."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], *, lazy: bool = False):
+        self.tok, self.stop = tokenizer, [s for s in stop if s]
+        self.lazy = lazy and not self.stop
+        self.ids: list[int] = []
+        self.sent = 0  # characters already released
+        self._text = ""
+        self._stale = False
+
+    @property
+    def text(self) -> str:
+        if self._stale:
+            self._text, self._stale = self.tok.decode(self.ids), False
+        return self._text
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Append a token; the newly releasable text and whether a stop string was hit."""
+        self.ids.append(token)
+        if self.lazy:
+            self._stale = True
+            return "", False
+        text = self._text = self.tok.decode(self.ids)
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop)
+                if i >= 0]
+        if hits:
+            self._text = text[:min(hits)]
+            return self._release(len(self._text)), True
+        end = len(text)
+        while end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        for s in self.stop:  # hold back a suffix that may grow into a stop string
+            for n in range(min(len(s) - 1, end - self.sent), 0, -1):
+                if text[end - n:end] == s[:n]:
+                    end -= n
+                    break
+        return self._release(end), False
+
+    def _release(self, end: int) -> str:
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return piece
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+
+@torch.no_grad()
+def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
+              compile: bool | str | None = None) -> list[Completion]:
+    """Continue every request's prompt (already fitted to the context, see
+    :func:`fit_prompt`) in one batch; the completions in request order."""
+    if not requests:
+        return []
+    device = next(model.parameters()).device
+    context = model.cfg.max_seq_len
+    B = len(requests)
+    lengths = [len(r.prompt_ids) for r in requests]
+    if min(lengths) < 1 or max(lengths) >= context:
+        raise ValueError("every prompt needs 1 to context - 1 tokens (fit_prompt fits them)")
+    T0 = max(lengths)
+    budget = [max(0, min(r.max_new_tokens, context - T0)) for r in requests]
+    eos = tokenizer.token_to_id(EOS)
+    stops = [set(r.stop_token_ids) if r.stop_token_ids is not None else
+             ({eos} if eos is not None else set()) for r in requests]
+    texts = [_Text(tokenizer, r.stop, lazy=r.on_text is None) for r in requests]
+    done = [b == 0 for b in budget]
+    reasons = ["length"] * B
+
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.float32  # quantized weights: the activations' dtype
+    cache = _cache_for(model, B, _cache_length(T0 + max(budget), context), device, dtype)
+    pad = [T0 - n for n in lengths]
+    cache.reset(pad)
+    fill = eos if eos is not None else 0
+    prompt = torch.tensor([[fill] * p + r.prompt_ids for p, r in zip(pad, requests, strict=True)],
+                          dtype=torch.long, device=device)
+    temperature = torch.tensor([max(0.0, r.temperature) for r in requests], device=device)
+    top_k = torch.tensor([r.top_k or 0 for r in requests], device=device)
+    top_p = torch.tensor([1.0 if r.top_p is None else r.top_p for r in requests], device=device)
+    generators = [torch.Generator(device=device).manual_seed(r.seed) if r.temperature > 0
+                  else None for r in requests]
+    hot = [b for b, r in enumerate(requests) if r.temperature > 0]
+
+    step = _step
+    mode = compile_mode(device, compile)
+    if mode is not None:
+        cache.mark_static()
+        step = _guarded(_compiled_step(mode), mode)
+    logits = _step(model, prompt, cache)  # prefill: eager, any length
+    n_new = 0
+    while not all(done):
+        nxt = next_tokens(logits, temperature, top_k, top_p, generators, hot=hot)
+        n_new += 1
+        for b, t in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            r = requests[b]
+            if r.cancelled is not None and r.cancelled():
+                done[b], reasons[b] = True, "cancelled"
+                continue
+            if t in stops[b]:
+                done[b], reasons[b] = True, "stop"
+            else:
+                piece, hit = texts[b].add(t)
+                if hit:
+                    done[b], reasons[b] = True, "stop"
+                elif n_new >= budget[b]:
+                    done[b] = True
+                    piece += texts[b].flush()
+                if piece and r.on_text is not None:
+                    r.on_text(piece)
+            if done[b] and reasons[b] == "stop":
+                rest = texts[b].flush()  # text held back for a stop string that never came
+                if rest and r.on_text is not None:
+                    r.on_text(rest)
+        if all(done):
+            break
+        logits = step(model, nxt[:, None], cache)
+    return [Completion(t.text, t.ids, reason, n)
+            for t, reason, n in zip(texts, reasons, lengths, strict=True)]
+
+
+def generate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop: Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    seed: int = 0,
+    on_long_prompt: str = "truncate",
+    batch_size: int = 16,
+    compile: bool | str | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[str]:
+    """The continuations of ``prompts`` (without the prompts, cut before a stop string).
+
+    Greedy when ``temperature`` is 0. ``stop_token_ids`` None: stop at the tokenizer's
+    end-of-text token. Each prompt is sampled with ``seed``, so its text does not depend
+    on the other prompts of the batch. ``on_text(i, piece)`` streams prompt i's text.
+    Prompts run ``batch_size`` at a time, longest first (less padding).
+    """
+    context = model.cfg.max_seq_len
+    reqs = []
+    for i, p in enumerate(prompts):
+        ids, _ = encode_prompt(tokenizer, p, context, on_long_prompt=on_long_prompt)
+        reqs.append(Request(
+            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, stop=list(stop or []),
+            stop_token_ids=None if stop_token_ids is None else list(stop_token_ids),
+            seed=seed, on_text=None if on_text is None else functools.partial(on_text, i)))
+    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i].prompt_ids))
+    out: list[str] = [""] * len(reqs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, c in zip(chunk, run_batch(model, tokenizer, [reqs[i] for i in chunk],
+                                         compile=compile), strict=True):
+            out[i] = c.text
+    return out
+
+
+def load_for_inference(model_dir: str | Path, *, device: str = "auto",
+                       quantize: str | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer, checkpoint, quantize report or None) for generation and serving:
+    on CUDA in bf16 (unless ``dtype`` says otherwise), on the CPU in fp32; weights
+    quantized by :func:`lmfab.infer.quantize.quantize_model` when ``quantize`` is given."""
+    dev = resolve_device(device)
+    model, tok, ckpt = load_trained(model_dir, dev)
+    dtype = dtype or (torch.bfloat16 if torch.device(dev).type == "cuda" else None)
+    if dtype is not None:
+        model = model.to(dtype)
+    report = None
+    if quantize:
+        from lmfab.infer.quantize import quantize_model
+
+        report = quantize_model(model, quantize)
+    return model, tok, ckpt, report
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts of a file: a ``.jsonl`` file's ``prompt`` fields, else one prompt per line
+    (``\\n`` in a line stands for a newline)."""
+    import json
+
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        return [ln.replace("\\n", "\n") for ln in lines if ln.strip()]
+    out = []
+    for n, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            out.append(str(json.loads(ln)["prompt"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" field "
+                             f"({type(e).__name__}: {e})") from None
+    return out
+
+
+def generate_cli(model_dir: str | Path, prompts: list[str], *, out=None, device: str = "auto",
+                 quantize: str | None = None, **kw) -> None:
+    """``lmfab generate``: one prompt is streamed (the prompt, then each piece of text as it
+    is decoded); several are printed as JSON lines ``{"prompt", "text"}`` when all are done."""
+    import json
+    import sys
+
+    out = out or sys.stdout
+    model, tok, _, report = load_for_inference(model_dir, device=device, quantize=quantize)
+    if report is not None:
+        print(f"quantized: {report.summary()}", file=sys.stderr)
+    context = model.cfg.max_seq_len
+    for i, p in enumerate(prompts):  # refuse (or report truncation) before printing anything
+        _, cut = encode_prompt(tok, p, context,
+                               on_long_prompt=kw.get("on_long_prompt", "truncate"))
+        if cut:
+            print(f"prompt {i + 1}: longer than the context ({context} tokens); its last "
+                  f"{context - 1} tokens are kept", file=sys.stderr)
+    if len(prompts) == 1:
+        out.write(prompts[0])
+        out.flush()
+
+        def show(_i, piece):
+            out.write(piece)
+            out.flush()
+
+        generate(model, tok, prompts, on_text=show, **kw)
+        out.write("\n")
+        return
+    for p, text in zip(prompts, generate(model, tok, prompts, **kw), strict=True):
+        out.write(json.dumps({"prompt": p, "text": text}, ensure_ascii=False) + "\n")
+
+
 def generate_text(
     model_dir: str | Path,
     prompt: str,
@@ -62,14 +502,11 @@ def generate_text(
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: int | None = 50,
+    top_p: float | None = None,
     seed: int = 0,
     device: str = "cpu",
 ) -> str:
-    model, tok, _ = load_trained(model_dir, device)
-    eos_id = tok.token_to_id("<|endoftext|>")
-    ids = tok.encode(prompt).ids or ([eos_id] if eos_id is not None else [0])
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = sample(model, idx, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_k=top_k, generator=gen, eos_id=eos_id)
-    return tok.decode(out[0].tolist())
+    """The prompt and its continuation, from a run folder (one call, no streaming)."""
+    model, tok, _ = load_trained(model_dir, resolve_device(device))
+    return prompt + generate(model, tok, [prompt], max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)[0]

@@ -8,6 +8,13 @@
   kernel on CUDA, its reference beside it elsewhere); the slopes are the model's, here.
 - grouped-query attention: ``n_kv_head`` key/value heads shared by groups of query heads.
 
+Incremental decoding (generation) passes a key/value cache: the new tokens' keys and values
+are written into its preallocated (B, Hkv, L, Dh) buffers and the queries attend over the
+whole buffer through an explicit mask, so a one-token decode step has the same shapes at
+every position and compiles once. The cache (:class:`lmfab.infer.cache.KVCache`) provides
+``pad`` (B,) (left-padding slots of each row), ``slot`` (a 0-d tensor: the first slot the
+new tokens take) and ``write(layer, k, v, slots) -> (K, V)``. Training never passes one.
+
 Shapes: x (B, T, C); q (B, H, T, Dh); k, v (B, Hkv, T, Dh).
 """
 
@@ -50,6 +57,16 @@ def rope_tables(T: int, rot_dims: int, theta: float, device, dtype) -> tuple[tor
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rope_at(positions: torch.Tensor, rot_dims: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, rot_dims) for per-row positions (B, T): the values
+    :func:`rope_tables` gives for those positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rot_dims, 2, device=positions.device,
+                                            dtype=torch.float32) / rot_dims)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, r/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, r)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of x (B, H, T, Dh); the rest pass through."""
     r = cos.shape[-1]
@@ -77,8 +94,11 @@ class Attention(nn.Module):
         if self.cfg.pos == "alibi":
             self.slopes.copy_(alibi_slopes(self.cfg.n_head))
 
-    def forward(self, x: torch.Tensor, block_mask=None) -> torch.Tensor:
-        """x (B, T, C); ``block_mask``: the ALiBi path's causal BlockMask (see GPT)."""
+    def forward(self, x: torch.Tensor, block_mask=None, kv=None) -> torch.Tensor:
+        """x (B, T, C); ``block_mask``: the ALiBi path's causal BlockMask (see GPT);
+        ``kv``: (cache, layer index, positions (B, T)) when decoding incrementally."""
+        if kv is not None:
+            return self._forward_cached(x, *kv)
         B, T, C = x.shape
         H, Hkv, Dh = self.n_head, self.n_kv, self.d_head
         q, k, v = self.qkv(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
@@ -102,3 +122,42 @@ class Attention(nn.Module):
             q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
             dropout_p=self.cfg.dropout if self.training else 0.0,
         )  # (B, H, T, Dh)
+
+    # ---- incremental decoding ------------------------------------------------------------
+    QUERY_BLOCK = 512  # queries per attention call while prefilling: O(512 x L) mask memory
+
+    def _forward_cached(self, x: torch.Tensor, cache, layer: int, positions: torch.Tensor):
+        B, T, C = x.shape
+        H, Hkv, Dh = self.n_head, self.n_kv, self.d_head
+        q, k, v = self.qkv(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        q = q.view(B, T, H, Dh).transpose(1, 2)
+        k = k.view(B, T, Hkv, Dh).transpose(1, 2)
+        v = v.view(B, T, Hkv, Dh).transpose(1, 2)
+        if self.rot_dims:
+            cos, sin = rope_at(positions, self.rot_dims, self.cfg.rope_theta, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_slots = cache.slot + torch.arange(T, device=x.device)  # (T,)
+        K, V = cache.write(layer, k, v, q_slots)  # (B, Hkv, L, Dh)
+        k_slots = torch.arange(K.shape[2], device=x.device)  # (L,)
+        out = []
+        for start in range(0, T, self.QUERY_BLOCK):
+            qs = q_slots[start:start + self.QUERY_BLOCK]
+            out.append(self._attend_cached(q[:, :, start:start + self.QUERY_BLOCK], K, V,
+                                           qs, k_slots, cache.pad))
+        y = out[0] if len(out) == 1 else torch.cat(out, dim=2)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _attend_cached(self, q, K, V, q_slots, k_slots, pad) -> torch.Tensor:
+        """q (B, H, Tq, Dh) at cache slots ``q_slots`` over the whole cache K, V. A query sees
+        the keys of its row from the row's first real token up to itself; a padding query
+        sees only itself (so nothing is NaN), and no real query sees a padding key."""
+        rel = k_slots[None, :] - q_slots[:, None]  # (Tq, L): j - i
+        allowed = (rel <= 0) & (k_slots[None, None, :] >= pad[:, None, None])  # (B, Tq, L)
+        allowed = (allowed | (rel == 0)).unsqueeze(1)  # (B, 1, Tq, L)
+        if self.cfg.pos == "alibi":
+            bias = self.slopes.to(q.dtype)[:, None, None] * rel.to(q.dtype)  # (H, Tq, L)
+            mask = bias.masked_fill(~allowed, float("-inf"))  # (B, H, Tq, L)
+        else:
+            mask = allowed
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=self.scale,
+                                              enable_gqa=q.shape[1] != K.shape[1])

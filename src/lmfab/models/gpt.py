@@ -76,11 +76,11 @@ class Block(nn.Module):
         self.ln_2, self.mlp = _norm(cfg), MLP(cfg, kernels)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, block_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, block_mask=None, kv=None) -> torch.Tensor:
         if self.parallel:
-            return (x + self.drop(self.attn(self.ln_1(x), block_mask))
+            return (x + self.drop(self.attn(self.ln_1(x), block_mask, kv))
                     + self.drop(self.mlp(self.ln_2(x))))
-        x = x + self.drop(self.attn(self.ln_1(x), block_mask))
+        x = x + self.drop(self.attn(self.ln_1(x), block_mask, kv))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -126,8 +126,16 @@ class GPT(nn.Module):
             block.attn.reset_buffers()
 
     # ---- forward ----------------------------------------------------------------------
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, d_model) final-normed hidden states."""
+    def hidden_states(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d_model) final-normed hidden states.
+
+        ``cache``: a key/value cache (:class:`lmfab.infer.cache.KVCache`) when decoding
+        incrementally: ``idx`` are the tokens after those already cached, placed from
+        ``cache.slot`` on; each row's positions start after its left padding
+        (``cache.pad``). The cache's slot advances by T.
+        """
+        if cache is not None:
+            return self._hidden_states_cached(idx, cache)
         T = idx.shape[1]
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -145,6 +153,22 @@ class GPT(nn.Module):
         mask = causal_block_mask(T, idx.device) if self.cfg.pos == "alibi" else None
         for block in self.blocks:
             x = block(x, mask) if mask is not None else block(x)
+        return self.ln_f(x)
+
+    def _hidden_states_cached(self, idx: torch.Tensor, cache) -> torch.Tensor:
+        T = idx.shape[1]
+        slots = cache.slot + torch.arange(T, device=idx.device)  # (T,)
+        positions = (slots[None, :] - cache.pad[:, None]).clamp_min(0)  # (B, T)
+        x = self.wte(idx)
+        if self.wpe is not None:  # the caller keeps positions below max_seq_len
+            x = x + self.wpe(positions)
+        if self.cfg.embedding_mult != 1.0:
+            x = x * self.cfg.embedding_mult
+        if self.kernels.residual_dtype is not None:
+            x = x.to(self.kernels.residual_dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None, (cache, i, positions))
+        cache.advance(T)
         return self.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
