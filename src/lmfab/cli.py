@@ -525,6 +525,25 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf_flags(p: argparse.ArgumentParser) -> None:
+    _opt(p, "--model-dir", required=True, help="run folder (its newest checkpoint by default)")
+    _opt(p, "--checkpoint", default=None, metavar="step_N", help="a checkpoint of the run")
+    _opt(p, "--out", required=True, help="the .gguf file to write")
+    _opt(p, "--type", default="f16", metavar="TYPE",
+         help="tensor type: f32, f16, q8_0 or q4_0 (norms stay f32)")
+    _opt(p, "--allow-split-mismatch", action="store_true",
+         help="export a gpt2-marks tokenizer with llama.cpp's GPT-2 split")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from lmfab.export.gguf import export_gguf
+
+    e = export_gguf(args.model_dir, args.out, checkpoint=args.checkpoint, qtype=args.type,
+                    allow_split_mismatch=args.allow_split_mismatch)
+    print(f"wrote {e.path} ({e.arch}, {e.type}, {e.n_tensors} tensors)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 # The table.
 
@@ -560,6 +579,10 @@ VERBS: dict[str, Verb | Group] = {
                             "activation-update scale per layer type against width, muP and SP"),
         "transfer": Verb(cmd_transfer, _transfer_flags,
                          "write a target params YAML with a proxy's tuned muP HPs"),
+    }),
+    "export": Group("write a trained model in other tools' formats", {
+        "gguf": Verb(cmd_export_gguf, _export_gguf_flags,
+                     "a GGUF file for llama.cpp (f32, f16, q8_0, q4_0)"),
     }),
     "import": Group("convert other tools' configs", {
         "modelzoo": Verb(cmd_import_modelzoo, _modelzoo_flags,
