@@ -8,6 +8,8 @@ For each tensor type the run is exported with ``lmfab.export.gguf`` and loaded w
   lmfab's fp32 argmax;
 - bits per byte on the held-out split: mean next-token NLL (nats) / ln 2 / (UTF-8 bytes per
   token of that split, from the packed data's meta.json), llama.cpp's logits beside lmfab's;
+- (llama.cpp's KV cache is kept f32, GGML type 0, so each row shows its weights' rounding
+  only; llama.cpp's default is f16);
 - decode tokens/s at batch 1: greedy generation of ``--new`` tokens after a short prompt,
   llama.cpp with its KV cache, beside lmfab's own ``infer.generate.sample`` (no KV cache:
   each step runs the whole window, the reference path).
@@ -115,7 +117,7 @@ def main() -> int:
         e = export_gguf(model_dir, out_dir / f"model-{qtype}.gguf", qtype=qtype,
                         warn=lambda m: log(m))
         llm = llama_cpp.Llama(model_path=str(e.path), n_ctx=T, n_batch=T, n_threads=args.threads,
-                              logits_all=True, verbose=False)
+                              logits_all=True, type_k=0, type_v=0, verbose=False)
         nll_sum, agree = 0.0, 0
         for w, top_ref in zip(windows, ref_top, strict=True):
             llm.reset()

@@ -16,7 +16,7 @@ from lmfab.checkpoint import read_run_config, resolve_checkpoint
 from lmfab.export.gguf import choose_arch, export_gguf
 from lmfab.tools.modelzoo import load_model_config
 
-from .conftest import CONFIGS, SAMPLE, tiny_overrides
+from .conftest import CONFIGS, REPO, SAMPLE, tiny_overrides
 
 PRESETS = {"tiny-llama": "llama", "tiny-learned": "gpt2", "tiny-neox": "gptneox",
            "tiny-alibi-swiglu": "jais"}
@@ -223,3 +223,24 @@ def test_llama_cpp_tokenizes_as_lmfab(runs, tmp_path):
         got = llm.tokenize(s.encode("utf-8"), add_bos=False, special=False)
         assert got == want, s[:40]
         assert llm.detokenize(got).decode("utf-8", errors="replace") == s
+
+
+@pytest.mark.slow
+def test_gguf_decode_benchmark_runs(runs, tiny_data, tmp_path):
+    """benchmarks/gguf_decode.py end to end at toy size (its figures mean nothing here)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp", reason="the benchmark measures llama.cpp (the gguf extra)")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gguf_decode.py"), "--model-dir",
+           str(runs["tiny-llama"]), "--data-dir", str(tiny_data), "--types", "f32,q4_0",
+           "--windows", "2", "--new", "4", "--repeat", "1", "--threads", "1",
+           "--out-dir", str(tmp_path), "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["type"] for r in rows] == ["fp32", "f32", "q4_0"]
+    assert rows[1]["top1"] == 1.0 and abs(rows[1]["bpb"] - rows[0]["bpb"]) < 1e-3
+    assert rows[2]["bytes"] < rows[1]["bytes"] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert "| llama.cpp | q4_0 |" in proc.stdout
