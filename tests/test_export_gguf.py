@@ -139,9 +139,13 @@ def test_bad_input_exits_2_and_writes_nothing(runs, tmp_path, tiny_data, capsys)
     # a gpt2-marks tokenizer: refused (llama.cpp has no such split) unless asked for
     run = tmp_path / "marks"
     _make_run(tiny_data, "tiny-llama", run)
-    spec = json.loads((run / "tokenizer.json").read_text())
-    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [spec["pre_tokenizer"]]}
-    (run / "tokenizer.json").write_text(json.dumps(spec))
+    from tokenizers import Tokenizer
+
+    from lmfab.data.prep.bpe_train import make_pre_tokenizer
+
+    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    tok.pre_tokenizer = make_pre_tokenizer("gpt2-marks")
+    tok.save(str(run / "tokenizer.json"))
     assert cli.main([*base, "--model-dir", str(run)]) == 2
     assert "gpt2-marks" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
