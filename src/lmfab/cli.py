@@ -640,6 +640,25 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf_flags(p: argparse.ArgumentParser) -> None:
+    _opt(p, "--model-dir", required=True, help="run folder (its newest checkpoint by default)")
+    _opt(p, "--checkpoint", default=None, metavar="step_N", help="a checkpoint of the run")
+    _opt(p, "--out", required=True, help="the .gguf file to write")
+    _opt(p, "--type", default="f16", metavar="TYPE",
+         help="tensor type: f32, f16, q8_0 or q4_0 (norms stay f32)")
+    _opt(p, "--allow-split-mismatch", action="store_true",
+         help="export a gpt2-marks tokenizer with llama.cpp's GPT-2 split")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from lmfab.export.gguf import export_gguf
+
+    e = export_gguf(args.model_dir, args.out, checkpoint=args.checkpoint, qtype=args.type,
+                    allow_split_mismatch=args.allow_split_mismatch)
+    print(f"wrote {e.path} ({e.arch}, {e.type}, {e.n_tensors} tensors)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 # The table.
 
@@ -685,6 +704,8 @@ VERBS: dict[str, Verb | Group] = {
                    "a local Hugging Face GPT-2 / Llama / GPT-NeoX model into a run folder"),
     }),
     "export": Group("models out of lmfab", {
+        "gguf": Verb(cmd_export_gguf, _export_gguf_flags,
+                     "a GGUF file for llama.cpp (f32, f16, q8_0, q4_0)"),
         "hf": Verb(cmd_export_hf, _export_hf_flags,
                    "a folder transformers loads: config, safetensors, tokenizer, model card"),
     }),
