@@ -254,6 +254,7 @@ def _transfer_flags(p: argparse.ArgumentParser) -> None:
 def _modelzoo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a Model Zoo GPT-2 / GPT-3 / BTLM params YAML")
     p.add_argument("-o", "--out", required=True, help="lmfab params YAML to write")
+    _sets(p, "converted params", "train_input.data_dir=runs/data/pile")
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,7 +485,8 @@ def cmd_import_modelzoo(args: argparse.Namespace) -> int:
     from lmfab.config.load import write_config
     from lmfab.tools.modelzoo import load_config
 
-    write_config(load_config(args.file), args.out)  # converts, prints notices, validates
+    # converts, prints notices, validates
+    write_config(load_config(args.file, args.overrides), args.out)
     print(f"wrote {args.out}")
     return 0
 
