@@ -114,12 +114,30 @@ def test_published_params_import_and_resolve(path, tmp_path, capsys):
     assert load_config(out) == cfg
 
 
+@pytest.fixture(scope="module")
+def msl_data(tmp_path_factory):
+    """Small token shards at the published files' sequence lengths (2048 and 8192)."""
+    import numpy as np
+
+    from lmfab.data.shards import write_shard
+
+    root = tmp_path_factory.mktemp("msl")
+    for msl in (2048, 8192):
+        ids = np.random.default_rng(msl).integers(0, 50257, size=(2, msl + 1))
+        for split in ("train", "val"):
+            (root / f"seq{msl}" / split).mkdir(parents=True)
+            write_shard(root / f"seq{msl}" / split / "shard_00000.tok", ids, msl + 1, "ab" * 32)
+    return root
+
+
 @pytest.mark.parametrize("path", PUBLISHED, ids=lambda p: p.stem)
-def test_published_params_dry_run(path, tiny_data, capsys):
-    code = main(["run", "--params", str(path), "--dry-run",
-                 "--set", f"train_input.data_dir={tiny_data}"])
-    out = capsys.readouterr().out
-    assert code == 0
+def test_published_params_dry_run(path, msl_data, capsys):
+    msl = load_config(path, ["train_input.data_dir=x"]).train_input.seq_len
+    data = msl_data / f"seq{msl}"
+    code = main(["run", "--params", str(path), "--dry-run", "--set",
+                 f"train_input.data_dir={data}", "--set", f"eval_input.data_dir={data}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-500:]
     assert "parameters" in out and "memory/device" in out
 
 
