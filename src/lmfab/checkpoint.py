@@ -161,18 +161,31 @@ def save_checkpoint(
     return final if world.is_main else None
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (no code runs on load: the format is a JSON header
+    and raw bytes); a file that is not one is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except OSError:
+        raise
+    except Exception as err:  # safetensors' SafetensorError (header or size wrong), ...
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 def load_weights(model: nn.Module, path: str | Path) -> Path:
     """Load weights only (``--init_from``, eval): strict key and shape match."""
     ckpt = resolve_checkpoint(path)
-    weights = load_file(str(ckpt / "model.safetensors"))
+    weights = read_weights(ckpt / "model.safetensors")
     own = get_model_state_dict(model)  # parameter names; global shapes under FSDP
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     shapes = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    shapes += [k for k in own if k in weights and k not in shapes
+               and not weights[k].dtype.is_floating_point]
     if missing or unexpected or shapes:
         raise ValueError(
             f"{ckpt}: weights do not fit this model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}"
+            f"unexpected {unexpected[:5]}, shape or dtype mismatch {shapes[:5]}"
         )
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     return ckpt

@@ -163,7 +163,7 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
 
 def _inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True,
-                   help="jsonl / jsonl.zst / txt files or folders")
+                   help="jsonl / jsonl.zst / parquet / txt files or folders")
 
 
 def _tokenize_flags(p: argparse.ArgumentParser) -> None:

@@ -222,8 +222,87 @@ def _init_std(spec: Any, where: str, notices: list[str], refused: list[str]) -> 
     return float(spec["std"])
 
 
+_NUMBER = (int, float)
+# Values the conversion computes with, and the type each must have.
+_TYPES = {
+    "model": {"hidden_size": int, "num_hidden_layers": int, "num_heads": int,
+              "filter_size": int, "max_position_embeddings": int, "vocab_size": int,
+              "rotary_dim": (int, type(None)), "mup_base_hidden_size": _NUMBER,
+              "output_logits_scale": _NUMBER, "output_logits_alpha": _NUMBER,
+              "loss_weight": _NUMBER},
+    "optimizer": {"beta1": _NUMBER, "beta2": _NUMBER, "adjust_learning_rate": (dict, type(None)),
+                  "learning_rate": (int, float, list)},
+    "train_input": {"max_sequence_length": int},
+}
+_SEGMENT_TYPES = {"total_iters": int, "steps": int, "decay_steps": int,
+                  "initial_learning_rate": _NUMBER, "learning_rate": _NUMBER,
+                  "end_learning_rate": _NUMBER}
+
+
+def _type_errors(raw: dict) -> list[str]:
+    """Every value the conversion needs that has the wrong type (bool is not a number)."""
+    bad = []
+
+    def check(where: str, value: Any, want) -> None:
+        if isinstance(value, bool) and bool not in (want if isinstance(want, tuple) else (want,)):
+            bad.append(f"{where}={value!r} (expected a number)")
+        elif not isinstance(value, want):
+            bad.append(f"{where}={value!r} (expected {_want_name(want)})")
+
+    for section in raw:
+        if not isinstance(raw[section], dict):
+            bad.append(f"{section}: expected a mapping of keys, got {raw[section]!r}")
+    for section, types in _TYPES.items():
+        sec = raw.get(section)
+        if not isinstance(sec, dict):
+            continue
+        for key, want in types.items():
+            if key in sec:
+                check(f"{section}.{key}", sec[key], want)
+        for key in ("initializer", "embedding_initializer", "output_layer_initializer"):
+            spec = sec.get(key) if section == "model" else None
+            if isinstance(spec, dict) and "std" in spec:
+                check(f"model.{key}.std", spec["std"], _NUMBER)
+    opt = raw.get("optimizer") if isinstance(raw.get("optimizer"), dict) else {}
+    adjust = opt.get("adjust_learning_rate")
+    if isinstance(adjust, dict) and "decoder_kernel" in adjust:
+        check("optimizer.adjust_learning_rate.decoder_kernel", adjust["decoder_kernel"], _NUMBER)
+    if isinstance(opt.get("learning_rate"), list):
+        for i, seg in enumerate(opt["learning_rate"]):
+            if not isinstance(seg, dict):
+                bad.append(f"optimizer.learning_rate[{i}]={seg!r} (expected a scheduler mapping)")
+                continue
+            for key, want in _SEGMENT_TYPES.items():
+                if key in seg:
+                    check(f"optimizer.learning_rate[{i}].{key}", seg[key], want)
+    return bad
+
+
+def _want_name(want) -> str:
+    names = {int: "an integer", float: "a number", list: "a list", dict: "a mapping",
+             type(None): "null"}
+    wants = want if isinstance(want, tuple) else (want,)
+    if set(wants) >= {int, float}:
+        wants = tuple(w for w in wants if w is not int)
+    return " or ".join(names[w] for w in wants)
+
+
 def convert_modelzoo(raw: dict) -> tuple[dict, list[str]]:
     """(lmfab params mapping, notices). Raises ConfigError listing every refused key."""
+    bad = _type_errors(raw)
+    if bad:
+        raise ConfigError("Model Zoo params with values lmfab cannot read: " + ", ".join(bad))
+    try:
+        return _convert(raw)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, AttributeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        # a combination the checks above do not foresee: still one message, not a traceback
+        raise ConfigError(f"Model Zoo params lmfab cannot convert ({type(err).__name__}: "
+                          f"{err}); check the model and optimizer values") from None
+
+
+def _convert(raw: dict) -> tuple[dict, list[str]]:
     notices: list[str] = []
     refused: list[str] = []
     out: dict[str, dict] = {"model": {}, "optimizer": {}, "train_input": {}, "eval_input": {},

@@ -137,14 +137,16 @@ def check_data(cfg: Config, trained_with: Path | None = None) -> list[str]:
     """Every problem with the run's datasets (all stages and eval), as messages: what a dry
     run reports instead of leaving it to the first step."""
     t, e = cfg.train_input, cfg.eval_input
-    wanted = [(d, t.split, stage.seq_len) for stage in train_stages(cfg) for d, _ in stage.sources]
+    wanted = [("train_input", d, t.split, stage.seq_len)
+              for stage in train_stages(cfg) for d, _ in stage.sources]
     eval_dir = e.data_dir or t.data_dir or t.mixture[0].data_dir
-    wanted.append((eval_dir, e.split, e.seq_len or t.seq_len))
+    wanted.append(("eval_input", eval_dir, e.split, e.seq_len or t.seq_len))
     problems: list[str] = []
-    for data_dir, split, seq_len in dict.fromkeys(wanted):
+    for section, data_dir, split, seq_len in dict.fromkeys(wanted):
         try:
             open_dataset(cfg, data_dir, split, seq_len, trained_with)
         except (ConfigError, ValueError, OSError) as err:
-            if str(err) not in problems:
-                problems.append(str(err))
+            msg = f"{section}: {err}"
+            if msg not in problems:
+                problems.append(msg)
     return problems
