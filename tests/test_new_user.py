@@ -35,6 +35,7 @@ def curated(tmp_path_factory):
 
 # ---- silent duplication: a pipeline's scratch is never read -----------------------------
 
+@pytest.mark.slow
 def test_a_curate_output_reads_as_its_documents_only(curated):
     written = json.loads((curated / "stats.json").read_text())["written"]
     n_written = sum(v["docs"] for split in written.values() for v in split.values())
@@ -64,6 +65,7 @@ def test_report_files_of_a_curate_output_are_not_documents(tmp_path):
     assert list_files([plain]) == [plain / "a.txt"]
 
 
+@pytest.mark.slow
 def test_quickstart_tokenizer_and_pack_on_a_curate_output(curated, tmp_path, capsys):
     tok = tmp_path / "tok" / "tokenizer.json"
     assert main(["data", "tokenizer", "train", "--input", str(curated), "--out", str(tok),
@@ -90,6 +92,7 @@ def other_tokenization(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_eval_or_resume_on_shards_of_another_tokenizer_is_refused(tiny_data, other_tokenization,
                                                                   tmp_path, capsys):
     meta = [json.loads((d / "meta.json").read_text()) for d in (tiny_data, other_tokenization)]
@@ -112,6 +115,7 @@ def test_eval_or_resume_on_shards_of_another_tokenizer_is_refused(tiny_data, oth
 
 # ---- tracebacks become one message -------------------------------------------------------
 
+@pytest.mark.slow
 def test_model_dir_under_a_file(tiny_data, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     code = main(["train", "--params", TINY, "--model-dir", str(tmp_path / "f" / "run"),
@@ -186,6 +190,7 @@ def test_dry_run_with_a_missing_data_dir_fails(tmp_path, capsys):
 
 # ---- misleading messages -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_data_dir_of_a_pack_output_names_its_seq_folders(tiny_data, tmp_path, capsys):
     out = tmp_path / "packed"
     assert main(["data", "pack", "--input", str(SAMPLE), "--tokenizer",
@@ -200,6 +205,7 @@ def test_data_dir_of_a_pack_output_names_its_seq_folders(tiny_data, tmp_path, ca
     assert "run `lmfab data tokenize`" not in err
 
 
+@pytest.mark.slow
 def test_a_resumed_call_counts_its_own_steps_and_max_steps_notice(tiny_data, tmp_path, capsys):
     run = str(tmp_path / "run")
     sets = _sets(tiny_overrides(tiny_data))
@@ -241,6 +247,7 @@ def test_a_vocabulary_the_data_cannot_fill_is_a_warning(tmp_path, capsys):
     assert f"the vocabulary has {n} tokens, not the 5000 requested" in err
 
 
+@pytest.mark.slow
 def test_quickstart_weights_example_runs_on_the_sample(curated, tmp_path):
     """README's Quickstart line, as written (its old `--weights ar=1,en=1` had no Arabic)."""
     readme = (CONFIGS.parent / "README.md").read_text()

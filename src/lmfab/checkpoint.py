@@ -101,8 +101,15 @@ def checkpoint_format(state: dict) -> int:
 
 
 def read_state(path: str | Path) -> dict:
-    """state.json of a checkpoint directory."""
-    return json.loads((Path(path) / "state.json").read_text())
+    """state.json of a checkpoint directory (a damaged one is a ValueError naming it)."""
+    file = Path(path) / "state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not a readable state.json ({err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: not a checkpoint state (a JSON object expected)")
+    return state
 
 
 def save_checkpoint(

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 _COMMON = dict(deadline=None, derandomize=False, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                       HealthCheck.data_too_large, HealthCheck.filter_too_much])
-settings.register_profile("fast", max_examples=20, **_COMMON)
+settings.register_profile("fast", max_examples=10, **_COMMON)
 settings.register_profile("campaign", max_examples=int(os.environ.get("FUZZ_EXAMPLES", 2000)),
                           **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))

@@ -185,6 +185,7 @@ def trained_run(tiny_data, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @given(edit=edits, target=st.sampled_from(["model.safetensors", "state.json", "config.yaml",
                                            "../../tokenizer.json"]))
 def test_generate_from_a_corrupted_run(edit, target, trained_run):

@@ -98,7 +98,7 @@ def test_random_bytes_files(data, suffix):
             assert len(docs) == 1 and docs[0].text == data.decode("utf-8").removeprefix("\ufeff")
 
 
-@given(rows=st.lists(st.one_of(st.none(), texts, st.integers()), max_size=8),
+@given(rows=st.lists(st.one_of(st.none(), texts, st.integers(-(2**63), 2**63 - 1)), max_size=8),
        column=st.sampled_from(["text", "content"]))
 def test_parquet_rows(rows, column):
     pa = pytest.importorskip("pyarrow", reason="parquet input needs the curate extra")
@@ -130,6 +130,7 @@ def test_empty_files_and_folders(tmp_path):
     assert [d.text for d in iter_documents([tmp_path / "e.txt"])] == [""]
 
 
+@pytest.mark.slow
 @given(lines=st.lists(st.one_of(good, good, good, bad_lines, invalid_utf8), min_size=1,
                       max_size=8))
 def test_tokenize_cli_on_fuzzed_corpora(lines):

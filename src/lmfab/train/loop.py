@@ -259,7 +259,7 @@ def eval_checkpoints(run: Run, *, all_checkpoints: bool, init_from: str | None) 
     results = []
     for path in paths:
         src = ckpt.load_weights(run.model, path)
-        step = json.loads((src / "state.json").read_text())["step"] if (src / "state.json").is_file() else 0
+        step = ckpt.read_state(src).get("step", 0) if (src / "state.json").is_file() else 0
         results.append({"checkpoint": str(src), "step": step, **_eval_and_log(run, dataset, step)})
     if run.world.is_main:
         (run.model_dir / "eval_results.json").write_text(json.dumps(results, indent=1))
