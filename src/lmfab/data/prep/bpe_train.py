@@ -268,6 +268,11 @@ def train_tokenizer(
     log = Progress("tokenizer", progress)
     holdout = _Holdout(val_fraction, seed)
     available, docs = group_bytes(files, by, holdout, text_key, log)
+    if not sum(available.values()):
+        names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise ValueError(f"{names}: no training text left after holding out the val split "
+                         f"(val_fraction {val_fraction}, {sum(docs.values())} documents with "
+                         "text); give more documents or a smaller val fraction")
     rates = sampling_rates(available, weights, sample_bytes)
     sampled: Counter[str] = Counter()
 
