@@ -17,7 +17,7 @@ PROMPT ?= ROMEO.
 SWEEP_DIR ?= runs/sweeps/demo
 SWEEP_SET ?=
 
-.PHONY: install demo demo-run test lint clean
+.PHONY: install demo demo-run test lint clean fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,13 @@ demo-run:
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The fuzz campaign: every target of tests/fuzz/ with FUZZ_EXAMPLES inputs each (the fast
+# subset runs in `make test` with a few dozen); the counts go to docs/reliability.md.
+FUZZ_EXAMPLES ?= 2000
+fuzz: install
+	HYPOTHESIS_PROFILE=campaign FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q \
+		tests/fuzz --hypothesis-show-statistics -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

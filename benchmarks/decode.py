@@ -12,9 +12,13 @@ timing, the two greedy continuations of the same prompts must agree token for to
 the first position where bf16 rounding flips a near-tie; the agreeing share is reported).
 
 lmfab: :func:`lmfab.infer.generate.run_batch`, decode step compiled with CUDA graphs on CUDA
-(``--lmfab-compile``). HF: ``generate(do_sample=False, cache_implementation="static")`` with
-``model.forward`` compiled ``mode="reduce-overhead", fullgraph=True`` on CUDA, as HF's
-"static cache and torch.compile" guide does (``--hf-compile``). Decode tokens/s =
+(``--lmfab-compile``). HF: ``generate(do_sample=False, cache_implementation="static")``,
+which in transformers 5 compiles the decoding forward itself on CUDA (its ``compile_config``;
+``--hf-compile auto``, the default). ``--hf-compile on`` also wraps ``model.forward`` in
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` as transformers 4's static-cache
+guide did; with transformers 5.17 and torch 2.11 that double compilation fails ("accessing
+tensor output of CUDAGraphs that has been overwritten"), so it is not the default.
+``--hf-compile off`` sets ``disable_compile``. Decode tokens/s =
 B x (N - 1) / (t(N new tokens) - t(1 new token)): prefill excluded; medians of ``--repeats``
 runs after warm-up runs (compilation).
 """
@@ -138,7 +142,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lmfab-compile", default="auto",
                     help="auto (CUDA graphs on CUDA, eager on CPU), off, or a compile mode")
-    ap.add_argument("--hf-compile", default="auto", help="auto (on CUDA), on or off")
+    ap.add_argument("--hf-compile", default="auto",
+                    help="auto (generate's own compilation of the static cache on CUDA), on "
+                    "(also torch.compile the forward, transformers 4's recipe) or off")
     ap.add_argument("--min-agreement", type=float, default=0.5,
                     help="refuse to time when greedy outputs agree less than this")
     ap.add_argument("--json", help="write the results here")
@@ -158,9 +164,11 @@ def main() -> int:
         model = materialize(build_model(cfg), device, seed=0, dtype=dtype).eval()
     lm_compile = {"auto": None, "off": False, "on": True}.get(a.lmfab_compile, a.lmfab_compile)
     hf = hf_llama(model, dtype)
-    hf_compile = a.hf_compile == "on" or (a.hf_compile == "auto" and device.type == "cuda")
-    if hf_compile:
+    hf_compile = a.hf_compile
+    if hf_compile == "on":
         hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    elif hf_compile == "off":
+        hf.generation_config.disable_compile = True
     import transformers
 
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()

@@ -54,7 +54,7 @@ def test_make_demo_commands_run_end_to_end(tmp_path):
 
 def test_dry_run_prints_plan(capsys, tiny_data):
     code = main(["run", "--params", TINY, "--dry-run", "--num_devices", "2",
-                 "--set", f"train_input.data_dir={tiny_data}"])
+                 "--set", f"train_input.data_dir={tiny_data}", "--set", "train_input.seq_len=32"])
     out = capsys.readouterr().out
     assert code == 0
     assert "n_layer: 4" in out  # the resolved config

@@ -45,7 +45,7 @@ def test_cli_turns_a_bad_recipe_into_one_message(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1
     assert err.startswith(f"lmfab: error: {path}: near_dedup.row: unknown key")
     rc = main(["data", "curate", str(tmp_path / "missing.yaml")])
-    assert rc == 2 and "missing.yaml: params file not found" in capsys.readouterr().err
+    assert rc == 2 and "missing.yaml: file not found" in capsys.readouterr().err
 
 
 def test_steps_count_per_source_and_stage():

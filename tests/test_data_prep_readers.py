@@ -101,9 +101,9 @@ def test_bad_utf8_text_file(tmp_path):
 
 
 def test_unknown_suffix_and_missing_input(tmp_path):
-    path = tmp_path / "data.parquet"
-    path.write_bytes(b"PAR1")
-    with pytest.raises(ValueError, match=r"data\.parquet: unsupported.*\.jsonl\.zst, \.jsonl"):
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"a,b")
+    with pytest.raises(ValueError, match=r"data\.csv: unsupported.*\.jsonl\.zst, \.jsonl"):
         list(iter_documents([path]))
     with pytest.raises(FileNotFoundError, match="nope"):
         list(iter_documents([tmp_path / "nope.jsonl"]))

@@ -101,8 +101,15 @@ def checkpoint_format(state: dict) -> int:
 
 
 def read_state(path: str | Path) -> dict:
-    """state.json of a checkpoint directory."""
-    return json.loads((Path(path) / "state.json").read_text())
+    """state.json of a checkpoint directory (a damaged one is a ValueError naming it)."""
+    file = Path(path) / "state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not a readable state.json ({err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: not a checkpoint state (a JSON object expected)")
+    return state
 
 
 def save_checkpoint(
@@ -161,18 +168,31 @@ def save_checkpoint(
     return final if world.is_main else None
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (no code runs on load: the format is a JSON header
+    and raw bytes); a file that is not one is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except OSError:
+        raise
+    except Exception as err:  # safetensors' SafetensorError (header or size wrong), ...
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 def load_weights(model: nn.Module, path: str | Path) -> Path:
     """Load weights only (``--init_from``, eval): strict key and shape match."""
     ckpt = resolve_checkpoint(path)
-    weights = load_file(str(ckpt / "model.safetensors"))
+    weights = read_weights(ckpt / "model.safetensors")
     own = get_model_state_dict(model)  # parameter names; global shapes under FSDP
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     shapes = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    shapes += [k for k in own if k in weights and k not in shapes
+               and not weights[k].dtype.is_floating_point]
     if missing or unexpected or shapes:
         raise ValueError(
             f"{ckpt}: weights do not fit this model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}"
+            f"unexpected {unexpected[:5]}, shape or dtype mismatch {shapes[:5]}"
         )
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     return ckpt

@@ -206,7 +206,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
 
 def _inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True,
-                   help="jsonl / jsonl.zst / txt files or folders")
+                   help="jsonl / jsonl.zst / parquet / txt files or folders")
 
 
 def _tokenize_flags(p: argparse.ArgumentParser) -> None:
@@ -297,6 +297,7 @@ def _transfer_flags(p: argparse.ArgumentParser) -> None:
 def _modelzoo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a Model Zoo GPT-2 / GPT-3 / BTLM params YAML")
     p.add_argument("-o", "--out", required=True, help="lmfab params YAML to write")
+    _sets(p, "converted params", "train_input.data_dir=runs/data/pile")
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,14 +430,19 @@ def _print_plan(cfg, mode: str, model_dir: str | None, world_size: int) -> int:
     import yaml
 
     from lmfab.config import config_to_dict
-    from lmfab.train.plan import format_plan, plan_run
+    from lmfab.train.data import check_data, trained_tokenizer
+    from lmfab.train.plan import config_notes, format_plan, plan_run, planned_device
 
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
-    print(f"\nrun plan ({mode}, model_dir={model_dir}):")
-    # runconfig.device auto: plan for a GPU, the usual target of a memory question
-    dev = "cuda" if cfg.runconfig.device == "auto" else cfg.runconfig.device
+    dev, why = planned_device(cfg.runconfig)  # the device this machine's run would use
+    print(f"\nrun plan ({mode}, model_dir={model_dir}, {dev}: {why}):")
     print(format_plan(plan_run(cfg, world_size, device_type=dev)))
-    return 0
+    for note in config_notes(cfg, dev):
+        print(f"note: {note}")
+    problems = check_data(cfg, trained_tokenizer(model_dir) if model_dir else None)
+    for problem in problems:
+        print(f"lmfab: error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -567,7 +573,8 @@ def cmd_import_modelzoo(args: argparse.Namespace) -> int:
     from lmfab.config.load import write_config
     from lmfab.tools.modelzoo import load_config
 
-    write_config(load_config(args.file), args.out)  # converts, prints notices, validates
+    # converts, prints notices, validates
+    write_config(load_config(args.file, args.overrides), args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -772,16 +779,25 @@ def _main(argv: list[str] | None) -> int:
 
     try:
         return args.handler(args)
-    except (ConfigError, ShardError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ShardError, OSError, ValueError) as e:
         if os.environ.get("LMFAB_DEBUG"):  # the full traceback, for bug reports
             raise
-        print(f"lmfab: error: {e}", file=sys.stderr)
+        print(f"lmfab: error: {_os_message(e) if type(e) is not FileNotFoundError else e}",
+              file=sys.stderr)
         return 2
     except RuntimeError as e:  # torch.OutOfMemoryError: the message carries lmfab's advice
         if type(e).__name__ != "OutOfMemoryError" or os.environ.get("LMFAB_DEBUG"):
             raise
         print(f"lmfab: error: {e}", file=sys.stderr)
         return 3
+
+
+def _os_message(e: Exception) -> str:
+    """An OSError as ``path: reason`` (a folder under a file, no permission, disk full)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        extra = f" -> {e.filename2}" if e.filename2 else ""
+        return f"{e.filename}{extra}: {e.strerror}"
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -164,12 +164,22 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
 def read_yaml(path: str | Path) -> dict:
     """The top-level mapping of a YAML file (``{}`` for an empty file)."""
     path = Path(path)
+    if path.is_dir():
+        raise SchemaError(f"{path}: is a folder, not a YAML file")
     if not path.is_file():
-        raise SchemaError(f"{path}: params file not found")
+        raise SchemaError(f"{path}: file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SchemaError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise SchemaError(f"{path}: cannot be read: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SchemaError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:  # deeply nested flow collections
+        raise SchemaError(f"{path}: not valid YAML: nested too deeply") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

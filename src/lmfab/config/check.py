@@ -29,11 +29,23 @@ def micro_batching(batch_size: int, micro: int | None, world_size: int) -> tuple
     return micro, per_device // micro
 
 
+# Sizes past these are not models but typos; they would make even a dry run build for hours
+# (every layer is a module) or overflow the token format (uint32 ids).
+_MODEL_LIMITS = {"n_layer": 4096, "n_head": 65536, "d_model": 1 << 20, "d_ff": 1 << 24,
+                 "vocab_size": 1 << 32, "max_seq_len": 1 << 24}
+MAX_STEPS_LIMIT = 10**12
+
+
 def check_model_config(m: ModelConfig) -> None:
     """Rules within the model section."""
     for name in ("n_layer", "n_head", "d_model", "vocab_size", "max_seq_len"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name}: must be positive, got {getattr(m, name)}")
+    for name, most in _MODEL_LIMITS.items():
+        value = getattr(m, name)
+        if value is not None and value > most:
+            raise ConfigError(f"model.{name}: at most {most:,}, got {value:,} (beyond any "
+                              "model lmfab can build or store: a typo?)")
     if m.d_model % m.n_head:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}"
@@ -78,9 +90,13 @@ def _sources(data_dir: str | None, mixture: list | None, where: str) -> tuple:
         if not mixture:
             raise ConfigError(f"{where}.mixture: an empty list")
         for i, src in enumerate(mixture):
-            if not src.weight > 0:
-                raise ConfigError(f"{where}.mixture[{i}].weight: must be positive")
+            if not src.weight > 0 or src.weight == float("inf"):
+                raise ConfigError(f"{where}.mixture[{i}].weight: must be positive and finite")
+            if not src.data_dir.strip():
+                raise ConfigError(f"{where}.mixture[{i}].data_dir: an empty path")
         return tuple((src.data_dir, src.weight) for src in mixture)
+    if not data_dir.strip():
+        raise ConfigError(f"{where}.data_dir: an empty path")
     return ((data_dir, 1.0),)
 
 
@@ -167,6 +183,8 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
     stage_batches(cfg, world_size)
     if r.max_steps < 0 or r.log_steps <= 0:
         raise ConfigError("runconfig.max_steps must be >= 0 and runconfig.log_steps > 0")
+    if r.max_steps > MAX_STEPS_LIMIT:
+        raise ConfigError(f"runconfig.max_steps: at most {MAX_STEPS_LIMIT:,}, got {r.max_steps:,}")
     if r.checkpoint_steps < 0 or r.eval_steps < 0 or r.keep_checkpoints < 0:
         raise ConfigError("runconfig.checkpoint_steps, eval_steps, keep_checkpoints: >= 0")
     if prof.steps < 0 or prof.start < 0:

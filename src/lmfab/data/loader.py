@@ -49,13 +49,8 @@ class TokenDataset:
         tokenizer_hash: str | None = None,
     ) -> None:
         self.split_dir = Path(split_dir)
-        if not self.split_dir.exists():
-            raise FileNotFoundError(
-                f"token split directory not found: {self.split_dir} "
-                "(run `lmfab data tokenize` to create it)"
-            )
         if not self.split_dir.is_dir():
-            raise NotADirectoryError(f"not a directory: {self.split_dir}")
+            raise FileNotFoundError(_missing_split(self.split_dir))
         paths = sorted(self.split_dir.glob("*.tok"), key=lambda p: p.name)
         if not paths:
             raise FileNotFoundError(
@@ -148,6 +143,25 @@ class TokenDataset:
             rows = np.nonzero(shard_of == s)[0]
             out[rows] = self._shards[s][idx[rows] - self._starts[s]]  # (rows, window)
         return out
+
+
+def _missing_split(split_dir: Path) -> str:
+    """Why ``split_dir`` is not there, and what to give instead."""
+    data_dir = split_dir.parent
+    if not data_dir.exists():
+        return (f"data_dir not found: {data_dir} (make it with `lmfab data tokenize` or "
+                "`lmfab data pack`)")
+    if not data_dir.is_dir():
+        return f"data_dir {data_dir} is a file, not a folder of token shards"
+    packed = sorted(p.name for p in data_dir.glob("seq*") if (p / split_dir.name).is_dir())
+    if packed:  # `lmfab data pack` writes one dataset per sequence length
+        return (f"{data_dir} holds {len(packed)} datasets packed by `lmfab data pack`, one per "
+                f"sequence length ({', '.join(p + '/' for p in packed)}): set data_dir to one "
+                f"of them, e.g. {data_dir / packed[0]}")
+    if split_dir.exists():
+        return f"{split_dir} is a file, not a folder of token shards"
+    return (f"token split directory not found: {split_dir} (run `lmfab data tokenize` to "
+            "create it)")
 
 
 def _check_expected(

@@ -42,7 +42,11 @@ def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, Token
     model = materialize(build_model(cfg.model), device)
     load_weights(model, ckpt)
     tok_file = find_tokenizer(ckpt, cfg)
-    return model.eval(), Tokenizer.from_file(str(tok_file)), ckpt
+    try:
+        tok = Tokenizer.from_file(str(tok_file))
+    except Exception as err:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"{tok_file}: not a Hugging Face tokenizer.json ({err})") from None
+    return model.eval(), tok, ckpt
 
 
 def resolve_device(device: str) -> str:

@@ -36,7 +36,7 @@ from lmfab.dist.launch import record_rank_code
 from lmfab.dist.parallel import is_fsdp, no_sync, resolve_strategy, sharded_fill
 from lmfab.models.execution import choose_kernels
 from lmfab.models.gpt import GPT, build_model, materialize
-from lmfab.train.data import StagedData, open_dataset
+from lmfab.train.data import StagedData, open_dataset, trained_tokenizer
 from lmfab.train.metrics import MetricsLogger, StepMeter, console, format_duration, peak_flops
 from lmfab.train.optim import build_optimizer, clip_and_step, set_lr
 from lmfab.train.plan import (
@@ -91,10 +91,11 @@ def _eval_dir(cfg: Config) -> str:
     return e.data_dir or t.data_dir or t.mixture[0].data_dir
 
 
-def open_eval_split(cfg: Config) -> TokenDataset:
-    """eval_input's shards (default: the first training source), at eval_input.seq_len."""
+def open_eval_split(cfg: Config, trained_with: Path | None = None) -> TokenDataset:
+    """eval_input's shards (default: the first training source), at eval_input.seq_len;
+    ``trained_with``: the weights' tokenizer.json, which the shards must come from."""
     e, t = cfg.eval_input, cfg.train_input
-    return open_dataset(cfg, _eval_dir(cfg), e.split, e.seq_len or t.seq_len)
+    return open_dataset(cfg, _eval_dir(cfg), e.split, e.seq_len or t.seq_len, trained_with)
 
 
 def bytes_per_token(cfg: Config) -> float | None:
@@ -187,10 +188,12 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     plan = plan_run(cfg, world.world_size, device_type=world.device.type)
     optimizer = build_optimizer(run.model, cfg.optimizer, world.device, cfg.model)
     schedule = LRSchedule(cfg.optimizer.learning_rate)
-    eval_set = open_eval_split(cfg) if (r.eval_steps or eval_at_end) else None
+    trained_with = trained_tokenizer(run.model_dir)  # resuming: the data must match it
+    eval_set = open_eval_split(cfg, trained_with) if (r.eval_steps or eval_at_end) else None
     saver = Checkpointer(cfg, run.model_dir, run.model, optimizer, world, run.say)
     step, tokens_seen, saved_loader = saver.resume(init_from)
-    data = StagedData(cfg, world, run.say)
+    first_step = step
+    data = StagedData(cfg, world, run.say, trained_with)
     data.start(step, saved_loader)
     if world.is_main:
         ckpt.write_run_files(cfg, run.model_dir)
@@ -232,7 +235,8 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
             saver.maybe_save(step, end, data, tokens_seen)
 
     saver.save_at_end(step, data, tokens_seen)
-    run.say(f"trained {step} steps in {format_duration(time.perf_counter() - t_start)}")
+    run.say(f"trained {step - first_step} steps ({first_step} -> {step}) in "
+            f"{format_duration(time.perf_counter() - t_start)}")
     if eval_at_end:
         result["eval"] = _eval_and_log(run, eval_set, step)
     return result
@@ -253,7 +257,7 @@ def _eval_and_log(run: Run, dataset: TokenDataset, step: int) -> dict:
 
 
 def eval_checkpoints(run: Run, *, all_checkpoints: bool, init_from: str | None) -> list[dict]:
-    dataset = open_eval_split(run.cfg)
+    dataset = open_eval_split(run.cfg, trained_tokenizer(run.model_dir))
     if all_checkpoints:
         paths = ckpt.list_checkpoints(run.model_dir)
     else:
@@ -264,7 +268,7 @@ def eval_checkpoints(run: Run, *, all_checkpoints: bool, init_from: str | None) 
     results = []
     for path in paths:
         src = ckpt.load_weights(run.model, path)
-        step = json.loads((src / "state.json").read_text())["step"] if (src / "state.json").is_file() else 0
+        step = ckpt.read_state(src).get("step", 0) if (src / "state.json").is_file() else 0
         results.append({"checkpoint": str(src), "step": step, **_eval_and_log(run, dataset, step)})
     if run.world.is_main:
         (run.model_dir / "eval_results.json").write_text(json.dumps(results, indent=1))

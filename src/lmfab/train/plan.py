@@ -152,6 +152,18 @@ def resolved_precision(r: RunConfig, device_type: str) -> str:
     return r.precision
 
 
+def planned_device(r: RunConfig) -> tuple[str, str]:
+    """(device type, why) a run of ``runconfig`` would use on this machine."""
+    if r.device != "auto":
+        return r.device, "runconfig.device"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", "runconfig.device auto, a GPU is here"
+    return "cpu", ("runconfig.device auto and no GPU here; --set runconfig.device=cuda plans "
+                   "for a GPU")
+
+
 def config_notes(cfg: Config, device_type: str) -> list[str]:
     """Settings that are valid but have no effect in this combination (said, not refused)."""
     r, notes = cfg.runconfig, []
@@ -189,6 +201,15 @@ def config_notes(cfg: Config, device_type: str) -> list[str]:
     elif r.profile.steps and device_type != "cuda":
         notes.append("runconfig.profile.steps on a CPU: the trace holds CPU ops only, and the "
                      "kernel table is empty")
+    lr = cfg.optimizer.learning_rate
+    if isinstance(lr, list) and r.max_steps < (total := sum(seg.steps for seg in lr)):
+        from lmfab.train.schedule import LRSchedule
+
+        notes.append(f"runconfig.max_steps={r.max_steps} ends the run inside the learning-rate "
+                     f"schedule ({total} steps): the schedule is not shortened, the last step "
+                     f"trains at lr {LRSchedule(lr)(r.max_steps - 1):.3g} (its end is "
+                     f"{LRSchedule(lr)(total):.3g}); scale optimizer.learning_rate's steps to "
+                     "change that")
     return notes
 
 

@@ -44,19 +44,8 @@ SPLITS = ("train", "holdout")
 
 
 def _list_inputs(paths: list[str]) -> list[str]:
-    """Input files in a reproducible order: the readers' suffixes plus parquet."""
-    out: list[Path] = []
-    for given in paths:
-        p = Path(given)
-        if p.is_dir():
-            out += list_files([p])
-            out += [c for c in p.rglob("*.parquet")
-                    if not any(part.startswith(".") for part in c.relative_to(p).parts)]
-        elif p.is_file() and p.name.endswith(".parquet"):
-            out.append(p)
-        else:
-            out += list_files([p])  # raises for a missing path or an unknown suffix
-    return sorted({str(f) for f in out})
+    """Input files in a reproducible order (the readers' suffixes, parquet included)."""
+    return sorted({str(f) for f in list_files(paths)})
 
 
 def _estimated_bytes(path: str) -> int:
@@ -234,7 +223,24 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
     atomic_write_bytes(out / "stats.json", json.dumps(stats, indent=1).encode())
     if progress:
         print(format_table(stats))
+    _refuse_empty(out, stats, rejects)
     return stats
+
+
+def _refuse_empty(out: Path, stats: dict, rejects: list[str]) -> None:
+    """A curation that writes no document is an error that says where they went."""
+    if any(v["docs"] for split in stats["written"].values() for v in split.values()):
+        return
+    read = sum(e["docs_in"] for e in stats["stages"].get("read", {}).values())
+    removed = [f"{name} removed {n:,}" for name, stage in stats["stages"].items()
+               if (n := sum(e["docs_removed"] for e in stage.values()))]
+    why = [f"{read:,} documents read"] + removed
+    if rejects:
+        why.append(f"{len(rejects):,} bad records skipped (first: {rejects[0]}; all in "
+                   f"{out / 'rejects.txt'})")
+    raise DataConfigError(f"{out}: no documents left to write: {'; '.join(why)}. Check "
+                          "read.inputs and read.text_key, or loosen the filters "
+                          f"({out / 'stats.json'} has the table)")
 
 
 def _load_arrays(work: Path, summaries: list[dict], sources: list[str]) -> dict:

@@ -106,8 +106,8 @@ def format_table(stats: dict) -> str:
     for s in sources:
         lines.append(row(s, lambda stage, s=s: stage[s]))
 
-    def total(stage: dict) -> dict:
-        return {k: sum(e[k] for e in stage.values()) for k in next(iter(stage.values()))}
+    def total(stage: dict) -> dict:  # a stage with no source (no document read) sums to 0
+        return {k: sum(e[k] for e in stage.values()) for k in _entry(0, 0, 0, 0)}
 
     lines.append(row("**total**", total))
     lines.append("")

@@ -35,7 +35,7 @@ from lmfab.atomic import atomic_open, atomic_write_bytes, read_done, write_done
 from lmfab.data.curate import text as T
 from lmfab.data.curate.recipe import Recipe
 from lmfab.data.curate.steps import WorkDoc, build_steps
-from lmfab.data.prep.readers import Document, ReadStats, iter_documents
+from lmfab.data.prep.readers import ReadStats, iter_documents
 
 MAX_BATCH_CHARS = 4_000_000
 
@@ -50,30 +50,6 @@ class _Rejects(ReadStats):
     def record_error(self, message: str) -> None:
         super().record_error(message)
         self.all_errors.append(message)
-
-
-def _iter_parquet(path: str, text_key: str, stats: _Rejects, select) -> object:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    if text_key not in names:
-        raise ValueError(f"{path}: no column {text_key!r}; columns: {', '.join(names)}")
-    cols = [text_key] + (["meta"] if "meta" in names else [])
-    row = 0
-    for g in range(pf.num_row_groups):
-        table = pf.read_row_group(g, columns=cols).to_pydict()
-        metas = table.get("meta") or [None] * len(table[text_key])
-        for text, meta in zip(table[text_key], metas, strict=True):
-            row += 1
-            if not select(row):
-                continue
-            if not isinstance(text, str):
-                stats.record_error(f"{path}:{row}: text column {text_key!r} is null")
-                continue
-            meta = meta if isinstance(meta, dict) else None
-            src = (meta or {}).get("redpajama_set_name") or Path(path).name.split(".")[0]
-            yield Document(text, str(src), path, row, meta)
 
 
 @dataclass(frozen=True)
@@ -139,11 +115,8 @@ def map_task(recipe: Recipe, work: str, task: MapTask) -> dict:
     select = (lambda line: ((line - 1) // block) % n_slices == k) if n_slices > 1 else (
         lambda line: True)
     rejects = _Rejects()
-    if task.path.endswith(".parquet"):
-        docs = _iter_parquet(task.path, r.read.text_key, rejects, select)
-    else:
-        docs = iter_documents([task.path], r.read.text_key, on_error="skip", stats=rejects,
-                              select=select)
+    docs = iter_documents([task.path], r.read.text_key, on_error="skip", stats=rejects,
+                          select=select)
     read, clean, filt = steps = build_steps(r)
     kept: list[KeptDoc] = []
     t_prev = time.perf_counter()

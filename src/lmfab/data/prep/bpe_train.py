@@ -32,6 +32,7 @@ import hashlib
 import math
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -267,6 +268,11 @@ def train_tokenizer(
     log = Progress("tokenizer", progress)
     holdout = _Holdout(val_fraction, seed)
     available, docs = group_bytes(files, by, holdout, text_key, log)
+    if not sum(available.values()):
+        names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise ValueError(f"{names}: no training text left after holding out the val split "
+                         f"(val_fraction {val_fraction}, {sum(docs.values())} documents with "
+                         "text); give more documents or a smaller val fraction")
     rates = sampling_rates(available, weights, sample_bytes)
     sampled: Counter[str] = Counter()
 
@@ -305,9 +311,17 @@ def train_tokenizer(
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tok.save(str(tmp))
+    got = tok.get_vocab_size(with_added_tokens=True)
+    if got < vocab_size:
+        # BPE stops when no pair is left that occurs min_frequency times: the sample is small
+        print(f"warning: {out}: the vocabulary has {got} tokens, not the {vocab_size} "
+              f"requested: {sum(sampled.values()) / 1e6:.2f} MB of text has no more pairs "
+              f"occurring {min_frequency}+ times (give more text or a smaller --vocab-size; "
+              "model.vocab_size must be at least the tokenizer's)", file=sys.stderr)
     return {
         "tokenizer": str(out),
-        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "vocab_size": got,
+        "vocab_size_requested": vocab_size,
         "special_tokens": {t: tok.token_to_id(t) for t in special_tokens},
         "by": by,
         "weights": weights,

@@ -104,17 +104,35 @@ def fertility_report(
     # pass 2: the sample, then every tokenizer on it
     texts: list[str] = []
     member: list[list[tuple[str, str]]] = []
+    # a group none of whose documents falls under its rate (a few documents larger than the
+    # cap) is measured on its lowest-hash document rather than left out of the table
+    lowest: dict[tuple[str, str], tuple[float, int, str, list]] = {}
     log.start("sample")
-    for doc in iter_documents(files, text_key):
+    for i, doc in enumerate(iter_documents(files, text_key)):
         if not doc.text or not keep(doc.text):
             continue
         r = sample_hash(doc.text, seed)
-        gs = [g for g in (("source", doc.source), ("lang", detect_lang(doc.text)), ("all", "all"))
-              if r < rate[g]]
+        all_gs = [("source", doc.source), ("lang", detect_lang(doc.text)), ("all", "all")]
+        gs = [g for g in all_gs if r < rate[g]]
         if gs:
             texts.append(doc.text)
             member.append(gs)
             log.tick(len(doc.text.encode("utf-8")), 1)
+        for g in all_gs:
+            if g not in lowest or r < lowest[g][0]:
+                lowest[g] = (r, i, doc.text, gs)
+    sampled = {g for gs in member for g in gs}
+    extra: dict[int, tuple[str, list]] = {}
+    for g, (_, i, text, gs) in lowest.items():
+        if g in sampled:
+            continue
+        if gs:  # sampled for another group: it counts for this one too (gs is in member)
+            gs.append(g)
+        else:
+            extra.setdefault(i, (text, []))[1].append(g)
+    for text, gs in extra.values():
+        texts.append(text)
+        member.append(gs)
     log.done()
     nbytes = [len(t.encode("utf-8")) for t in texts]
     nwords = [len(t.split()) for t in texts]

@@ -6,12 +6,19 @@ Supported inputs, chosen by file suffix:
   (``{"text": ..., "meta": {"redpajama_set_name": ...}}``). ``.zst`` files are decompressed
   as a stream and read line by line, so a file is never held in memory whole. Blank lines
   are ignored.
+* ``.parquet`` -- one document per row of the ``text`` column (``meta`` too when present),
+  read a row group at a time; needs ``pyarrow`` (the ``curate`` extra).
 * ``.txt`` and ``.md`` -- the whole file is one document.
 
 A folder is read recursively in sorted path order, so the document order (and everything
 derived from it) is reproducible. Inside a folder, hidden files and files with other
 suffixes are passed over (and counted in ``ReadStats.skipped_files``); a *file* named
-explicitly with an unknown suffix is an error.
+explicitly with an unknown suffix is an error, and so is a folder with nothing to read.
+
+A pipeline's scratch is never read: folders whose name starts with ``_`` (``_work/``) are
+passed over, and in the output folder of ``lmfab data curate`` (``stats.json`` beside
+``rejects.txt``) only the split folders (``train/``, ``holdout/``) hold documents -- its
+``rejects.txt`` and ``near_dedup/clusters.jsonl`` are reports, not text.
 
 A document's ``source`` is ``meta.redpajama_set_name`` when the record has it, else the file
 name without its suffixes; the tokenizer records per-source counts from it.
@@ -39,7 +46,9 @@ from pathlib import Path
 
 import zstandard
 
-SUFFIXES = (".jsonl.zst", ".jsonl", ".txt", ".md")
+SUFFIXES = (".jsonl.zst", ".jsonl", ".parquet", ".txt", ".md")
+# The split folders of a curation output (lmfab.data.curate.pipeline.SPLITS).
+CURATE_SPLITS = ("train", "holdout")
 _MAX_KEPT_ERRORS = 20
 _BOM = "\ufeff"
 
@@ -91,15 +100,15 @@ def list_files(paths: Iterable[str | os.PathLike], stats: ReadStats | None = Non
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                rel = child.relative_to(path)
-                if not child.is_file() or any(part.startswith(".") for part in rel.parts):
-                    continue
-                if _suffix(child) is None:
-                    if stats is not None:
-                        stats.skipped_files += 1
-                    continue
-                files.append(child)
+            found, passed = _folder_files(path)
+            if stats is not None:
+                stats.skipped_files += len(passed)
+            if not found:
+                what = (f"; passed over {len(passed)} file(s) with other suffixes, e.g. "
+                        f"{passed[0].name}" if passed else "")
+                raise ValueError(f"{path}: no input files in this folder (supported suffixes: "
+                                 f"{', '.join(SUFFIXES)}){what}")
+            files += found
         elif path.is_file():
             if _suffix(path) is None:
                 raise ValueError(
@@ -110,6 +119,29 @@ def list_files(paths: Iterable[str | os.PathLike], stats: ReadStats | None = Non
         else:
             raise FileNotFoundError(f"input not found: {path}")
     return files
+
+
+def is_curate_output(folder: Path) -> bool:
+    """A finished ``lmfab data curate`` output folder (its report files are there)."""
+    return (folder / "stats.json").is_file() and (folder / "rejects.txt").is_file()
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files to read, files passed over for their suffix) under ``folder``, sorted."""
+    roots = [folder]
+    if is_curate_output(folder):
+        roots = [folder / s for s in CURATE_SPLITS if (folder / s).is_dir()]
+    found: list[Path] = []
+    passed: list[Path] = []
+    for root in roots:
+        for child in sorted(root.rglob("*")):
+            rel = child.relative_to(folder)
+            if not child.is_file() or any(p.startswith((".", "_")) for p in rel.parts[:-1]):
+                continue
+            if rel.parts[-1].startswith("."):
+                continue
+            (found if _suffix(child) is not None else passed).append(child)
+    return found, passed
 
 
 def iter_documents(
@@ -133,6 +165,8 @@ def iter_documents(
         suffix = _suffix(path)
         if suffix in (".txt", ".md"):
             docs = _read_text_file(path, on_error, stats) if select is None or select(1) else ()
+        elif suffix == ".parquet":
+            docs = _read_parquet(path, text_key, on_error, stats, select)
         else:
             docs = _read_jsonl(path, text_key, on_error, stats, select)
         for doc in docs:
@@ -247,3 +281,42 @@ def _read_jsonl(
             line=lineno,
             meta=meta if isinstance(meta, dict) else None,
         )
+
+
+def _read_parquet(
+    path: Path, text_key: str, on_error: str, stats: ReadStats, select: Callable | None = None
+) -> Iterator[Document]:
+    """Rows of a parquet file as documents (row numbers are 1-based, like lines)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading .parquet needs pyarrow "
+                         "(pip install 'lmfab[curate]')") from None
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+    except (pyarrow.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable parquet file: {err}") from None
+    if text_key not in names:
+        raise ValueError(f"{path}: no column {text_key!r}; columns: {', '.join(names)}")
+    cols = [text_key] + (["meta"] if "meta" in names else [])
+    stem, row = _stem(path), 0
+    for g in range(pf.num_row_groups):
+        try:
+            table = pf.read_row_group(g, columns=cols).to_pydict()
+        except (pyarrow.ArrowException, OSError) as err:
+            raise ValueError(f"{path}: row group {g} unreadable: {err}") from None
+        metas = table.get("meta") or [None] * len(table[text_key])
+        for text, meta in zip(table[text_key], metas, strict=True):
+            row += 1
+            if select is not None and not select(row):
+                continue
+            if not isinstance(text, str):
+                what = "null" if text is None else f"not a string ({type(text).__name__})"
+                _fail(f"{path}:{row}: text column {text_key!r} is {what}", on_error, stats)
+                continue
+            meta = meta if isinstance(meta, dict) else None
+            source = (meta or {}).get("redpajama_set_name")
+            yield Document(text=text, source=str(source) if source else stem, path=str(path),
+                           line=row, meta=meta)
