@@ -47,7 +47,7 @@ from lm_eval.models.utils import (
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from lmfab.infer.generate import load_trained, sample
+from lmfab.infer.generate import Request, load_trained, run_batch
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 EOT = "<|endoftext|>"
@@ -60,20 +60,18 @@ def default_device() -> str:
 
 
 def _generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: list[list[int]], *,
-              max_new_tokens: int, temperature: float, stop: list[str]) -> list[str]:
+              max_new_tokens: int, temperature: float, stop: list[str],
+              batch_size: int = 16) -> list[str]:
     """The text generated after each prompt (token ids, already cut to fit), greedy at
-    temperature 0, ending at ``<|endoftext|>``; the caller cuts it at the first ``stop``
-    string. The one place generation happens, so the backend can be swapped here; this one
-    is infer's no-cache reference sampler, one prompt at a time (no padding needed)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(1234)
-    eos_id = tokenizer.token_to_id(EOT)
+    temperature 0, ending at ``<|endoftext|>`` or the first ``stop`` string (the caller cuts
+    at it too). The one place generation happens: infer's KV-cached batched decoding
+    (:func:`lmfab.infer.generate.run_batch`), ``batch_size`` prompts at a time; each row's
+    text does not depend on the others in its batch."""
     out = []
-    for ids in prompts:
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        full = sample(model, idx, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=None, generator=gen, eos_id=eos_id)
-        out.append(tokenizer.decode(full[0, len(ids):].tolist(), skip_special_tokens=False))
+    for i in range(0, len(prompts), batch_size):
+        reqs = [Request(list(ids), max_new_tokens=max_new_tokens, temperature=temperature,
+                        stop=list(stop), seed=1234) for ids in prompts[i:i + batch_size]]
+        out += [c.text for c in run_batch(model, tokenizer, reqs)]
     return out
 
 
