@@ -638,6 +638,26 @@ def _main(argv: list[str] | None) -> int:
             raise
         print(f"lmfab: error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:  # stops of a training run: a signal, a non-finite step, the disk
+        return _run_stopped(e)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop's step boundaries
+        print("lmfab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_stopped(e: Exception) -> int:
+    """Exit codes (docs/decisions.md): 128 + the signal for a stop on SIGINT / SIGTERM (the
+    loop printed where it saved), 4 for a non-finite loss, 1 for a failed write (disk full,
+    permissions); anything else is a bug and keeps its traceback."""
+    from lmfab.train.interrupt import Interrupted
+    from lmfab.train.nonfinite import NonFiniteError
+
+    if isinstance(e, Interrupted):
+        return e.code
+    if os.environ.get("LMFAB_DEBUG") or not isinstance(e, NonFiniteError | OSError):
+        raise e
+    print(f"lmfab: error: {e}", file=sys.stderr)
+    return 4 if isinstance(e, NonFiniteError) else 1
 
 
 if __name__ == "__main__":

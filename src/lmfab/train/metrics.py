@@ -67,6 +67,13 @@ class MetricsLogger:
                 if v is not None:
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
+    def event(self, step: int, record: dict) -> None:
+        """A line ``{"step", "split": "event", "time", ...record}`` in metrics.jsonl only (an
+        interruption, a non-finite step): readers of the training curve skip it."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, "split": "event", "time": time.time(),
+                                         **record}) + "\n")
+
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
