@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lmfab.atomic import atomic_path
 from lmfab.config.load import ConfigError, config_from_dict, config_to_dict, read_yaml, write_config
 from lmfab.config.schema import Config, ModelConfig
 from lmfab.dist.parallel import is_fsdp
@@ -260,7 +261,8 @@ def write_run_files(cfg: Config, model_dir: str | Path) -> None:
     write_config(cfg, model_dir / "config.yaml")
     tok = run_tokenizer(cfg)
     if tok is not None:
-        shutil.copyfile(tok, model_dir / "tokenizer.json")
+        with atomic_path(model_dir / "tokenizer.json") as tmp:  # a kill mid-copy leaves no
+            shutil.copyfile(tok, tmp)  # short tokenizer.json
 
 
 def read_run_config(ckpt: str | Path) -> Config:

@@ -55,7 +55,8 @@ def fault(point: str, **where: object) -> str | None:
     env = os.environ.get(ENV)
     if not env:
         return None
-    for spec in env.split(";"):
+    due = []
+    for spec in env.split(";"):  # count this call for every matching spec, then fire one
         name, want, action = _parse(spec)
         if name != point or spec in _fired:
             continue
@@ -63,8 +64,9 @@ def fault(point: str, **where: object) -> str | None:
         if any(str(where.get(k)) != v for k, v in want.items()):
             continue
         _counts[spec] = _counts.get(spec, 0) + 1
-        if _counts[spec] < after:
-            continue
+        if _counts[spec] >= after:
+            due.append((spec, action))
+    for spec, action in due[:1]:
         _fired.add(spec)
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
