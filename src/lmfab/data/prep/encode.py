@@ -35,6 +35,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmfab.atomic import AtomicFile, atomic_open, atomic_write_json
+from lmfab.faultpoint import fault
 from lmfab.data.prep.progress import Progress
 from lmfab.data.prep.readers import iter_documents
 from lmfab.data.prep.tiktoken_bpe import tiktoken_encoding
@@ -264,6 +265,7 @@ class _FileWork:
         with atomic_open(f"{self.base}.npz") as f:
             np.savez(f, **arrays)
         self.ids.commit()
+        fault("pack.encode", file=self.base.name)  # tests: killed with the marker unwritten
         marker = {
             "key": self.key,
             "documents": int(arrays["lengths"].size),

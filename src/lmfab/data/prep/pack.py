@@ -52,6 +52,7 @@ from tokenizers import Tokenizer
 
 from lmfab import __version__
 from lmfab.atomic import atomic_path, atomic_write_json, read_done
+from lmfab.faultpoint import fault
 from lmfab.data.prep.encode import (
     encode_files,
     file_key,
@@ -249,6 +250,7 @@ def pack_files(
             for s, c in zip(*np.unique(res["src"][sel], return_counts=True), strict=True):
                 sources.setdefault(res["sources"][s], Counter())[split] += int(c)
         log.tick(int(res["nbytes"].sum()), len(res["lengths"]), files=1)
+        fault("pack.write", file=i)  # tests: killed with some shards written
     log.done()
 
     metas = {}
