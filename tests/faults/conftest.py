@@ -83,6 +83,24 @@ class Proc:
             else:
                 self.p.send_signal(sig)
 
+    def kill_tree(self) -> None:
+        """SIGKILL this process and every descendant, as a lost node (torchrun starts each
+        rank in a session of its own, so a process-group kill would miss them)."""
+        pids, todo = [], [self.p.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+                except OSError:
+                    pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def text(self) -> str:
         return self.out.read_text() + self.err.read_text()
 

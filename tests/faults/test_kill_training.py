@@ -78,7 +78,7 @@ def test_sigkill_then_resume_is_bit_identical(trial, tiny_data, tmp_path, refere
         else:
             target = min(STEPS - 1, train_steps_logged(model_dir) + rng.randint(1, STEPS // 2))
             p = Proc(cmd, tmp_path, f"kill{attempt}")
-            assert wait_for(lambda: train_steps_logged(model_dir) >= target, 300, p), \
+            assert wait_for(lambda t=target: train_steps_logged(model_dir) >= t, 300, p), \
                 p.text()[-3000:]
             delay = rng.uniform(0, 0.1)
             wait_for(lambda: False, delay)

@@ -93,6 +93,8 @@ class StopOnSignal:
             work.wait()
             decided = int(flag.item())
             self._pending = None
+            if decided:
+                self.signum = decided  # also on a rank that got no signal itself
         if not decided:
             flag = torch.tensor([float(self.signum)], device=self.world.device)
             self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)

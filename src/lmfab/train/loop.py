@@ -34,6 +34,7 @@ from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, init_world, parallelize, shutdown
 from lmfab.dist.launch import record_rank_code
 from lmfab.dist.parallel import is_fsdp, no_sync, resolve_strategy, sharded_fill
+from lmfab.dist.world import peer_lost
 from lmfab.faultpoint import fault
 from lmfab.models.execution import choose_kernels
 from lmfab.models.gpt import GPT, build_model, materialize
@@ -248,7 +249,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
             if r.eval_steps and step % r.eval_steps == 0 and not (step == end and eval_at_end):
                 _eval_and_log(run, eval_set, step)
             saver.maybe_save(step, end, data, tokens_seen)
-            if step < end and (signum := stop.requested()):
+            if step < end and stop.requested():
                 raise stop.interrupted(step, end, saver.save_now(step, data, tokens_seen))
 
     saver.save_at_end(step, data, tokens_seen)
@@ -286,6 +287,13 @@ def eval_checkpoints(run: Run, *, all_checkpoints: bool, init_from: str | None) 
     return results
 
 
+def _all_done(world: World) -> bool:
+    try:
+        return all_reduce_mean([1.0], world)[0] == 1.0
+    except RuntimeError:  # a peer failed while this rank finished
+        return False
+
+
 def run_mode(
     cfg: Config,
     *,
@@ -309,12 +317,17 @@ def run_mode(
                                       init_from=init_from)
         done = True
         return result
+    except RuntimeError as e:  # a collective failed: say that a peer stopped, not gloo's words
+        if (lost := peer_lost(e, run.world)) is None:
+            raise
+        raise lost from None
     finally:
         run.log.close()
         # One collective, also the barrier before teardown: the mean of the ranks' done flags
         # is 1 only when every rank (on every node) finished; only then is 0 recorded, and a
-        # crash while tearing down loses nothing (dist.launch)
-        if all_reduce_mean([float(done)], run.world)[0] == 1.0:
+        # crash while tearing down loses nothing (dist.launch). A rank that failed skips it
+        # (its exit ends the others' wait).
+        if done and _all_done(run.world):
             record_rank_code(0)
         world = run.world
         # DDP's reducer and FSDP2's state hold the process group. Free them now, while every

@@ -35,10 +35,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmfab.atomic import AtomicFile, atomic_open, atomic_write_json
-from lmfab.faultpoint import fault
 from lmfab.data.prep.progress import Progress
 from lmfab.data.prep.readers import iter_documents
 from lmfab.data.prep.tiktoken_bpe import tiktoken_encoding
+from lmfab.faultpoint import fault
 
 CHUNK_BYTES = 1 << 20  # text per encode task
 CHUNK_DOCS = 2048

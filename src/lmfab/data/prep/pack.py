@@ -52,7 +52,6 @@ from tokenizers import Tokenizer
 
 from lmfab import __version__
 from lmfab.atomic import atomic_path, atomic_write_json, read_done
-from lmfab.faultpoint import fault
 from lmfab.data.prep.encode import (
     encode_files,
     file_key,
@@ -62,6 +61,7 @@ from lmfab.data.prep.progress import Progress
 from lmfab.data.prep.readers import list_files
 from lmfab.data.shards import ShardWriter, shard_dtype
 from lmfab.data.shards import tokenizer_hash as file_sha256
+from lmfab.faultpoint import fault
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_NAME = "tokenizer.json"
