@@ -5,6 +5,7 @@ restart resumes to the weights of one process at the same global batch."""
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import pytest
@@ -127,4 +128,26 @@ def test_two_slurm_tasks_train_like_one_process(tiny_data, tmp_path, one_process
     for p in procs:
         assert p.wait(300) == 0, p.text()[-3000:]
     assert "on 2 x cpu" in procs[0].text()
+    _close(final_weights(model_dir), one_process)
+
+
+@pytest.mark.slow
+@pytest.mark.faults_full
+def test_sigterm_to_a_two_process_run_saves_on_every_rank_and_resumes(tiny_data, tmp_path,
+                                                                      one_process):
+    """SLURM's preemption: SIGTERM to the launcher reaches both ranks, which agree on one
+    step boundary, save there and exit 143."""
+    model_dir = tmp_path / "run"
+    cmd = train_cmd(model_dir, tiny_data, "--num_devices", "2", **SETS)
+    p = Proc(cmd, tmp_path, "stopped")
+    assert wait_for(lambda: train_steps_logged(model_dir) >= 3, 300, p), p.text()[-3000:]
+    p.kill(signal.SIGTERM, group=False)
+    assert p.wait(BOUND_S) == 143, p.text()[-3000:]
+    lines = [x for x in p.text().splitlines() if "stopped after step" in x]
+    assert len(lines) == 1, p.text()[-3000:]
+    step = int(lines[0].split("stopped after step ")[1].split()[0])
+    assert assert_checkpoints_sound(model_dir).name == f"step_{step:08d}"
+    assert (model_dir / "checkpoints" / f"step_{step:08d}" / "rng_rank1.pt").is_file()
+    p = Proc(cmd, tmp_path, "again")
+    assert p.wait(300) == 0, p.text()[-3000:]
     _close(final_weights(model_dir), one_process)
