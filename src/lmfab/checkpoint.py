@@ -171,9 +171,11 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-        if keep > 0:
-            for old in list_checkpoints(model_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        if keep > 0:  # hidden first (one rename), then deleted: a kill while deleting
+            for old in list_checkpoints(model_dir)[:-keep]:  # never leaves a listed half
+                hidden = root / f".{old.name}.old"
+                old.rename(hidden)
+                shutil.rmtree(hidden, ignore_errors=True)
     barrier(world)
     return final if world.is_main else None
 

@@ -20,7 +20,7 @@ import zstandard
 from lmfab.data.prep.readers import iter_documents
 
 from ..conftest import REPO, SAMPLE
-from .conftest import SEED, Proc, lmfab, trials
+from .conftest import SEED, Proc, lmfab
 
 RECIPE = REPO / "configs" / "data" / "default.yaml"
 
@@ -216,7 +216,8 @@ def _tok_cmd(corpus, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trial", range(trials(1, 5)))
+@pytest.mark.faults_full
+@pytest.mark.parametrize("trial", range(5))
 def test_tokenizer_train_killed_reruns_to_the_same_file(trial, corpus, tmp_path):
     ref = tmp_path / "ref.json"
     p = Proc(_tok_cmd(corpus, ref), tmp_path, "ref")

@@ -51,10 +51,12 @@ def reference(tiny_data, tmp_path_factory):
     return final_weights(root / "run")
 
 
-def _finish(cmd, tmp_path, name) -> None:
+def _finish(cmd, model_dir, tmp_path, name) -> None:
+    newest = ckpt.latest_checkpoint(model_dir)
     p = Proc(cmd, tmp_path, name)
     assert p.wait(300) == 0, p.text()[-3000:]
-    assert "resumed from" in p.text()
+    if newest is not None:  # else killed before the first save: a fresh start
+        assert f"resumed from {newest}" in p.text()
 
 
 @pytest.mark.slow
@@ -91,7 +93,7 @@ def test_sigkill_then_resume_is_bit_identical(trial, tiny_data, tmp_path, refere
                       "rc": p.p.returncode})
         if kind == "checkpoint_write":
             assert newest is None or newest.name != f"step_{at:08d}"
-    _finish(cmd, tmp_path, "resume")
+    _finish(cmd, model_dir, tmp_path, "resume")
     assert_checkpoints_sound(model_dir)
     assert_bit_identical(final_weights(model_dir), reference)
     report({"test": "sigkill_training", "trial": trial, "kind": kind, "kills": kills,
@@ -121,7 +123,7 @@ def test_signal_saves_at_the_step_boundary_and_resumes_bit_exactly(sig, tiny_dat
     events = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()
               if '"event"' in x]
     assert events[-1]["event"] == "interrupted" and events[-1]["step"] == step
-    _finish(cmd, tmp_path, "resume")
+    _finish(cmd, model_dir, tmp_path, "resume")
     assert_bit_identical(final_weights(model_dir), reference)
     report({"test": "signal", "signal": signal.Signals(sig).name, "stopped_at": step,
             "rc": 128 + sig, "bit_identical": True})
