@@ -82,3 +82,29 @@ def test_data_output_under_a_file_is_one_clear_error(verb, tiny_data, tmp_path, 
     err = capsys.readouterr().err
     assert "lmfab: error:" in err and str(tmp_path / "file") in err
     assert "Traceback" not in err
+
+
+def test_a_kill_while_pruning_never_leaves_a_listed_half(tiny_data, tmp_path, monkeypatch):
+    """keep_checkpoints deletes the oldest checkpoint; a process killed half-way through the
+    deletion (simulated: the deletion removes one file and stops) must not leave an
+    incomplete folder among the listed checkpoints."""
+    from lmfab.config import load_config
+    from lmfab.train.loop import run_mode
+
+    from .conftest import CHECKPOINT_FILES
+
+    real = ckpt.shutil.rmtree
+
+    def half_delete(path, ignore_errors=False):
+        if (path / "model.safetensors").is_file():
+            (path / "model.safetensors").unlink()
+            raise KeyboardInterrupt  # stands in for the kill
+        real(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", half_delete)
+    sets = tiny_overrides(tiny_data, **{"runconfig.max_steps": 4, "runconfig.checkpoint_steps": 1,
+                                        "runconfig.keep_checkpoints": 1})
+    with pytest.raises(KeyboardInterrupt):
+        run_mode(load_config(TINY, sets), mode="train", model_dir=tmp_path / "run")
+    listed = ckpt.list_checkpoints(tmp_path / "run")
+    assert listed and all((p / f).is_file() for p in listed for f in CHECKPOINT_FILES)
