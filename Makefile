@@ -17,7 +17,7 @@ PROMPT ?= ROMEO.
 SWEEP_DIR ?= runs/sweeps/demo
 SWEEP_SET ?=
 
-.PHONY: install demo demo-run test lint clean fuzz
+.PHONY: install demo demo-run test faults fuzz lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,14 @@ demo-run:
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The full fault-injection campaign (docs/reliability.md): 21 SIGKILL trials of a training
+# run, kills inside every curation stage, pack and tokenizer train, lost ranks and nodes.
+# `make test` runs its fast subset. The trials' records go to runs/faults/report.jsonl.
+faults: install
+	mkdir -p runs/faults && rm -f runs/faults/report.jsonl
+	LMFAB_FAULTS_FULL=1 LMFAB_FAULTS_REPORT=$(CURDIR)/runs/faults/report.jsonl \
+		$(BIN)/python -m pytest -q tests/faults
 
 # The fuzz campaign: every target of tests/fuzz/ with FUZZ_EXAMPLES inputs each (the fast
 # subset runs in `make test` with a few dozen); the counts go to docs/reliability.md.

@@ -37,8 +37,9 @@ LAYERS = {
     # the foundation: standard library (and yaml) only, importable from anywhere, data too
     "atomic": -1,  # atomic writes and done markers
     "strict_yaml": -1,  # the strict YAML -> dataclass converter
+    "faultpoint": -1,  # fault injection points for the reliability tests
 }
-DATA_MAY_IMPORT = {"config", "data", "__init__", "atomic", "strict_yaml"}
+DATA_MAY_IMPORT = {"config", "data", "__init__", "atomic", "strict_yaml", "faultpoint"}
 DATA_IMPORTED_FROM = LAYERS["train"]  # train and up
 
 

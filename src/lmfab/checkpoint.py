@@ -46,10 +46,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lmfab.atomic import atomic_path
 from lmfab.config.load import ConfigError, config_from_dict, config_to_dict, read_yaml, write_config
 from lmfab.config.schema import Config, ModelConfig
 from lmfab.dist.parallel import is_fsdp
 from lmfab.dist.world import World, barrier
+from lmfab.faultpoint import fault
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -58,6 +60,29 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 def checkpoint_root(model_dir: str | Path) -> Path:
     return Path(model_dir) / "checkpoints"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); nothing half-written stays."""
+
+
+def check_writable(model_dir: str | Path, rank: int | str = 0) -> None:
+    """Fail before any work when ``model_dir`` cannot hold the run: create it and its
+    ``checkpoints/`` folder and write and remove a small file there. Raises ConfigError
+    naming the folder and the reason (a file in the way, no permission, a full disk)."""
+    root = checkpoint_root(model_dir)
+    probe = root / f".write-probe-rank{rank}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        if root.is_dir():
+            probe.unlink(missing_ok=True)
+        raise ConfigError(f"--model_dir {model_dir}: cannot write the run there "
+                          f"({e.strerror or e}: {e.filename or root}); choose a writable "
+                          "folder") from None
 
 
 def list_checkpoints(model_dir: str | Path) -> list[Path]:
@@ -129,10 +154,42 @@ def save_checkpoint(
     tmp = root / f".step_{step:08d}.tmp"
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step_*.tmp"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*root.glob(".step_*.tmp"), *root.glob(".step_*.old")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir()
     barrier(world)
+    try:
+        _write_checkpoint_files(tmp, step=step, model=model, optimizer=optimizer, state=state,
+                                cfg=cfg, world=world)
+    except OSError as e:  # a full disk, a folder made read-only: drop the partial step
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest_checkpoint(model_dir)
+        raise CheckpointWriteError(
+            e.errno, f"could not write the checkpoint of step {step} ({e.strerror or e}: "
+            f"{e.filename or tmp}); nothing of it was kept, and the newest complete checkpoint "
+            f"is {newest or 'none'}; free space (or fix the folder) and run again to resume"
+        ) from None
+    barrier(world)
+    if world.is_main:
+        if final.exists():  # the same step saved again: swap, never leave the step missing
+            old = root / f".step_{step:08d}.old"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        if keep > 0:  # hidden first (one rename), then deleted: a kill while deleting
+            for old in list_checkpoints(model_dir)[:-keep]:  # never leaves a listed half
+                hidden = root / f".{old.name}.old"
+                old.rename(hidden)
+                shutil.rmtree(hidden, ignore_errors=True)
+    barrier(world)
+    return final if world.is_main else None
+
+
+def _write_checkpoint_files(tmp: Path, *, step: int, model: nn.Module,
+                            optimizer: torch.optim.Optimizer, state: dict, cfg: Config,
+                            world: World) -> None:
     rng = {"cpu": torch.get_rng_state()}
     if world.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(world.device)
@@ -148,24 +205,11 @@ def save_checkpoint(
     if world.is_main:
         weights = {k: v.detach().contiguous() for k, v in weights.items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        fault("checkpoint.write", step=step)  # tests: kill / pause / ENOSPC mid-write
         meta = {"format": FORMAT, "step": step, "world_size": world.world_size,
                 "time": time.time(), **state}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         write_config(cfg, tmp / "config.yaml")
-    barrier(world)
-    if world.is_main:
-        if final.exists():  # the same step saved again: swap, never leave the step missing
-            old = root / f".step_{step:08d}.old"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        if keep > 0:
-            for old in list_checkpoints(model_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier(world)
-    return final if world.is_main else None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -239,7 +283,8 @@ def write_run_files(cfg: Config, model_dir: str | Path) -> None:
     write_config(cfg, model_dir / "config.yaml")
     tok = run_tokenizer(cfg)
     if tok is not None:
-        shutil.copyfile(tok, model_dir / "tokenizer.json")
+        with atomic_path(model_dir / "tokenizer.json") as tmp:  # a kill mid-copy leaves no
+            shutil.copyfile(tok, tmp)  # short tokenizer.json
 
 
 def read_run_config(ckpt: str | Path) -> Config:

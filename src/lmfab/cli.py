@@ -786,10 +786,35 @@ def _main(argv: list[str] | None) -> int:
               file=sys.stderr)
         return 2
     except RuntimeError as e:  # torch.OutOfMemoryError: the message carries lmfab's advice
-        if type(e).__name__ != "OutOfMemoryError" or os.environ.get("LMFAB_DEBUG"):
+        if type(e).__name__ != "OutOfMemoryError":
+            return _run_stopped(e)
+        if os.environ.get("LMFAB_DEBUG"):
             raise
         print(f"lmfab: error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:  # stops of a training run: a signal, a non-finite step, the disk
+        return _run_stopped(e)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop's step boundaries
+        print("lmfab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_stopped(e: Exception) -> int:
+    """Exit codes (docs/decisions.md): 128 + the signal for a stop on SIGINT / SIGTERM (the
+    loop printed where it saved), 4 for a non-finite loss, 5 for a rank that lost its peers,
+    1 for a failed write (disk full, permissions); anything else is a bug and keeps its
+    traceback."""
+    from lmfab.dist.launch import PEER_LOST
+    from lmfab.dist.world import PeerLost
+    from lmfab.train.interrupt import Interrupted
+    from lmfab.train.nonfinite import NonFiniteError
+
+    if isinstance(e, Interrupted):
+        return e.code
+    if os.environ.get("LMFAB_DEBUG") or not isinstance(e, NonFiniteError | OSError | PeerLost):
+        raise e
+    print(f"lmfab: error: {e}", file=sys.stderr)
+    return 4 if isinstance(e, NonFiniteError) else PEER_LOST if isinstance(e, PeerLost) else 1
 
 
 def _os_message(e: Exception) -> str:

@@ -272,6 +272,10 @@ class RunConfig:
     """Write TensorBoard events beside metrics.jsonl."""
     model_dir: str | None = None
     """The run folder (``--model_dir`` overrides)."""
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    """A step whose loss or gradient norm is NaN/inf is never applied: stop (an error naming
+    the step), skip (drop its update, go on) or rollback (restore the newest checkpoint and
+    replay, skipping the offending batch). Each event is logged in metrics.jsonl."""
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)

@@ -9,6 +9,7 @@ Without them the world is a single process. Backend: NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,28 @@ def init_world(device: str = "auto", backend: str = "auto") -> World:
             device_id=dev if dev.type == "cuda" else None,
         )
     return World(rank, world_size, local_rank, dev)
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank stopped (crashed, killed, its node lost)."""
+
+
+def peer_lost(error: BaseException, world: World) -> PeerLost | None:
+    """The error to report for a communication failure of a distributed run, else None."""
+    text = str(error)
+    if not world.distributed or not isinstance(error, RuntimeError) or isinstance(
+            error, PeerLost):
+        return None
+    markers = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+               "NCCL error", "ProcessGroupGloo", "gloo", "timed out", "Timed out")
+    if not isinstance(error, dist.DistError) and not any(m in text for m in markers):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:200]  # gloo's source line
+    return PeerLost(
+        f"rank {world.rank} lost contact with the other ranks ({first}): another rank "
+        "stopped (crashed, killed, or its node was lost); its own log says why. Run the same "
+        "command again (on every node) to resume from the newest complete checkpoint")
 
 
 def barrier(world: World) -> None:

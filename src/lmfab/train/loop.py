@@ -18,6 +18,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +35,14 @@ from lmfab.data.loader import TokenDataset
 from lmfab.dist import World, all_reduce_mean, init_world, parallelize, shutdown
 from lmfab.dist.launch import record_rank_code
 from lmfab.dist.parallel import is_fsdp, no_sync, resolve_strategy, sharded_fill
+from lmfab.dist.world import peer_lost
+from lmfab.faultpoint import fault
 from lmfab.models.execution import choose_kernels
 from lmfab.models.gpt import GPT, build_model, materialize
 from lmfab.train.data import StagedData, open_dataset, trained_tokenizer
+from lmfab.train.interrupt import StopOnSignal
 from lmfab.train.metrics import MetricsLogger, StepMeter, console, format_duration, peak_flops
+from lmfab.train.nonfinite import NonFiniteGuard
 from lmfab.train.optim import build_optimizer, clip_and_step, set_lr
 from lmfab.train.plan import (
     config_notes,
@@ -162,22 +167,33 @@ def to_device(batch, device: torch.device) -> torch.Tensor:
     return rows.to(device)
 
 
-def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int):
-    """One optimizer step over this rank's rows (micro*accum, T+1). Returns (loss, grad-norm)."""
+def _train_step(run: Run, optimizer, rows: torch.Tensor, micro: int, accum: int, step: int,
+                guard: NonFiniteGuard):
+    """Optimizer step ``step`` over this rank's rows (micro*accum, T+1). Returns (loss,
+    grad-norm, finite); a non-finite step's update is not applied (``guard``)."""
+    poison = fault("train.step", step=step, rank=run.world.rank) == "nan"  # tests only
     loss_sum = torch.zeros((), device=rows.device)
     for k, mb in enumerate(rows.split(micro)):
         x, y = mb[:, :-1], mb[:, 1:]
         with no_sync(run.wrapped, skip=k < accum - 1):
             with run.autocast:
                 loss = run.wrapped(x, y)
+            if poison and k == 0:
+                loss = loss * float("nan")
             (loss / accum).backward()
         loss_sum += loss.detach()
+    verdict = {}
+
+    def check(norm):  # before the update: a non-finite step never reaches the weights
+        verdict["finite"] = guard.finite(loss_sum, norm)
+        return verdict["finite"]
+
     grad_norm = clip_and_step(optimizer, list(run.model.parameters()),
-                              run.cfg.optimizer.max_grad_norm)
+                              run.cfg.optimizer.max_grad_norm, check=check)
     if isinstance(grad_norm, DTensor):  # FSDP2: a replicated DTensor
         grad_norm = grad_norm.full_tensor()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / accum, grad_norm
+    return loss_sum / accum, grad_norm, verdict["finite"]
 
 
 def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end: bool) -> dict:
@@ -195,6 +211,7 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     first_step = step
     data = StagedData(cfg, world, run.say, trained_with)
     data.start(step, saved_loader)
+    guard = NonFiniteGuard(r.on_nonfinite, world, run.log, run.say)
     if world.is_main:
         ckpt.write_run_files(cfg, run.model_dir)
     run.say(format_plan(plan))
@@ -210,16 +227,18 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
     profile = ProfileWindow(r.profile.start, r.profile.steps, world.device, world.rank,
                             run.model_dir / "profile", run.say)
     t_start, result = time.perf_counter(), {}
-    with profile:
+    with profile, StopOnSignal(world, run.say, run.log) as stop:
         while step < end:
             data.switch(step)
             profile.before(step)
             lr = schedule(step)
             set_lr(optimizer, lr)
+            for _ in range(guard.batches_to_drop(step + 1)):  # they made step + 1 non-finite
+                data.loader.next_batch()
             rows = to_device(data.loader.next_batch(), world.device)
             try:
-                loss, grad_norm = _train_step(run, optimizer, rows, data.stage.micro_batch,
-                                              data.stage.grad_accum)
+                loss, grad_norm, finite = _train_step(run, optimizer, rows, data.stage.micro_batch,
+                                                      data.stage.grad_accum, step + 1, guard)
             except torch.OutOfMemoryError as e:
                 advice = oom_advice(r, run.model.num_params(), world.world_size,
                                     is_fsdp(run.model), data.stage.micro_batch, step)
@@ -228,11 +247,17 @@ def train(run: Run, *, num_steps: int | None, init_from: str | None, eval_at_end
             step += 1
             tokens_seen += plan.tokens_per_step
             profile.after(step, end)
-            if step % r.log_steps == 0 or step == end:
+            if not finite and guard.handle(step, loss, grad_norm, saver.newest()) == "rollback":
+                step, tokens_seen, saved_loader = saver.resume(None)
+                data.start(step, saved_loader)
+                continue
+            if finite and (step % r.log_steps == 0 or step == end):
                 result = meter(step, loss, grad_norm, lr, tokens_seen, data.stage.seq_len)
             if r.eval_steps and step % r.eval_steps == 0 and not (step == end and eval_at_end):
                 _eval_and_log(run, eval_set, step)
             saver.maybe_save(step, end, data, tokens_seen)
+            if step < end and stop.requested():
+                raise stop.interrupted(step, end, saver.save_now(step, data, tokens_seen))
 
     saver.save_at_end(step, data, tokens_seen)
     run.say(f"trained {step - first_step} steps ({first_step} -> {step}) in "
@@ -275,6 +300,13 @@ def eval_checkpoints(run: Run, *, all_checkpoints: bool, init_from: str | None) 
     return results
 
 
+def _all_done(world: World) -> bool:
+    try:
+        return all_reduce_mean([1.0], world)[0] == 1.0
+    except RuntimeError:  # a peer failed while this rank finished
+        return False
+
+
 def run_mode(
     cfg: Config,
     *,
@@ -288,6 +320,7 @@ def run_mode(
     ``downstream``: scores downstream tasks at each eval (:attr:`Run.downstream`)."""
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    ckpt.check_writable(model_dir, os.environ.get("RANK") or os.environ.get("SLURM_PROCID", "0"))  # before any work
     run = setup(cfg, model_dir)
     run.downstream = downstream
     done = False
@@ -300,12 +333,17 @@ def run_mode(
                                       init_from=init_from)
         done = True
         return result
+    except RuntimeError as e:  # a collective failed: say that a peer stopped, not gloo's words
+        if (lost := peer_lost(e, run.world)) is None:
+            raise
+        raise lost from None
     finally:
         run.log.close()
         # One collective, also the barrier before teardown: the mean of the ranks' done flags
         # is 1 only when every rank (on every node) finished; only then is 0 recorded, and a
-        # crash while tearing down loses nothing (dist.launch)
-        if all_reduce_mean([float(done)], run.world)[0] == 1.0:
+        # crash while tearing down loses nothing (dist.launch). A rank that failed skips it
+        # (its exit ends the others' wait).
+        if done and _all_done(run.world):
             record_rank_code(0)
         world = run.world
         # DDP's reducer and FSDP2's state hold the process group. Free them now, while every

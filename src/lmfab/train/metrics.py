@@ -37,6 +37,12 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
+
+
 class MetricsLogger:
     """Writes metrics on the main rank; a no-op elsewhere."""
 
@@ -48,7 +54,10 @@ class MetricsLogger:
             return
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(model_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        path = model_dir / "metrics.jsonl"
+        self.jsonl = open(path, "a", buffering=1)  # noqa: SIM115
+        if path.stat().st_size and _last_byte(path) != b"\n":
+            self.jsonl.write("\n")  # a run killed mid-line: end that line, keep the next whole
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -66,6 +75,13 @@ class MetricsLogger:
             for k, v in values.items():
                 if v is not None:
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def event(self, step: int, record: dict) -> None:
+        """A line ``{"step", "split": "event", "time", ...record}`` in metrics.jsonl only (an
+        interruption, a non-finite step): readers of the training curve skip it."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, "split": "event", "time": time.time(),
+                                         **record}) + "\n")
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -52,9 +52,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                  max_norm: float | None) -> torch.Tensor:
+                  max_norm: float | None, check=None) -> torch.Tensor:
     """Clip the gradients' global L2 norm to ``max_norm`` (None: no clipping), step the
-    optimizer, and return the norm before clipping (a DTensor under FSDP2).
+    optimizer, and return the norm before clipping (a DTensor under FSDP2). ``check(norm)``,
+    if given, runs first: when it returns False the update is not applied (a non-finite step,
+    :mod:`lmfab.train.nonfinite`).
 
     The clip is ``grad *= min(1, max_norm / (norm + 1e-6))``, as ``clip_grad_norm_``. With
     fused AdamW on plain tensors it is folded into the optimizer's own kernel: fused Adam
@@ -67,6 +69,8 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
     """
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    if check is not None and not check(norm):
+        return norm
     if max_norm is not None and grads:
         fold = (optimizer.defaults.get("fused")
                 and not any(isinstance(g, DTensor) for g in grads))

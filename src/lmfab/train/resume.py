@@ -47,6 +47,17 @@ class Checkpointer:
             group["capturable"] = False  # captured its step as a CUDA graph says True
         return step, tokens, saved
 
+    def newest(self) -> Path | None:
+        """The newest complete checkpoint of the run."""
+        return ckpt.latest_checkpoint(self.model_dir)
+
+    def save_now(self, step: int, data, tokens: int) -> Path:
+        """A checkpoint at ``step`` unless that step is saved already (a stop on a signal)."""
+        newest = self.newest()
+        if newest is None or newest.name != f"step_{step:08d}":
+            self.save(step, data, tokens)
+        return ckpt.checkpoint_root(self.model_dir) / f"step_{step:08d}"
+
     def save(self, step: int, data, tokens: int) -> None:
         """Save collectively; ``data`` is the loop's :class:`~lmfab.train.data.StagedData`."""
         path = ckpt.save_checkpoint(self.model_dir, step=step, model=self.model,

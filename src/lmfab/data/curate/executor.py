@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
 from lmfab.data.prep.progress import Progress
+from lmfab.faultpoint import fault
 
 
 def _progress(desc: str, total: int, enabled: bool) -> Progress:
@@ -45,6 +46,7 @@ class LocalExecutor:
             for args in tasks:
                 out.append(fn(*args))
                 bar.tick(files=1)
+                fault("curate.task", stage=fn.__name__)  # tests: killed between two tasks
             bar.done()
             return out
         results: list[Any] = [None] * len(tasks)
@@ -58,6 +60,7 @@ class LocalExecutor:
                 for f in done:
                     results[futures[f]] = f.result()
                     bar.tick(files=1)
+                    fault("curate.task", stage=fn.__name__)
         bar.done()
         return results
 

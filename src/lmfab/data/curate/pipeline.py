@@ -39,6 +39,7 @@ from lmfab.data.curate.recipe import Recipe, recipe_to_dict
 from lmfab.data.curate.stats import build_stats, format_table
 from lmfab.data.errors import DataConfigError
 from lmfab.data.prep.readers import list_files
+from lmfab.faultpoint import fault
 
 SPLITS = ("train", "holdout")
 
@@ -197,6 +198,7 @@ def curate(recipe: Recipe, *, executor: str = "local", workers: int | None = Non
             task_of = np.searchsorted(offsets, p["row"], side="right") - 1
             _save_npz(plan_path, task=task_of, local=p["row"] - offsets[task_of],
                       row=p["row"], split=p["split"], shard=p["shard"], rank=p["rank"])
+            fault("curate.phase", stage="plan")  # tests: killed before the marker
             write_done(work / "plan.done", p["info"])
         plan = dict(np.load(plan_path))
         plan_info = read_done(work / "plan.done")
@@ -318,6 +320,7 @@ def _dedup_phase(recipe: Recipe, work: Path, arrays: dict, summaries: list[dict]
                         arrays["ordinal"], dec["cluster"])
     _save_npz(path, exact_keep=dec["exact_keep"], near_keep=dec["near_keep"],
               cluster=dec["cluster"])
+    fault("curate.phase", stage="dedup")  # tests: killed before the marker
     write_done(work / "dedup.done", dec["info"])
     shutil.rmtree(work / "verify", ignore_errors=True)  # the n-gram sets: 8 B per n-gram
     return dec

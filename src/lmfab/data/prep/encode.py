@@ -38,6 +38,7 @@ from lmfab.atomic import AtomicFile, atomic_open, atomic_write_json
 from lmfab.data.prep.progress import Progress
 from lmfab.data.prep.readers import iter_documents
 from lmfab.data.prep.tiktoken_bpe import tiktoken_encoding
+from lmfab.faultpoint import fault
 
 CHUNK_BYTES = 1 << 20  # text per encode task
 CHUNK_DOCS = 2048
@@ -264,6 +265,7 @@ class _FileWork:
         with atomic_open(f"{self.base}.npz") as f:
             np.savez(f, **arrays)
         self.ids.commit()
+        fault("pack.encode", file=self.base.name)  # tests: killed with the marker unwritten
         marker = {
             "key": self.key,
             "documents": int(arrays["lengths"].size),

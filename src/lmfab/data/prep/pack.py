@@ -61,6 +61,7 @@ from lmfab.data.prep.progress import Progress
 from lmfab.data.prep.readers import list_files
 from lmfab.data.shards import ShardWriter, shard_dtype
 from lmfab.data.shards import tokenizer_hash as file_sha256
+from lmfab.faultpoint import fault
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_NAME = "tokenizer.json"
@@ -249,6 +250,7 @@ def pack_files(
             for s, c in zip(*np.unique(res["src"][sel], return_counts=True), strict=True):
                 sources.setdefault(res["sources"][s], Counter())[split] += int(c)
         log.tick(int(res["nbytes"].sum()), len(res["lengths"]), files=1)
+        fault("pack.write", file=i)  # tests: killed with some shards written
     log.done()
 
     metas = {}
