@@ -8,8 +8,9 @@ its static cache, on the same weights.
 The model is a LLaMA-shaped lmfab preset (RoPE, RMSNorm, SwiGLU, GQA, no biases), random
 initialised with a wide init so greedy paths are not degenerate, or ``--model-dir``'s trained
 weights; the peer is ``transformers.LlamaForCausalLM`` with the same weights copied in. Before
-timing, the two greedy continuations of the same prompts must agree token for token (up to
-the first position where bf16 rounding flips a near-tie; the agreeing share is reported).
+anything is cast or compiled, 8 greedy tokens of both must be equal in fp32 (the mapping
+check); the timed runs' agreement is reported, and required only in fp32: in bf16 the two
+round differently and random weights have near-ties that flip (seen on the H200 at 1B).
 
 lmfab: :func:`lmfab.infer.generate.run_batch`, decode step compiled with CUDA graphs on CUDA
 (``--lmfab-compile``). HF: ``generate(do_sample=False, cache_implementation="static")``,
@@ -90,6 +91,24 @@ def hf_llama(model, dtype):
     return hf.to(device=next(model.parameters()).device, dtype=dtype).eval()
 
 
+def mapping_check(model, prompt_len: int, n: int = 8) -> None:
+    """The peer computes the same model: 8 greedy tokens equal in fp32, eagerly, before
+    anything is cast or compiled. (In bf16 the two round differently, and random weights
+    give near-ties that flip, so the timed runs' agreement is reported, not required.)"""
+    hf = hf_llama(model, torch.float32)
+    V = model.cfg.vocab_size
+    prompts = torch.randint(0, V, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = lmfab_run(model, prompts.tolist(), n, False)
+        hf.generation_config.disable_compile = True
+        theirs = hf_run(hf, prompts.tolist(), n)
+    del hf
+    if ours != theirs:
+        raise SystemExit(f"fp32 greedy tokens differ (lmfab {ours[0]}, HF {theirs[0]}): the "
+                         "weight mapping is wrong")
+    print(f"fp32 mapping check: {n} greedy tokens equal", file=sys.stderr)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,7 +165,8 @@ def main() -> int:
                     help="auto (generate's own compilation of the static cache on CUDA), on "
                     "(also torch.compile the forward, transformers 4's recipe) or off")
     ap.add_argument("--min-agreement", type=float, default=0.5,
-                    help="refuse to time when greedy outputs agree less than this")
+                    help="in fp32, refuse to time when the timed greedy outputs agree less "
+                    "than this (in bf16 the agreement is reported only)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
 
@@ -157,12 +177,14 @@ def main() -> int:
     if a.model_dir:
         from lmfab.infer.generate import load_trained
 
-        model = load_trained(a.model_dir, str(device))[0].to(dtype)
+        model = load_trained(a.model_dir, str(device))[0]
     else:
         cfg = load_model_config(a.model)
         cfg.init_std = 0.1
-        model = materialize(build_model(cfg), device, seed=0, dtype=dtype).eval()
+        model = materialize(build_model(cfg), device, seed=0).eval()
     lm_compile = {"auto": None, "off": False, "on": True}.get(a.lmfab_compile, a.lmfab_compile)
+    mapping_check(model, a.prompt_len)  # in fp32, where near-ties do not flip
+    model = model.to(dtype)
     hf = hf_llama(model, dtype)
     hf_compile = a.hf_compile
     if hf_compile == "on":
@@ -201,10 +223,7 @@ def main() -> int:
                   "figures below are eager", file=sys.stderr)
         agree = agreement(ours, theirs)
         print(f"batch {B}: greedy agreement {agree:.3f}", file=sys.stderr)
-        if ours[0][0] != theirs[0][0]:
-            raise SystemExit(f"batch {B}: the first greedy tokens differ; the weight mapping "
-                             "is wrong")
-        if agree < a.min_agreement:
+        if dtype == torch.float32 and agree < a.min_agreement:
             raise SystemExit(f"batch {B}: lmfab and HF greedy outputs agree on {agree:.0%} "
                              "only; the mapping is wrong, not timing")
         for impl, run in (("lmfab", lambda p, n: lmfab_run(model, p, n, lm_compile)),
