@@ -31,21 +31,29 @@ def test_make_demo_commands_run_end_to_end(tmp_path):
     proc = subprocess.run(
         ["make", "-s", "demo-run", f"BIN={bin_dir}", f"RUN_DIR={tmp_path / 'run'}",
          f"DATA_DIR={tmp_path / 'data'}", f"CURATED_DIR={tmp_path / 'curated'}",
-         f"SWEEP_DIR={tmp_path / 'sweep'}", "DEMO_VOCAB=512", f"DEMO_SET={small}"],
+         f"SWEEP_DIR={tmp_path / 'sweep'}", f"EXPORT_DIR={tmp_path / 'exports'}",
+         "TASK_LIMIT=10", "DEMO_VOCAB=512", f"DEMO_SET={small}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    for stage in ("1/6 curate", "2/6 tokenize", "3/6 train", "4/6 evaluate", "5/6 generate",
-                  "6/6 scaling"):
+    for stage in ("1/8 curate", "2/8 tokenize", "3/8 train", "4/8 evaluate", "5/8 generate",
+                  "6/8 export", "7/8 downstream eval", "8/8 scaling"):
         assert stage in out
     assert (tmp_path / "curated" / "stats.json").is_file()
     losses = [float(line.split("| loss ")[1].split()[0]) for line in out.splitlines()
               if line.startswith("step ")]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert "eval step 40" in out
-    generated = out.split("5/6 generate")[1].split("== 6/6")[0]
+    generated = out.split("5/8 generate")[1].split("== 6/8")[0]
     assert len(generated.strip()) > 20  # the prompt and sampled text
+    # the export: transformers loads the folder and continues the prompt; a GGUF file is written
+    assert "transformers (GPT2LMHeadModel): ROMEO." in out
+    assert (tmp_path / "exports" / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "exports" / "model-q8_0.gguf").read_bytes()[:4] == b"GGUF"
+    # downstream: lm-eval's table of both offline tasks, and its JSON in the run folder
+    assert "lmfab_cloze" in out and "lmfab_choice" in out
+    assert list((tmp_path / "run" / "eval").glob("downstream-step_*.json"))
     # the scaling stage: four points done, a law fitted to them, its files written
     assert "4/4 points done" in out and "power law over size (4 points)" in out
     fit = json.loads((tmp_path / "sweep" / "fit" / "fit.json").read_text())

@@ -253,7 +253,9 @@ def test_gguf_decode_benchmark_runs(runs, tiny_data, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    assert [r["type"] for r in rows] == ["fp32", "f32", "q4_0"]
-    assert rows[1]["top1"] == 1.0 and abs(rows[1]["bpb"] - rows[0]["bpb"]) < 1e-3
-    assert rows[2]["bytes"] < rows[1]["bytes"] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert [(r["impl"].split()[0], r["type"]) for r in rows] == [
+        ("lmfab", "fp32"), ("lmfab", "fp32"), ("llama.cpp", "f32"), ("llama.cpp", "q4_0")]
+    assert "KV cache" in rows[0]["impl"] and "no cache" in rows[1]["impl"]
+    assert rows[2]["top1"] == 1.0 and abs(rows[2]["bpb"] - rows[0]["bpb"]) < 1e-3
+    assert rows[3]["bytes"] < rows[2]["bytes"] and all(r["tokens_per_s"] > 0 for r in rows)
     assert "| llama.cpp | q4_0 |" in proc.stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import functools
 import os
 import sys
@@ -778,7 +779,12 @@ def _main(argv: list[str] | None) -> int:
     from lmfab.data.shards import ShardError
 
     try:
-        return args.handler(args)
+        try:
+            return args.handler(args)
+        except OSError as e:  # the machine failed a write (disk full, I/O): exit 1, not 2
+            if e.errno in _MACHINE_ERRNOS:
+                return _run_stopped(e)
+            raise
     except (ConfigError, ShardError, OSError, ValueError) as e:
         if os.environ.get("LMFAB_DEBUG"):  # the full traceback, for bug reports
             raise
@@ -797,6 +803,10 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the training loop's step boundaries
         print("lmfab: interrupted", file=sys.stderr)
         return 130
+
+
+# A write that failed because of the machine, not the input: disk full, quota, I/O error.
+_MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 
 
 def _run_stopped(e: Exception) -> int:
