@@ -20,6 +20,7 @@ PUBLISHED = {
     "cerebras-gpt-13b": (13e9, 1e9), "gpt3-xl-1.3b": (1.3e9, 0.1e9),
     "gpt-neox-20b": (20_554_567_680, 1), "btlm-3b-8k": (2.6e9, 0.1e9),
     "jais-13b": (13e9, 1e9), "llama-1b": (1_100_048_384, 1),
+    "llama-110m": (110e6, 1e6),
 }
 
 
