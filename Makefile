@@ -31,7 +31,7 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev,curate]"
 	# llama.cpp itself (llama-cpp-python), which the GGUF tests read the exports back with:
-	# pip builds it from source, 6-11 minutes on 2 cores, once per virtualenv. Where it cannot
+	# pip builds it from source, 3.5-11 minutes on 2 cores, once per virtualenv. Where it cannot
 	# build, those tests are skipped with that reason and the GGUF file checks still run.
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(BIN)/python -m pip install -q "llama-cpp-python>=0.3" || \

@@ -69,6 +69,9 @@ def _tiny_raw() -> dict:
          r"runconfig\.kernels\.residual_dtype: 'fp16' is not one of"),
         (lambda r: r["runconfig"].update(parallel={"ddp_bucket_mb": 0}),
          r"runconfig\.parallel\.ddp_bucket_mb: must be > 0"),
+        (lambda r: r["eval_input"].update(data_dir=" "), r"eval_input\.data_dir: an empty path"),
+        (lambda r: r["eval_input"].update(tasks_include_path=[""]),
+         r"eval_input\.tasks_include_path\[0\]: an empty path"),
     ],
 )
 def test_bad_config_fails_with_key_path(tmp_path, mutate, message):

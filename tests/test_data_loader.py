@@ -158,7 +158,11 @@ def test_loader_argument_errors(ds):
 def test_iterate_eval(ds):
     whole = list(iterate_eval(ds, batch=6, max_batches=None))
     assert [ids(b) for b in whole] == [list(range(k * 6, k * 6 + 6)) for k in range(3)]
-    assert len(list(iterate_eval(ds, batch=6, max_batches=2))) == 2
+    capped = list(iterate_eval(ds, batch=6, max_batches=2))
+    n = len(ds) // 6  # the cap takes batches spread over the split, not its first two
+    assert n > 2 and len(capped) == 2
+    assert np.array_equal(capped[0], whole[0]) and np.array_equal(capped[1], whole[n // 2])
+    assert len(list(iterate_eval(ds, batch=6, max_batches=10 * n))) == n
     r0 = list(iterate_eval(ds, batch=6, max_batches=None, rank=0, world_size=2))
     r1 = list(iterate_eval(ds, batch=6, max_batches=None, rank=1, world_size=2))
     assert len(r0) == len(r1) == 3

@@ -183,6 +183,51 @@ def test_cli_eval_tasks_writes_results(trained, tmp_path, capsys):
     assert json.loads((trained / "eval" / f"downstream-step_{STEPS}.json").read_text()) == res
 
 
+def test_a_built_task_folder_runs_through_include_path(trained, tmp_path, capsys):
+    """build --name N --out DIR: a task folder (YAML, jsonl, loader) that lm-eval runs
+    beside the shipped tasks; its items are the builder's, its scores its own."""
+    folder = tmp_path / "tasks"
+    corpus = str(SAMPLE / "books.jsonl.zst")
+    assert task_build.main(["--corpus", corpus, "--name", "mine", "--out", str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "mine_choice.jsonl", "mine_choice.yaml", "mine_cloze.jsonl", "mine_cloze.yaml",
+        "utils.py"]
+    for kind in ("cloze", "choice"):  # the same items as the shipped ones, by another name
+        assert ((folder / f"mine_{kind}.jsonl").read_bytes()
+                == (task_build.HERE / f"lmfab_{kind}.jsonl").read_bytes())
+    assert set(lmfab_task_names([folder])) >= {"mine_cloze", "mine_choice", "lmfab_cloze"}
+    out = tmp_path / "res.json"
+    assert main(["eval", "--model-dir", str(trained), "--tasks", "mine_choice,lmfab_choice",
+                 "--include-path", str(folder), "--limit", "6", "--bootstrap-iters", "0",
+                 "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["results"]["mine_choice"]["acc,none"] == res["results"]["lmfab_choice"]["acc,none"]
+    assert res["lmfab"]["include_path"] == [str(folder)]
+    # The default name into another folder, or a folder that is not there: refused, saying
+    # what to do.
+    assert task_build.main(["--corpus", corpus, "--out", str(tmp_path / "other")]) == 2
+    assert "--name" in capsys.readouterr().err
+    assert main(["eval", "--model-dir", str(trained), "--tasks", "lmfab_choice",
+                 "--include-path", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_in_loop_tasks_from_an_include_path(tiny_data, tmp_path, capsys):
+    folder = tmp_path / "tasks"
+    assert task_build.main(["--corpus", str(SAMPLE / "books.jsonl.zst"), "--name", "mine",
+                            "--out", str(folder)]) == 0
+    sets = tiny_overrides(tiny_data, **{"runconfig.max_steps": 2, "eval_input.tasks_limit": 4,
+                                        "eval_input.tasks": "[mine_cloze]"})
+    args = ["run", "--mode", "train_and_eval", "--params", TINY, "--model-dir",
+            str(tmp_path / "r"), *[a for o in sets for a in ("--set", o)]]
+    assert main([*args, "--set", f"eval_input.tasks_include_path=[{tmp_path / 'nowhere'}]"]) == 2
+    assert "nowhere" in capsys.readouterr().err and not (tmp_path / "r" / "checkpoints").exists()
+    assert main([*args, "--set", f"eval_input.tasks_include_path=[{folder}]"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r.get("split") == "eval"][-1]
+    assert 0.0 <= final["mine_cloze/acc"] <= 1.0 and final["mine_cloze/perplexity"] > 1.0
+
+
 def test_cli_eval_without_params_or_tasks_is_exit_2(trained, capsys):
     assert main(["eval", "--model-dir", str(trained)]) == 2
     assert "--params" in capsys.readouterr().err

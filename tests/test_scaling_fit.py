@@ -375,3 +375,24 @@ def test_a_downstream_accuracy_is_fitted_as_its_error(tmp_path):
                   echo=False)
     assert out["power"]["b"] == pytest.approx(B_EXP, rel=1e-3)
     assert out["power"]["c"] == pytest.approx(C_IRR / 10, rel=1e-2)
+    assert out["fitted_as"] == "1 - acc"
+
+
+def test_a_perplexity_is_fitted_as_its_log_and_predicted_in_its_units(tmp_path):
+    """``--metric TASK/perplexity`` fits log(ppl), a loss in nats; the target's prediction
+    comes back as a perplexity, its interval too."""
+    C, loss = noisy_cerebras(seed=4, noise=0.0)
+    rows = [row(f"fam-{i}", "family", math.sqrt(c / 120), 20 * math.sqrt(c / 120), 3.0,
+                downstream={"t/perplexity": math.exp(v)})
+            for i, (c, v) in enumerate(zip(C, loss, strict=True))]
+    rows.append(row("zero", "family", 1e9, 2e10, 3.0, downstream={"t/perplexity": 0.0}))
+    write_rows(tmp_path / "results.jsonl", rows)
+    target = REPO / "configs" / "train" / "cerebras-gpt-1.3b.yaml"
+    out = run_fit(tmp_path, out_dir=tmp_path / "fit", loss_key="t/perplexity", bootstrap=20,
+                  predict=target, echo=False)
+    assert [r["name"] for r in out["results"]["rejected"]] == ["zero"]  # log(0): left out
+    assert out["power"]["b"] == pytest.approx(B_EXP, rel=1e-3)
+    t = out["target"][0]
+    assert t["value"] == pytest.approx(math.exp(t["loss"]))
+    assert t["value_lo"] <= t["value"] <= t["value_hi"]
+    assert "t/perplexity" in out["summary"] and "log perplexity" in out["summary"]

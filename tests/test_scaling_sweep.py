@@ -207,6 +207,18 @@ def test_sweep_is_killed_resumes_and_collects(tmp_path, tiny_data):
     fit = run_fit(out, out_dir=tmp_path / "fit", bootstrap=50, echo=False)
     assert fit["power"]["b"] > 0 and (tmp_path / "fit" / "power_fit.png").stat().st_size > 1000
 
+    # `lmfab eval --tasks` on a point's final checkpoint, after the sweep: --collect puts its
+    # scores in that point's row (the sweep was trained without eval_input.tasks).
+    from lmfab.cli import main
+
+    name = rows[-1]["name"]
+    assert main(["eval", "--model-dir", str(out / "runs" / name), "--tasks", "lmfab_choice",
+                 "--limit", "4", "--bootstrap-iters", "0"]) == 0
+    got = {r["name"]: r.get("downstream") for r in run_sweep(path, collect_only=True)}
+    assert set(got[name]) == {"lmfab_choice/acc", "lmfab_choice/acc_norm"}
+    assert 0 <= got[name]["lmfab_choice/acc"] <= 1
+    assert all(v is None for k, v in got.items() if k != name)
+
 
 @pytest.mark.slow
 def test_sweep_records_failed_points_and_goes_on(tmp_path, tiny_data):

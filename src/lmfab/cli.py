@@ -152,6 +152,9 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tasks", help="comma-separated task names: lmfab_cloze, lmfab_choice "
                    "(offline) or lm-eval's (hellaswag, lambada_openai, ...: need the Hub)")
     g.add_argument("--limit", type=float, help="items per task (a fraction below 1: a share)")
+    _opt(g, "--include-path", action="append", default=[], metavar="DIR",
+         help="a folder of more task YAML files (repeatable), e.g. one written by "
+         "python -m lmfab.eval.tasks.build --name N --out DIR")
     _opt(g, "--batch-size", type=int, default=16, help="requests per forward pass")
     g.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
@@ -353,7 +356,8 @@ def _fit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="eval_loss", type=_fit_metric,
                    help="what is fitted: eval_loss (nats/token), bpb (bits per byte), or a "
                    "downstream score TASK/METRIC of the runs' eval_input.tasks (e.g. "
-                   "lmfab_choice/acc; accuracies are fitted as the error 1 - acc)")
+                   "lmfab_choice/acc; accuracies are fitted as the error 1 - acc, perplexities as "
+                   "their log; predictions are also given in the score's own units)")
     p.add_argument("-o", "--out", required=True, metavar="DIR",
                    help="folder for fit.json and the plots")
 
@@ -379,7 +383,8 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
 
     eval_command(args.model_dir, args.tasks, limit=args.limit, batch_size=args.batch_size,
                  device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot,
-                 bootstrap_iters=args.bootstrap_iters, output=args.output)
+                 bootstrap_iters=args.bootstrap_iters, output=args.output,
+                 include_path=args.include_path)
     return 0
 
 

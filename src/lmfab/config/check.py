@@ -145,6 +145,12 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
             f"train_input.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
             "(learned positions end there); raise model.max_seq_len or lower seq_len"
         )
+    if e.data_dir is not None and not e.data_dir.strip():  # not silently the training data
+        raise ConfigError("eval_input.data_dir: an empty path (leave the key out, or null, to "
+                          "evaluate on train_input's data)")
+    for i, folder in enumerate(e.tasks_include_path):
+        if not isinstance(folder, str) or not folder.strip():
+            raise ConfigError(f"eval_input.tasks_include_path[{i}]: an empty path")
     if e.seq_len is not None and (e.seq_len <= 0 or (e.seq_len > m.max_seq_len and m.pos == "learned")):
         raise ConfigError(
             f"eval_input.seq_len={e.seq_len}: must be positive and, with learned positions, "

@@ -138,7 +138,7 @@ class EvalInputConfig:
     batch_size: int = 8
     micro_batch_size: int | None = None
     split: str = "val"
-    max_batches: int | None = 20  # None: the whole split
+    max_batches: int | None = 20  # that many batches spread evenly over the split; None: all
     seq_len: int | None = None  # default train_input.seq_len; longer tests extrapolation
     tasks: list[str] = field(default_factory=list)
     """Downstream tasks scored through lm-evaluation-harness at every eval (eval_steps, the
@@ -149,6 +149,10 @@ class EvalInputConfig:
     """Items per downstream task at each eval (None: all); bounds the time an eval takes."""
     tasks_batch_size: int = 16
     """Requests per forward pass of the downstream evaluation."""
+    tasks_include_path: list[str] = field(default_factory=list)
+    """Folders of more task YAML files (lm-eval's include path), e.g. one written by
+    ``python -m lmfab.eval.tasks.build --name corpus --out DIR`` from a corpus's held-out
+    documents; their tasks are then named in ``tasks``."""
 
 
 @dataclass

@@ -300,11 +300,16 @@ def iterate_eval(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[np.ndarray]:
-    """Yield this rank's slices of consecutive, unshuffled global eval batches of ``batch``.
+    """Yield this rank's slices of unshuffled global eval batches of ``batch``.
 
-    Global batch ``k`` is windows ``[k*batch, (k+1)*batch)``; rank ``r`` gets the contiguous
-    slice ``[r*batch/W, (r+1)*batch/W)``. A trailing partial batch is dropped so every rank
-    yields the same number of batches. Raises ValueError when not even one batch fits.
+    The split holds ``n = len // batch`` whole batches, batch ``j`` being windows
+    ``[j*batch, (j+1)*batch)`` (a trailing partial batch is dropped so every rank yields the
+    same number). Uncapped, all ``n`` are yielded in order. Capped at ``max_batches = m < n``,
+    the ``m`` batches ``j = floor(i*n/m)`` are, evenly spaced over the split: a split is in
+    source order (documents of one input file after another), so its first ``m`` batches
+    would all come from the first source, and the split's bytes per token would not describe
+    them. Rank ``r`` gets the contiguous slice ``[r*batch/W, (r+1)*batch/W)`` of each.
+    Raises ValueError when not even one batch fits.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad rank/world_size: rank={rank}, world_size={world_size}")
@@ -316,9 +321,10 @@ def iterate_eval(
             f"{dataset.split_dir}: {len(dataset)} windows is fewer than one eval batch of "
             f"{batch}; lower the eval batch size or make the split larger"
         )
+    total = n_batches
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     per = batch // world_size
     local = rank * per + np.arange(per, dtype=np.int64)
-    for k in range(n_batches):
-        yield dataset.get(k * batch + local)
+    for i in range(n_batches):
+        yield dataset.get(i * total // n_batches * batch + local)

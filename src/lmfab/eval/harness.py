@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lmfab.infer.generate import Request, load_trained, run_batch
+from lmfab.scaling.results import flat_metrics
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 EOT = "<|endoftext|>"
@@ -266,33 +266,44 @@ class LmfabLM(TemplateLM):
 # Tasks and runs
 
 
-def lmfab_task_names() -> list[str]:
-    """The offline tasks shipped with lmfab (the YAML files under lmfab/eval/tasks/)."""
+def lmfab_task_names(include_path: Sequence[str | Path] = ()) -> list[str]:
+    """The offline tasks shipped with lmfab (the YAML files under lmfab/eval/tasks/), then
+    those of the ``include_path`` folders (their YAML files, as lm-eval finds them)."""
     import yaml
 
     names = []
-    for f in sorted(TASKS_DIR.glob("*.yaml")):
+    files = sorted(TASKS_DIR.glob("*.yaml"))
+    for folder in include_path:
+        files += sorted(Path(folder).rglob("*.yaml"))
+    for f in files:
         spec = yaml.safe_load(f.read_text().replace("!function", "")) or {}
         if isinstance(spec.get("task"), str):
             names.append(spec["task"])
     return names
 
 
-def task_manager(tasks: Sequence[str]):
-    """lm-eval's task manager over lmfab's tasks, plus lm-eval's own registry when a task
-    is not one of lmfab's (indexing the registry takes seconds, so it is skipped when not
-    needed). Raises ValueError naming the unknown tasks and the available ones."""
+def task_manager(tasks: Sequence[str], include_path: Sequence[str | Path] = ()):
+    """lm-eval's task manager over lmfab's tasks and the ``include_path`` folders (task
+    YAML files, lm-eval's ``--include_path``), plus lm-eval's own registry when a task is
+    none of those (indexing the registry takes seconds, so it is skipped when not needed).
+    Raises ValueError naming the unknown tasks and the available ones."""
     from lm_eval.tasks import TaskManager
 
-    ours = set(lmfab_task_names())
+    for folder in include_path:
+        if not Path(folder).is_dir():
+            raise ValueError(f"{folder}: not a folder of task YAML files (--include-path, "
+                             "eval_input.tasks_include_path)")
+    ours = set(lmfab_task_names(include_path))
     need_registry = any(t not in ours for t in tasks)
-    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=need_registry)
+    tm = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_path)],
+                     include_defaults=need_registry)
     known = set(tm.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ValueError(
             f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; lmfab's "
-            f"offline tasks: {', '.join(sorted(ours))}; lm-eval's registry has {len(known)} "
+            f"offline tasks{' and --include-path' if include_path else ''}: "
+            f"{', '.join(sorted(ours))}; lm-eval's registry has {len(known)} "
             "more (`lm-eval ls tasks`), most of them need the Hugging Face Hub")
     return tm
 
@@ -307,36 +318,23 @@ def parse_tasks(spec: str | Sequence[str]) -> list[str]:
 
 def evaluate_tasks(lm: LmfabLM, tasks: Sequence[str], *, limit: int | float | None = None,
                    bootstrap_iters: int = 1000, num_fewshot: int | None = None,
-                   verbosity: str = "WARNING") -> dict:
+                   verbosity: str = "WARNING",
+                   include_path: Sequence[str | Path] = ()) -> dict:
     """lm-eval's ``simple_evaluate`` with this LM on the named tasks; its results dict."""
     from lm_eval import simple_evaluate
 
     tasks = parse_tasks(tasks)
     return simple_evaluate(
         model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-        bootstrap_iters=bootstrap_iters, task_manager=task_manager(tasks),
+        bootstrap_iters=bootstrap_iters, task_manager=task_manager(tasks, include_path),
         log_samples=False, verbosity=verbosity,
     )
 
 
-def flat_metrics(results: dict) -> dict[str, float]:
-    """``{"<task>/<metric>": value}`` from a simple_evaluate result (filters other than
-    lm-eval's default ``none`` keep their suffix; standard errors are left out)."""
-    out = {}
-    for task, metrics in results.get("results", {}).items():
-        for key, value in metrics.items():
-            if (key in ("alias", "sample_len") or "_stderr" in key
-                    or not isinstance(value, int | float)):
-                continue
-            metric, _, filt = key.partition(",")
-            name = metric if filt in ("", "none") else f"{metric}_{filt}"
-            out[f"{task}/{name}"] = float(value) if math.isfinite(value) else None
-    return out
-
-
 def downstream_evaluator(tasks: Sequence[str], tokenizer: str | Path, *,
                          limit: int | None = None, batch_size: int = 16,
-                         dtype: str = "auto") -> Callable[[torch.nn.Module], dict[str, float]]:
+                         dtype: str = "auto", include_path: Sequence[str | Path] = (),
+                         ) -> Callable[[torch.nn.Module], dict[str, float]]:
     """A callable for the training loop: model -> ``{"<task>/<metric>": value}``.
 
     Checked up front (unknown tasks fail before training starts). The random states lm-eval
@@ -344,7 +342,7 @@ def downstream_evaluator(tasks: Sequence[str], tokenizer: str | Path, *,
     the training run that follows it.
     """
     tasks = parse_tasks(tasks)
-    task_manager(tasks)
+    task_manager(tasks, include_path)
 
     def run(model: torch.nn.Module) -> dict[str, float]:
         lm = LmfabLM(model=model, tokenizer=str(tokenizer), batch_size=batch_size, dtype=dtype)
@@ -353,7 +351,7 @@ def downstream_evaluator(tasks: Sequence[str], tokenizer: str | Path, *,
         with torch.random.fork_rng(devices=devices):
             try:
                 results = evaluate_tasks(lm, tasks, limit=limit, bootstrap_iters=0,
-                                         verbosity="ERROR")
+                                         verbosity="ERROR", include_path=include_path)
             finally:
                 random.setstate(py)
                 np.random.set_state(npy)
@@ -376,13 +374,15 @@ def downstream_for_config(cfg) -> Callable[[torch.nn.Module], dict[str, float]] 
     if tok is None:
         raise ValueError("eval_input.tasks: the run's data has no tokenizer.json to encode "
                          "the tasks' text with")
-    return downstream_evaluator(e.tasks, tok, limit=e.tasks_limit, batch_size=e.tasks_batch_size)
+    return downstream_evaluator(e.tasks, tok, limit=e.tasks_limit, batch_size=e.tasks_batch_size,
+                                include_path=e.tasks_include_path)
 
 
 def eval_command(model_dir: str | Path, tasks: str | Sequence[str], *, limit: float | None = None,
                  batch_size: int = 16, device: str | None = None, dtype: str = "auto",
                  num_fewshot: int | None = None, bootstrap_iters: int = 1000,
-                 output: str | Path | None = None) -> dict:
+                 output: str | Path | None = None,
+                 include_path: Sequence[str | Path] = ()) -> dict:
     """``lmfab eval --tasks``: run lm-eval on a checkpoint, print its table, write the
     results JSON to ``output`` (if given) and to ``<run>/eval/downstream-step_<N>.json``."""
     from lm_eval.utils import handle_non_serializable, make_table
@@ -391,16 +391,17 @@ def eval_command(model_dir: str | Path, tasks: str | Sequence[str], *, limit: fl
     from lmfab.checkpoint import read_state
 
     names = parse_tasks(tasks)
-    task_manager(names)  # unknown names fail before the model loads
+    task_manager(names, include_path)  # unknown names fail before the model loads
     lm = LmfabLM(str(model_dir), device=device, dtype=dtype, batch_size=batch_size)
     if limit is not None and float(limit).is_integer():
         limit = int(limit)
     results = evaluate_tasks(lm, names, limit=limit, bootstrap_iters=bootstrap_iters,
-                             num_fewshot=num_fewshot)
+                             num_fewshot=num_fewshot, include_path=include_path)
     ckpt = lm.checkpoint
     step = read_state(ckpt).get("step", 0) if (ckpt / "state.json").is_file() else 0
     results["lmfab"] = {"checkpoint": str(ckpt), "step": step, "dtype": lm.dtype,
-                        "device": str(lm.device), "limit": limit}
+                        "device": str(lm.device), "limit": limit,
+                        "include_path": [str(p) for p in include_path]}
     print(make_table(results))
     text = json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt

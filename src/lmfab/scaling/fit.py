@@ -48,6 +48,7 @@ from lmfab.scaling.results import (  # noqa: F401  (re-exported: the table's API
     Rejected,
     Results,
     check_row,
+    fitted_as,
     is_isoflop_group,
     is_lr_group,
     load_results,
@@ -623,7 +624,9 @@ def _g(x: float | None, fmt: str = ".3g") -> str:
 
 def _summary(out: dict, res: Results, power: PowerFit | None, chin: ChinchillaFit | None,
              minima: list[IsoflopMinimum], sweeps: list[LRSweep]) -> str:
-    lines = [f"fit: {len(res.rows)} finished runs from {res.source}"]
+    lines = [f"fit: {len(res.rows)} finished runs from {res.source}"
+             + (f" ({out['loss_key']} fitted as {out['fitted_as']})" if "fitted_as" in out
+                else "")]
     if res.rejected:
         lines.append(f"  excluded {len(res.rejected)}: "
                      + "; ".join(f"{r.name} ({r.reason})" for r in res.rejected[:8])
@@ -651,7 +654,9 @@ def _summary(out: dict, res: Results, power: PowerFit | None, chin: ChinchillaFi
         lines.append(f"target {t['params']} ({t['form']}): C {_g(t['flops'])} FLOPs, "
                      f"N {_g(t['n_params'])}, D {_g(t['tokens'])}: loss {_g(t['loss'], '.4f')} "
                      f"[{_g(t['loss_lo'], '.4f')}, {_g(t['loss_hi'], '.4f')}]"
-                     f" ({_g(t['extrapolation'])}x beyond the sweep)")
+                     f" ({_g(t['extrapolation'])}x beyond the sweep)"
+                     + (f"; {t['metric']} {_g(t['value'], '.4g')} [{_g(t['value_lo'], '.4g')}, "
+                        f"{_g(t['value_hi'], '.4g')}]" if "value" in t else ""))
     lines.append(f"wrote {', '.join(out['files'])} to {out['out_dir']}")
     return "\n".join(lines)
 
@@ -706,6 +711,14 @@ def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | No
     if predict is not None:
         budget = target_budget(predict, overrides)
         out["target"] = [_predict(f, budget) for f in (power, chin) if f]
+        if "/" in loss_key:  # a downstream score: the prediction in its own units too
+            back = fitted_as(loss_key)[1]
+            for t in out["target"]:
+                ends = sorted((back(t["loss_lo"]), back(t["loss_hi"])))
+                t.update(metric=loss_key, value=back(t["loss"]), value_lo=ends[0],
+                         value_hi=ends[1])
+    if "/" in loss_key:
+        out["fitted_as"] = fitted_as(loss_key)[2]
     files = []
 
     def plot(name: str, draw: Callable[[str], None]) -> None:

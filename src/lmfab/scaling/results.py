@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,22 @@ def load_results(source: str | Path, *, loss_key: str = "eval_loss") -> Results:
     return Results(str(path), list(kept.values()), list(rejected.values()))
 
 
+def flat_metrics(results: dict) -> dict[str, float]:
+    """``{"<task>/<metric>": value}`` from a simple_evaluate result (filters other than
+    lm-eval's default ``none`` keep their suffix; standard errors are left out): what
+    metrics.jsonl logs and a results row keeps. Needs no lm-eval import."""
+    out = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            if (key in ("alias", "sample_len") or "_stderr" in key
+                    or not isinstance(value, int | float)):
+                continue
+            metric, _, filt = key.partition(",")
+            name = metric if filt in ("", "none") else f"{metric}_{filt}"
+            out[f"{task}/{name}"] = float(value) if math.isfinite(value) else None
+    return out
+
+
 def downstream_metrics(record: dict | None) -> dict[str, float] | None:
     """The downstream scores of an eval record of metrics.jsonl (``"<task>/<metric>"`` keys,
     logged when the run's ``eval_input.tasks`` names tasks), or None when it has none. A
@@ -135,22 +152,37 @@ def downstream_metrics(record: dict | None) -> dict[str, float] | None:
     return found or None
 
 
-def with_downstream_value(row: Any, key: str) -> Any:
-    """A row with ``key`` filled from its downstream scores when ``key`` names one.
+def fitted_as(key: str) -> tuple[Callable[[float], float], Callable[[float], float], str]:
+    """How the score ``key`` is fitted: (to the fitted quantity, back to the score, what the
+    fitted quantity is). Losses (``eval_loss``, ``bpb``) as they are. Downstream scores
+    ``"<task>/<metric>"``: accuracies (``acc...``) as the error 1 - acc, which falls with
+    compute like a loss, so the same law L = a·C^-b + c applies (Cerebras-GPT's downstream
+    fits take this form too); perplexities (``...perplexity``) as their log, the mean
+    negative log-likelihood in nats, itself a loss; other metrics as they are."""
+    metric = key.split("/", 1)[1] if "/" in key else ""
+    if metric.startswith("acc"):
+        return (lambda v: 1.0 - v), (lambda y: 1.0 - y), "1 - " + metric
+    if metric.endswith("perplexity"):
+        return math.log, math.exp, f"log {metric} (nats)"
+    return float, float, key
 
-    ``key`` is ``"<task>/<metric>"`` (e.g. ``lmfab_choice/acc``). Accuracies (metrics named
-    ``acc...``) are fitted as the error 1 - acc, which falls with compute like a loss, so the
-    same law L = a·C^-b + c applies (Cerebras-GPT's downstream fits take this form too);
-    other metrics (perplexity) are fitted as they are. A row without that score is returned
-    unchanged and :func:`check_row` names the missing field."""
+
+def with_downstream_value(row: Any, key: str) -> Any:
+    """A row with ``key`` filled from its downstream scores when ``key`` names one
+    (``"<task>/<metric>"``, e.g. ``lmfab_choice/acc``), in the units it is fitted in
+    (:func:`fitted_as`). A row without that score (or a perplexity that is not positive) is
+    returned unchanged and :func:`check_row` names the missing field."""
     if "/" not in key or not isinstance(row, dict) or key in row:
         return row
     scores = row.get("downstream")
     value = scores.get(key) if isinstance(scores, dict) else None
     if not isinstance(value, int | float) or isinstance(value, bool):
         return row
-    metric = key.split("/", 1)[1]
-    return {**row, key: 1.0 - float(value) if metric.startswith("acc") else float(value)}
+    to_fit = fitted_as(key)[0]
+    try:
+        return {**row, key: to_fit(float(value))}
+    except ValueError:  # log of a perplexity <= 0
+        return row
 
 
 def is_isoflop_group(group: str) -> bool:

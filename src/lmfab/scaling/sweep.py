@@ -30,7 +30,9 @@ A finished point (its final eval at max_steps is in its metrics) is skipped; a k
 resumes from its newest checkpoint through ``lmfab run``'s own resume; a failed point is
 recorded with the reason and the sweep goes on. ``<out>/results.jsonl`` and ``results.csv``
 hold one row per point: final and smoothed eval loss, bits per byte, parameters, tokens,
-FLOPs (lmfab's accounting), wall time and status -- what ``lmfab fit`` reads.
+FLOPs (lmfab's accounting), wall time and status -- what ``lmfab fit`` reads -- and the
+downstream scores of the final checkpoint, from ``eval_input.tasks`` or from ``lmfab eval
+--tasks`` run on it afterwards (``--collect`` then gathers them).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import yaml
 
 from lmfab.atomic import atomic_write_json, atomic_write_text
 from lmfab.scaling.plan import PlanError, load_family, merge, params_dict, plan
-from lmfab.scaling.results import downstream_metrics
+from lmfab.scaling.results import downstream_metrics, flat_metrics
 
 RESULT_FIELDS = ["name", "group", "status", "reason", "n_params", "n_params_nonembed", "tokens",
                  "flops", "eval_loss", "eval_loss_smoothed", "bpb", "train_loss", "wall_s",
@@ -252,6 +254,20 @@ def _as_list(v, where: str) -> list:
 # -- running --------------------------------------------------------------------------------
 
 
+def _posthoc_downstream(model_dir: Path, step: int) -> dict[str, float]:
+    """The scores of ``lmfab eval --tasks`` on the point's final checkpoint
+    (``<run>/eval/downstream-step_<N>.json``), so that a sweep trained without
+    ``eval_input.tasks`` can fit downstream scores after the fact. Unreadable: none."""
+    path = model_dir / "eval" / f"downstream-step_{step}.json"
+    if not path.is_file():
+        return {}
+    try:
+        return flat_metrics(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError) as e:
+        print(f"lmfab sweep: {path}: not read ({e})", file=sys.stderr)
+        return {}
+
+
 def _final_eval(model_dir: Path, max_steps: int) -> tuple[dict | None, list[dict], dict | None]:
     """(the final eval record at max_steps, all eval records, the last train record)."""
     evals, last_train = [], None
@@ -368,7 +384,8 @@ def collect_point(point: Point, out: Path) -> dict:
             and isinstance(r.get("loss"), int | float)]
     row.update(eval_loss=loss, bpb=final.get("bits_per_byte"),
                eval_loss_smoothed=sum(late) / len(late) if late else loss)
-    if (scores := downstream_metrics(final)) is not None:  # eval_input.tasks
+    scores = {**_posthoc_downstream(rdir, max_steps), **(downstream_metrics(final) or {})}
+    if scores:  # eval_input.tasks in the run, and `lmfab eval --tasks` on its last checkpoint
         row["downstream"] = scores
     wall = pdir / "wall.json"
     if wall.is_file():

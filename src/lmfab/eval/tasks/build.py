@@ -18,6 +18,10 @@ is held out: John is then training text.)
   source (other plays for a play, other books for a Bible book), in a seeded random order. A Bible verse number stays in the context so
   that it does not give the true line away.
 
+With ``--name N --out DIR`` the items of any corpus become a task folder of their own,
+``N_cloze`` and ``N_choice`` (YAML, jsonl and the loader), which ``lmfab eval
+--include-path DIR --tasks N_cloze,N_choice`` runs beside the shipped tasks.
+
 Deterministic: the same corpus and flags give the same bytes. Each file is kept under
 ~300 KB.
 """
@@ -159,14 +163,43 @@ def to_jsonl(items: list[dict]) -> str:
     return "".join(json.dumps(it, sort_keys=True, ensure_ascii=False) + "\n" for it in items)
 
 
-def write(items: dict[str, list[dict]], out: str | Path = HERE) -> list[Path]:
+def write(items: dict[str, list[dict]], out: str | Path = HERE, name: str = "lmfab",
+          made_by: str = "") -> list[Path]:
+    """Write the items. Into the package folder (the shipped ``lmfab_*`` tasks): the jsonl
+    files only. Into any other folder: a task folder for ``lmfab eval --include-path``, each
+    task as ``<name>_cloze`` / ``<name>_choice`` (YAML + jsonl) with a copy of the loader."""
     out = Path(out)
+    shipped = out.resolve() == HERE
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        raise ValueError(f"--name {name!r}: letters, digits and _ only, starting with a letter")
+    if shipped and name != "lmfab":
+        raise ValueError(f"--name {name}: the package folder holds the shipped lmfab_* tasks; "
+                         "give --out for tasks of another name")
+    if not shipped and name == "lmfab":
+        raise ValueError(f"--out {out}: give --name (e.g. --name corpus): tasks named lmfab_* "
+                         "would shadow the shipped ones")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, rows in items.items():
-        path = out / f"{name}.jsonl"
+    for key, rows in items.items():
+        task = f"{name}_{key.split('_', 1)[1]}"
+        path = out / f"{task}.jsonl"
         atomic_write_text(path, to_jsonl(rows))
         paths.append(path)
+        if shipped:
+            continue
+        spec = [ln for ln in (HERE / f"{key}.yaml").read_text().splitlines()
+                if not ln.startswith("#")]
+        body = "\n".join(spec).replace(f"task: {key}", f"task: {task}", 1)
+        body = body.replace(
+            "custom_dataset: !function", f"dataset_kwargs:\n  data_file: {task}.jsonl\n"
+            "custom_dataset: !function", 1)
+        head = f"# {task}: {len(rows)} items made by {made_by or 'lmfab.eval.tasks.build'}\n"
+        ypath = out / f"{task}.yaml"
+        atomic_write_text(ypath, head + body + "\n")
+        paths.append(ypath)
+    if not shipped:
+        atomic_write_text(out / "utils.py", (HERE / "utils.py").read_text())
+        paths.append(out / "utils.py")
     return paths
 
 
@@ -177,14 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="held-out share of the split the items come from")
     p.add_argument("--seed", type=int, default=0, help="split seed and sampling seed")
-    p.add_argument("--out", default=str(HERE), help="folder for the jsonl files")
+    p.add_argument("--out", default=str(HERE),
+                   help="the package folder (the shipped tasks; default) or a task folder "
+                   "for `lmfab eval --include-path`")
+    p.add_argument("--name", default="lmfab",
+                   help="task name prefix: <name>_cloze, <name>_choice (another --out only)")
     args = p.parse_args(argv)
+    made_by = (f"python -m lmfab.eval.tasks.build --corpus {args.corpus} --val-fraction "
+               f"{args.val_fraction} --seed {args.seed} --name {args.name}")
     try:
         items = build(args.corpus, val_fraction=args.val_fraction, seed=args.seed)
+        paths = write(items, args.out, args.name, made_by=made_by)
     except (FileNotFoundError, ValueError) as e:
         print(f"lmfab: error: {e}", file=sys.stderr)
         return 2
-    for path in write(items, args.out):
+    for path in paths:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     return 0
 
