@@ -70,6 +70,8 @@ def _tiny_raw() -> dict:
         (lambda r: r["runconfig"].update(parallel={"ddp_bucket_mb": 0}),
          r"runconfig\.parallel\.ddp_bucket_mb: must be > 0"),
         (lambda r: r["eval_input"].update(data_dir=" "), r"eval_input\.data_dir: an empty path"),
+        (lambda r: r["train_input"].update(batch_size=10**30),
+         r"train_input\.batch_size=1000000000000000000000000000000 x seq_len=128 .* 64-bit"),
         (lambda r: r["eval_input"].update(tasks_include_path=[""]),
          r"eval_input\.tasks_include_path\[0\]: an empty path"),
     ],

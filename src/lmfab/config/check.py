@@ -145,6 +145,12 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
             f"train_input.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
             "(learned positions end there); raise model.max_seq_len or lower seq_len"
         )
+    run_tokens = t.batch_size * t.seq_len * max(r.max_steps, 1)
+    if run_tokens >= 2**63:  # token counters, loader positions and FLOPs are 64-bit
+        raise ConfigError(
+            f"train_input.batch_size={t.batch_size} x seq_len={t.seq_len} x "
+            f"runconfig.max_steps={r.max_steps} = {run_tokens:.3g} tokens: more than a 64-bit "
+            "count holds; is batch_size in sequences (not tokens)?")
     if e.data_dir is not None and not e.data_dir.strip():  # not silently the training data
         raise ConfigError("eval_input.data_dir: an empty path (leave the key out, or null, to "
                           "evaluate on train_input's data)")
