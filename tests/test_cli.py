@@ -233,7 +233,7 @@ def test_help_shows_defaults(capsys):
 
 def test_help_does_not_import_torch():
     """The handlers import the library; `lmfab --help` parses flags only (fast, and a module
-    that moves touches one import line in cli.py)."""
+    that moves touches one import line in lmfab.cli)."""
     code = ("import sys\nfrom lmfab.cli import main\ntry:\n    main(['train', '--help'])\n"
             "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -155,7 +155,7 @@ def check_config(cfg: Config, *, world_size: int = 1) -> None:
         raise ConfigError("eval_input.data_dir: an empty path (leave the key out, or null, to "
                           "evaluate on train_input's data)")
     for i, folder in enumerate(e.tasks_include_path):
-        if not isinstance(folder, str) or not folder.strip():
+        if not folder.strip():
             raise ConfigError(f"eval_input.tasks_include_path[{i}]: an empty path")
     if e.seq_len is not None and (e.seq_len <= 0 or (e.seq_len > m.max_seq_len and m.pos == "learned")):
         raise ConfigError(

@@ -711,14 +711,11 @@ def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | No
     if predict is not None:
         budget = target_budget(predict, overrides)
         out["target"] = [_predict(f, budget) for f in (power, chin) if f]
-        if "/" in loss_key:  # a downstream score: the prediction in its own units too
-            back = fitted_as(loss_key)[1]
-            for t in out["target"]:
-                ends = sorted((back(t["loss_lo"]), back(t["loss_hi"])))
-                t.update(metric=loss_key, value=back(t["loss"]), value_lo=ends[0],
-                         value_hi=ends[1])
-    if "/" in loss_key:
-        out["fitted_as"] = fitted_as(loss_key)[2]
+    if "/" in loss_key:  # a downstream score: the prediction in its own units too
+        _, back, out["fitted_as"] = fitted_as(loss_key)
+        for t in out["target"]:
+            ends = sorted((back(t["loss_lo"]), back(t["loss_hi"])))
+            t.update(metric=loss_key, value=back(t["loss"]), value_lo=ends[0], value_hi=ends[1])
     files = []
 
     def plot(name: str, draw: Callable[[str], None]) -> None:
