@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from lmfab.scaling.fit import (
+    _parabola_min,
     fit_chinchilla,
     fit_power_law,
+    isoflop_exponents,
     isoflop_minima,
     load_results,
     lr_optima,
@@ -223,6 +225,27 @@ def test_isoflop_minima_at_the_planted_optimum():
                 3.0 + 0.05 * math.log(1e6 * 2**i / 1e5) ** 2) for i in range(4)]
     (m,) = isoflop_minima(edge)
     assert not m.interior and m.best_name == "e0" and m.n_opt == pytest.approx(1e6)
+    assert m.edge == "small"
+
+
+def test_isoflop_minimum_not_bracketed_although_the_parabola_bottoms_out_inside():
+    # a profile measured on the H200 (3e14 FLOPs, docs/scaling.md): the loss rises from the
+    # smallest size on, yet a parabola through all six runs has its vertex just above it
+    n = [5.6e5, 1.07e6, 1.7e6, 2.5e6, 3.4e6, 4.5e6]
+    loss = [3.3008, 3.3959, 3.5830, 3.8138, 4.1592, 4.4540]
+    rows = [row(f"p{i}", "isoflop-3e14", x, 3e14 / (6 * x), y)
+            for i, (x, y) in enumerate(zip(n, loss, strict=True))]
+    vertex = _parabola_min(np.log(n), np.array(loss))[0]
+    assert math.log(n[0]) < vertex < math.log(n[-1])  # the trap
+    (m,) = isoflop_minima(rows)
+    assert not m.interior and m.edge == "small" and m.best_name == "p0"
+    assert m.n_opt == pytest.approx(n[0]) and m.loss_min == pytest.approx(loss[0])
+    assert isoflop_exponents([m]) is None
+    # the mirror image: best at the largest size
+    rows = [row(f"q{i}", "isoflop-3e14", x, 3e14 / (6 * x), y)
+            for i, (x, y) in enumerate(zip(n, loss[::-1], strict=True))]
+    (m,) = isoflop_minima(rows)
+    assert not m.interior and m.edge == "large" and m.best_name == "q5"
 
 
 def lr_rows(par, lr_star_of_width, widths=(256, 512, 1024)):

@@ -439,9 +439,11 @@ class IsoflopMinimum:
     n_opt: float  # parameters at the parabola's minimum
     tokens_opt: float  # tokens there, from log D regressed on log N within the group
     loss_min: float
-    interior: bool  # the minimum lies inside the sampled N (else n_opt is the best run's)
+    interior: bool  # the best run has a smaller and a larger neighbour and the parabola's
+    #                 minimum lies between them (else n_opt is the best run's: an edge)
     best_name: str
     coeffs: list[float]  # loss = p0 (ln N)^2 + p1 ln N + p2
+    edge: str | None = None  # "small" / "large": the best run is the smallest / largest size
 
     def to_dict(self) -> dict:
         return jsonable(asdict(self))
@@ -463,14 +465,19 @@ def isoflop_minima(rows: Iterable[dict], *, loss_key: str = "eval_loss",
             continue
         best = int(np.argmin(y))
         fit = _parabola_min(x, y)
-        interior = fit is not None and x.min() <= fit[0] <= x.max()
+        # bracketed: the parabola bottoms out inside the sampled sizes *and* the best run
+        # has a larger and a smaller neighbour; a loss rising monotonically from the
+        # smallest size can still put a whole-profile parabola's vertex just inside it
+        bracketed = x.min() < x[best] < x.max()
+        interior = fit is not None and bracketed and x.min() <= fit[0] <= x.max()
         xo, lo, coeffs = fit if interior else (x[best], y[best], fit[2] if fit else [])
         slope, icpt = np.polyfit(x, np.log([r["tokens"] for r in rs]), 1)
         out.append(IsoflopMinimum(
             group=g, flops=float(np.median([r["flops"] for r in rs])), n_points=len(rs),
             n_opt=float(math.exp(xo)), tokens_opt=float(math.exp(icpt + slope * xo)),
             loss_min=float(lo), interior=bool(interior), best_name=rs[best]["name"],
-            coeffs=list(coeffs)))
+            coeffs=list(coeffs),
+            edge=None if bracketed else ("small" if x[best] == x.min() else "large")))
     return sorted(out, key=lambda m: m.flops)
 
 
@@ -644,7 +651,12 @@ def _summary(out: dict, res: Results, power: PowerFit | None, chin: ChinchillaFi
                      f"N_opt ~ C^{chin.a:.3f}, D_opt ~ C^{chin.b:.3f}")
     for m in minima:
         lines.append(f"{m.group}: N_opt {_g(m.n_opt)} D_opt {_g(m.tokens_opt)} "
-                     f"loss {m.loss_min:.4f}" + ("" if m.interior else " (at the edge)"))
+                     f"loss {m.loss_min:.4f}" + ("" if m.interior else
+                     f" (not bracketed: the best run, {m.best_name}, is the "
+                     f"{'smallest' if m.edge == 'small' else 'largest'} size sampled; "
+                     f"add {'smaller' if m.edge == 'small' else 'larger'} sizes)"
+                     if m.edge else " (the parabola opens downward or bottoms out beyond "
+                     "the sampled sizes)"))
     for s in sweeps:
         best = ", ".join(f"{o.d_model}:{_g(o.lr_fit or o.best_lr)}" for o in s.widths)
         lines.append(f"{s.group} {s.parametrization}: best LR by d_model {best}; "
