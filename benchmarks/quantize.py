@@ -3,13 +3,18 @@ unquantized model, and the int4 weight memory of the BTLM-3B-8K shape.
 
     python benchmarks/quantize.py --model-dir runs/x --device cuda --json quantize.json
     python benchmarks/quantize.py --model-dir runs/x --device cpu --schemes none,int8,int4
+    python benchmarks/quantize.py --model configs/models/llama-110m.yaml --device cpu \
+        --schemes none,int8,int4,int4-unpacked        # random weights: memory and speed only
     python benchmarks/quantize.py --btlm --device cuda        # configs/models/btlm-3b-8k.yaml
 
 Per scheme (``none`` is the model in its serving dtype: bf16 on CUDA, fp32 on the CPU):
 weight bytes (quantized tensors counted by their parts), peak device memory while loading
 and evaluating (CUDA), bits per byte on the run's held-out split (``eval_input``'s, the
 first ``--windows`` windows, the split's bytes per token from its meta.json) and greedy
-decode tokens/s at batch 1 (lmfab's cached decode, compiled on CUDA).
+decode tokens/s at batch 1 (lmfab's cached decode, compiled on CUDA). ``--model`` takes a
+preset with random weights instead (no bits per byte). ``int4-unpacked`` (CPU) is int4 as a
+torchao without the packed CPU int4 tensor runs it: one int4 value per byte
+(``IntxWeightOnlyConfig``), the form lmfab used before the packed kernel.
 
 ``--btlm``: the BTLM-3B-8K shape, random init in bf16 on the device, int4 weights; its
 weight and peak memory beside the paper's "3B parameters in 3 GB of memory" (Dey et al.
@@ -93,18 +98,43 @@ def held_out_bpb(model, model_dir, windows: int, device) -> float | None:
     return total / count / math.log(2) / bpt if bpt else None
 
 
-def one_scheme(args, scheme: str, device) -> dict:
+def load(args, scheme: str, device):
+    """(model, quantize report) for one scheme, from --model-dir or a random --model."""
+    from lmfab.infer import quantize
     from lmfab.infer.generate import load_for_inference
 
+    name = "int4" if scheme == "int4-unpacked" else scheme
+    if scheme == "int4-unpacked":
+        if device.type != "cpu":
+            raise SystemExit("int4-unpacked is the CPU fallback; use int4 on cuda")
+        packed, quantize._cpu_int4_config = quantize._cpu_int4_config, lambda: None
+    try:
+        if args.model_dir:
+            model, _, _, report = load_for_inference(args.model_dir, device=str(device),
+                                                     quantize=None if name == "none" else name)
+            return model, report
+        from lmfab.config.load import load_model_config
+        from lmfab.models import build_model, materialize
+
+        model = materialize(build_model(load_model_config(args.model)), device, seed=0).eval()
+        if device.type == "cuda":
+            model = model.to(torch.bfloat16)
+        return model, None if name == "none" else quantize_model(model, name)
+    finally:
+        if scheme == "int4-unpacked":
+            quantize._cpu_int4_config = packed
+
+
+def one_scheme(args, scheme: str, device) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model, _, _, report = load_for_inference(args.model_dir, device=str(device),
-                                             quantize=None if scheme == "none" else scheme)
+    model, report = load(args, scheme, device)
     row = {"scheme": scheme, "weight_bytes": weight_bytes(model),
            "layers": None if report is None else report.summary(),
-           "bpb": held_out_bpb(model, args.model_dir, args.windows, device),
+           "bpb": held_out_bpb(model, args.model_dir, args.windows, device)
+           if args.model_dir else None,
            "decode_tokens_per_s": decode_tps(model, device, args.new_tokens)}
     if device.type == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -141,6 +171,7 @@ def btlm(device) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", help="a trained run (its held-out split gives bits/byte)")
+    ap.add_argument("--model", help="a model preset with random weights instead of --model-dir")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--schemes", default="none,int8,int4")
     ap.add_argument("--windows", type=int, default=256, help="held-out windows to score")
@@ -148,16 +179,20 @@ def main() -> int:
     ap.add_argument("--btlm", action="store_true", help="also the BTLM-3B-8K int4 figure")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
-    if not a.model_dir and not a.btlm:
-        ap.error("give --model-dir and/or --btlm")
+    if not a.model_dir and not a.model and not a.btlm:
+        ap.error("give --model-dir or --model, and/or --btlm")
+    if a.model_dir and a.model:
+        ap.error("--model-dir or --model, not both")
     device = torch.device(a.device)
     torch.manual_seed(0)
     import torchao
 
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "torchao": torchao.__version__,
-           "model_dir": a.model_dir, "date": time.strftime("%Y-%m-%d")}
-    rows = [one_scheme(a, s, device) for s in a.schemes.split(",")] if a.model_dir else []
+           "threads": torch.get_num_threads(), "model_dir": a.model_dir, "model": a.model,
+           "date": time.strftime("%Y-%m-%d")}
+    rows = ([one_scheme(a, s, device) for s in a.schemes.split(",")]
+            if a.model_dir or a.model else [])
     result = {"env": env, "results": rows}
     print(f"\n{env['device']} | torch {env['torch']} | torchao {env['torchao']} | "
           f"{env['date']}\n")

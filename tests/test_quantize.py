@@ -35,9 +35,11 @@ def test_quantized_model_is_smaller_agrees_and_generates(scheme, tiny_run, tiny_
     before = weight_bytes(model)
     report = quantize_model(model, scheme)
     assert len(report.layers) == 2 * 4 and scheme in report.summary()
-    # int8 storage (int4 values are kept one per byte on the CPU): a quarter of fp32, plus
-    # scales
-    assert weight_bytes(model) < before - 0.7 * linear
+    # int8: a quarter of fp32 plus scales; int4: two weights per byte (every layer of this
+    # model fits the packed CPU kernel), an eighth plus scales and zeros
+    assert weight_bytes(model) < before - (0.7 if scheme == "int8" else 0.83) * linear
+    if scheme == "int4":
+        assert all("packed" in v for v in report.layers.values()), report.layers
     with torch.no_grad():
         out = model(x)
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
@@ -46,11 +48,46 @@ def test_quantized_model_is_smaller_agrees_and_generates(scheme, tiny_run, tiny_
     assert len(tok.encode(text).ids) >= 4
 
 
+def test_packed_cpu_int4_in_an_fp32_model_with_an_untied_head(monkeypatch):
+    import copy
+
+    from lmfab.infer import quantize
+    from lmfab.infer.quantize import Bf16Linear
+
+    model = random_model("tiny-neox")  # untied output head, partial rotary, parallel residual
+    unpacked = copy.deepcopy(model)
+    x = torch.tensor([[5, 17, 99, 3, 250, 7, 42, 11]])
+    with torch.no_grad():
+        ref = model(x)
+    before = weight_bytes(model)
+    report = quantize_model(model, "int4")
+    assert report.layers["lm_head"] == "int4 groups of 64 (packed, bf16 compute)"
+    assert isinstance(model.lm_head, Bf16Linear) and isinstance(model.blocks[0].mlp.fc, Bf16Linear)
+    # the fallback a torchao without the packed CPU tensor takes: one int4 value per byte
+    monkeypatch.setattr(quantize, "_cpu_int4_config", lambda: None)
+    fallback = quantize_model(unpacked, "int4")
+    assert all("stored unpacked: this torchao" in v for v in fallback.layers.values())
+    assert weight_bytes(model) < weight_bytes(unpacked) < before
+    with torch.no_grad():
+        out, out_unpacked = model(x), unpacked(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+
+    def rel(o):
+        return ((o - ref).norm() / ref.norm()).item()
+
+    # bf16 compute adds ~1% to int4's own error (random weights, 4 layers: ~0.2 either way)
+    assert rel(out) < 1.1 * rel(out_unpacked) and rel(out) < 0.3, (rel(out), rel(out_unpacked))
+
+
 def test_a_layer_no_group_divides_is_still_quantized():
     model = random_model("tiny-llama")  # d_ff 172: no int4 group of 32 fits the down-projection
     report = quantize_model(model, "int4")
     assert report.layers["blocks.0.mlp.proj"].startswith("int4 per-row")
-    assert report.layers["blocks.0.mlp.fc"].startswith("int4 groups of 64")
+    # gate and up: 2 x 172 = 344 outputs, not a multiple of 16 (the packed kernel's rule)
+    assert report.layers["blocks.0.mlp.fc"] == ("int4 groups of 64 (stored unpacked: the "
+                                                "packed kernel needs outputs in multiples of 16)")
+    # q, k, v of 4 + 2 + 2 heads of 16: 128 outputs
+    assert report.layers["blocks.0.attn.qkv"] == "int4 groups of 64 (packed, bf16 compute)"
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 

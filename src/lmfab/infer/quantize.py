@@ -5,20 +5,27 @@ activations stay in the model's dtype, and the embedding table (also the tied ou
 projection) stays as it is. What runs where, with torchao 0.18:
 
 ==========  ========================================  ========================================
-scheme      CUDA (bf16 activations)                   CPU (fp32 or bf16 activations)
+scheme      CUDA (bf16 activations)                   CPU (fp32 or bf16 model)
 ==========  ========================================  ========================================
 int8        ``Int8WeightOnlyConfig``: per-row scales  the same
-int4        ``Int4WeightOnlyConfig`` tinygemm layout  ``IntxWeightOnlyConfig(int4, PerGroup)``:
-            (``tile_packed_to_4d``): two weights per  int4 values and per-group scales, stored
-            byte, groups of 128 (64, 32) inputs       one value per byte (int8 memory, int4
-                                                      accuracy; torchao's packed CPU kernels
-                                                      are not part of its wheel)
+int4        ``Int4WeightOnlyConfig`` tinygemm layout  torchao's ``Int4OpaqueTensor``
+            (``tile_packed_to_4d``): two weights per  (``PrototypeInt4WeightOnlyConfig``):
+            byte, groups of 128 (64, 32) inputs       two weights per byte, groups of 128
+                                                      (64, 32), PyTorch's own CPU int4
+                                                      matmul; the layer runs in bf16 (the
+                                                      kernel's fast path) inside an fp32
+                                                      model
 ==========  ========================================  ========================================
 
 Groups span 128 input features, or 64 or 32 where 128 does not divide a layer's inputs; a
 layer whose input width no group size divides (BTLM's d_ff = 6826) keeps per-row int8
-weights under int4 on CUDA and per-row int4 on the CPU: :func:`quantize_model` reports each
-such layer.
+weights under int4 on CUDA and per-row int4, one value per byte, on the CPU
+(``IntxWeightOnlyConfig``): :func:`quantize_model` reports each such layer. So does a layer
+whose output width is not a multiple of 16 (the packed kernel's rule), and a torchao without
+the CPU int4 tensor puts every layer in that unpacked form; each is reported.
+
+On a 2-core CPU (AMX, bf16) a 768 x 3072 layer at batch 1 takes 64 us packed against 1.2 ms
+unpacked and 0.2 ms dense (docs/benchmarks.md has the whole-model figures).
 """
 
 from __future__ import annotations
@@ -80,6 +87,34 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+class Bf16Linear(nn.Module):
+    """A packed-int4 CPU linear inside a model of another dtype: the input goes in as bf16,
+    the kernel's fast path (its fp32 path is 10-70x slower), and the output comes back in the
+    input's dtype. ``inner`` is the quantized ``nn.Linear``."""
+
+    def __init__(self, inner: nn.Linear):
+        super().__init__()
+        self.inner = inner
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.bfloat16)).to(x.dtype)
+
+
+def _cpu_int4_config():
+    """torchao's packed CPU int4 config, or None where this torchao has none."""
+    try:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    except ImportError:
+        return None
+    return PrototypeInt4WeightOnlyConfig
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
 def _group(in_features: int) -> int | None:
     return next((g for g in GROUP_SIZES if in_features % g == 0), None)
 
@@ -100,6 +135,7 @@ def quantize_model(model: nn.Module, scheme: str) -> QuantizeReport:
 
     report = QuantizeReport(scheme, device.type)
     linears = _linears(model)
+    cpu_int4 = _cpu_int4_config() if device.type == "cpu" and scheme == "int4" else None
     plan: dict[object, list[str]] = {}  # config -> layer names
     configs: dict[object, tuple[object, str]] = {}
 
@@ -121,10 +157,15 @@ def quantize_model(model: nn.Module, scheme: str) -> QuantizeReport:
                 f"int4 groups of {g}", name)
         elif device.type == "cuda":
             assign("int8", tq.Int8WeightOnlyConfig, "int8 per-row (no int4 group fits)", name)
+        elif g is not None and cpu_int4 is not None and lin.out_features % 16 == 0:
+            assign(("cpu-int4", g), lambda g=g: cpu_int4(group_size=g, set_inductor_config=False),
+                   f"int4 groups of {g} (packed, bf16 compute)", name)
         elif g is not None:
             assign(("intx", g), lambda g=g: tq.IntxWeightOnlyConfig(
                 weight_dtype=torch.int4, granularity=PerGroup(g)),
-                f"int4 groups of {g} (stored unpacked)", name)
+                f"int4 groups of {g} (stored unpacked: "
+                + ("this torchao has no packed CPU int4)" if cpu_int4 is None else
+                   "the packed kernel needs outputs in multiples of 16)"), name)
         else:
             assign("intx-row", lambda: tq.IntxWeightOnlyConfig(
                 weight_dtype=torch.int4, granularity=PerAxis(0)),
@@ -135,10 +176,17 @@ def quantize_model(model: nn.Module, scheme: str) -> QuantizeReport:
         for key, names in plan.items():
             config, label = configs[key]
             chosen = {linears[n] for n in names}
+            packed_cpu = key[0] == "cpu-int4" if isinstance(key, tuple) else False
+            if packed_cpu:  # the kernel's fast path takes bf16 weights and activations
+                for n in names:
+                    linears[n].to(torch.bfloat16)
             try:
                 tq.quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: m in chosen)
             except (ImportError, AssertionError, NotImplementedError, RuntimeError) as e:
                 raise QuantizeError(f"--quantize {scheme} on {device.type}: torchao cannot "
                                     f"quantize {names[0]} ({type(e).__name__}: {e})") from e
             report.layers.update(dict.fromkeys(names, label))
+            if packed_cpu:
+                for n in names:
+                    _replace(model, n, Bf16Linear(linears[n]))
     return report

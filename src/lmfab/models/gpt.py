@@ -172,8 +172,9 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        out = F.linear(h, w)  # (B, T, V)
+        # an untied head through its module, so that a quantized replacement runs its own
+        # forward (lmfab.infer.quantize); the same F.linear for a plain nn.Linear
+        out = F.linear(h, self.wte.weight) if self.lm_head is None else self.lm_head(h)
         return out * self.logit_scale if self.logit_scale != 1.0 else out
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
