@@ -10,10 +10,12 @@ import torch
 
 from lmfab.cli import main
 from lmfab.config.load import load_model_config
+from lmfab.infer import generate as generate_module
 from lmfab.infer.generate import (
     PromptTooLong,
     Request,
     _Text,
+    batch_bucket,
     filter_logits,
     fit_prompt,
     generate,
@@ -65,6 +67,31 @@ def test_cached_greedy_equals_the_reference_for_ragged_batches(name):
     alone = run_batch(model, _NoTokenizer(), reqs[2:], compile=False)
     assert alone[0].token_ids == refs[2]
     assert all(c.finish_reason == "length" for c in batched)
+
+
+def test_a_padded_batch_gives_the_same_completions(monkeypatch):
+    """Compiled decodes run at power-of-two batch sizes with idle rows (one CUDA graph per
+    bucket, not per size); the idle rows change nothing the requests get back."""
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 2, 4, 4, 8, 16, 16, 32]
+    model = random_model("tiny-llama")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 11, 2)]
+    reqs = [Request(prompts[0], max_new_tokens=12, stop_token_ids=[]),
+            Request(prompts[1], max_new_tokens=7, temperature=0.9, top_k=20, seed=3,
+                    stop_token_ids=[]),
+            Request(prompts[2], max_new_tokens=12, stop_token_ids=[])]
+    sizes = []
+    real_cache = generate_module._cache_for
+    monkeypatch.setattr(generate_module, "_cache_for",
+                        lambda m, B, *a: sizes.append(B) or real_cache(m, B, *a))
+    plain = run_batch(model, _NoTokenizer(), reqs, compile=False, pad_batch=False)
+    padded = run_batch(model, _NoTokenizer(), reqs, compile=False, pad_batch=True)
+    assert sizes == [3, 4]  # the second ran with one idle row
+    assert len(padded) == 3
+    for a, b in zip(plain, padded, strict=True):
+        assert (a.token_ids, a.text, a.finish_reason, a.prompt_tokens) == \
+            (b.token_ids, b.text, b.finish_reason, b.prompt_tokens)
+    assert [len(c.token_ids) for c in padded] == [12, 7, 12]
 
 
 def test_generation_ends_at_the_context():
@@ -183,3 +210,13 @@ def test_compiled_cuda_decode_equals_the_reference(name):
     for _ in range(2):  # the second batch replays the recorded graph
         out = run_batch(model, _NoTokenizer(), reqs, compile="reduce-overhead")
         assert [c.token_ids for c in out] == refs
+
+
+@pytest.mark.gpu
+def test_compiled_batches_of_three_and_four_share_one_cache_and_graph():
+    model = random_model("tiny-llama").cuda()
+    reqs = [Request([1, 2, 3], max_new_tokens=8, stop_token_ids=[]) for _ in range(4)]
+    a = run_batch(model, _NoTokenizer(), reqs[:3])  # compiled on CUDA by default: padded to 4
+    b = run_batch(model, _NoTokenizer(), reqs)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b[:3]]
+    assert [k[0] for k in generate_module._CACHES[model]] == [4]

@@ -308,21 +308,37 @@ class _Text:
 
 
 @torch.no_grad()
+def batch_bucket(n: int) -> int:
+    """The batch size a compiled decode runs ``n`` rows at: the next power of two, so that
+    a server whose batches take every size from 1 to 16 captures 5 CUDA graphs, not 16.
+    Decode at these sizes reads weights, not activations: the extra rows cost little."""
+    return 1 << (n - 1).bit_length()
+
+
 def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
-              compile: bool | str | None = None) -> list[Completion]:
+              compile: bool | str | None = None, pad_batch: bool | None = None
+              ) -> list[Completion]:
     """Continue every request's prompt (already fitted to the context, see
-    :func:`fit_prompt`) in one batch; the completions in request order."""
+    :func:`fit_prompt`) in one batch; the completions in request order. ``pad_batch``
+    (default: when the decode step is compiled) runs the batch at :func:`batch_bucket`'s
+    size with idle rows that generate nothing."""
     if not requests:
         return []
     device = next(model.parameters()).device
     context = model.cfg.max_seq_len
-    B = len(requests)
     lengths = [len(r.prompt_ids) for r in requests]
     if min(lengths) < 1 or max(lengths) >= context:
         raise ValueError("every prompt needs 1 to context - 1 tokens (fit_prompt fits them)")
+    eos = tokenizer.token_to_id(EOS)
+    mode = compile_mode(device, compile)
+    n_real = len(requests)
+    if pad_batch if pad_batch is not None else mode is not None:
+        idle = Request([eos if eos is not None else 0], max_new_tokens=0, stop_token_ids=[])
+        requests = [*requests, *[idle] * (batch_bucket(n_real) - n_real)]
+        lengths += [1] * (len(requests) - n_real)
+    B = len(requests)
     T0 = max(lengths)
     budget = [max(0, min(r.max_new_tokens, context - T0)) for r in requests]
-    eos = tokenizer.token_to_id(EOS)
     stops = [set(r.stop_token_ids) if r.stop_token_ids is not None else
              ({eos} if eos is not None else set()) for r in requests]
     texts = [_Text(tokenizer, r.stop, lazy=r.on_text is None) for r in requests]
@@ -346,7 +362,6 @@ def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
     hot = [b for b, r in enumerate(requests) if r.temperature > 0]
 
     step = _step
-    mode = compile_mode(device, compile)
     if mode is not None:
         cache.mark_static()
         step = _guarded(_compiled_step(mode), mode)
@@ -381,7 +396,7 @@ def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
             break
         logits = step(model, nxt[:, None], cache)
     return [Completion(t.text, t.ids, reason, n)
-            for t, reason, n in zip(texts, reasons, lengths, strict=True)]
+            for t, reason, n in zip(texts, reasons, lengths, strict=True)][:n_real]
 
 
 def generate(
