@@ -16,6 +16,7 @@ from lmfab.scaling.fit import (
     _parabola_min,
     fit_chinchilla,
     fit_power_law,
+    fit_warnings,
     isoflop_exponents,
     isoflop_minima,
     load_results,
@@ -175,6 +176,23 @@ def test_chinchilla_recovers_hoffmann_constants():
     mean, lo, hi = fit.predict(1e11, 2e12)
     assert mean == pytest.approx(float(chinchilla(1e11, 2e12)), rel=0.01) and lo <= mean <= hi
     json.dumps(fit.to_dict(), allow_nan=False)
+
+
+def test_fits_say_when_their_own_constants_are_not_pinned():
+    # laws the points determine: no warnings
+    C, L = noisy_cerebras()
+    assert fit_warnings(fit_power_law(C, L, bootstrap=20),
+                        fit_chinchilla(*chinchilla_grid(), bootstrap=20)) == []
+    # a pure power law (no floor) fitted to its own points: c at its bound
+    C = np.logspace(13, 15, 6)
+    (w,) = fit_warnings(fit_power_law(C, (C / 1e19) ** -0.13, bootstrap=20), None)
+    assert w.startswith("power law: the floor c sits at its bound 0")
+    # a parameter term with exponent 1.5: real, but outside what the check lets pass
+    N, D, _ = chinchilla_grid()
+    N, D = np.asarray(N), np.asarray(D)
+    steep = fit_chinchilla(N, D, 1.7 + 4e9 / N**1.5 + 410.7 / D**0.28, bootstrap=20)
+    assert steep.alpha > 1.0
+    assert any(w.startswith("chinchilla: alpha 1.5") for w in fit_warnings(None, steep))
 
 
 def test_chinchilla_optimal_allocation():

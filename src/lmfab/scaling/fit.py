@@ -629,6 +629,25 @@ def _g(x: float | None, fmt: str = ".3g") -> str:
     return "?" if x is None or not math.isfinite(x) else format(x, fmt)
 
 
+def fit_warnings(power: PowerFit | None, chin: ChinchillaFit | None) -> list[str]:
+    """What a fit's own numbers say about how far to trust it (printed and in fit.json)."""
+    out = []
+    if power is not None and power.c < 1e-6 * min(power.L):
+        out.append("power law: the floor c sits at its bound 0, so the points cannot tell "
+                   "an irreducible loss from the slope; predictions beyond them fall at the "
+                   "fitted slope forever (sample further in compute, or fit --form chinchilla)")
+    if chin is not None:
+        odd = [f"{k} {v:.2f}" for k, v in (("alpha", chin.alpha), ("beta", chin.beta))
+               if not 0.05 <= v <= 1.0]
+        if odd:
+            out.append(f"chinchilla: {', '.join(odd)} outside 0.05-1 (published fits: "
+                       "0.2-0.8): the runs do not pin that term; vary N at long D and D at "
+                       "large N, not only along IsoFLOP lines")
+        if chin.E < 1e-6 * min(chin.L):
+            out.append("chinchilla: E sits at its bound 0 (no floor found)")
+    return out
+
+
 def _summary(out: dict, res: Results, power: PowerFit | None, chin: ChinchillaFit | None,
              minima: list[IsoflopMinimum], sweeps: list[LRSweep]) -> str:
     lines = [f"fit: {len(res.rows)} finished runs from {res.source}"
@@ -669,6 +688,7 @@ def _summary(out: dict, res: Results, power: PowerFit | None, chin: ChinchillaFi
                      f" ({_g(t['extrapolation'])}x beyond the sweep)"
                      + (f"; {t['metric']} {_g(t['value'], '.4g')} [{_g(t['value_lo'], '.4g')}, "
                         f"{_g(t['value_hi'], '.4g')}]" if "value" in t else ""))
+    lines += [f"warning: {w}" for w in out.get("warnings", [])]
     lines.append(f"wrote {', '.join(out['files'])} to {out['out_dir']}")
     return "\n".join(lines)
 
@@ -744,7 +764,7 @@ def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | No
     for stale in {"power_fit.png", "isoflop.png", "mup_lr.png"} - set(files):
         (out_dir / stale).unlink(missing_ok=True)  # from an earlier fit of other rows
     files.append("fit.json")
-    out.update(files=files, out_dir=str(out_dir))
+    out.update(files=files, out_dir=str(out_dir), warnings=fit_warnings(power, chin))
     out["summary"] = _summary(out, res, power, chin, minima, sweeps)
     text = json.dumps(jsonable(out), indent=1, allow_nan=False)
     _atomic_write(out_dir / "fit.json", lambda p: Path(p).write_text(text + "\n"))
