@@ -12,6 +12,7 @@ from lmfab.cli import main
 from lmfab.config.load import load_model_config
 from lmfab.infer import generate as generate_module
 from lmfab.infer.generate import (
+    DecodeBatch,
     PromptTooLong,
     Request,
     _Text,
@@ -92,6 +93,43 @@ def test_a_padded_batch_gives_the_same_completions(monkeypatch):
         assert (a.token_ids, a.text, a.finish_reason, a.prompt_tokens) == \
             (b.token_ids, b.text, b.finish_reason, b.prompt_tokens)
     assert [len(c.token_ids) for c in padded] == [12, 7, 12]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_request_joining_a_running_batch_gets_what_it_gets_alone(name):
+    """Continuous batching: a request admitted into a free row of a running batch (its
+    prompt prefilled alone, its keys and values copied in before the current slot) decodes
+    the tokens it decodes on its own, greedy and sampled, and leaves the others alone."""
+    model = random_model(name)
+    g = torch.Generator().manual_seed(4)
+    first = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 4)]
+    late = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (6, 3)]
+    reqs = [Request(first[0], max_new_tokens=20, stop_token_ids=[]),
+            Request(first[1], max_new_tokens=5, stop_token_ids=[])]
+    joiners = [Request(late[0], max_new_tokens=10, stop_token_ids=[]),
+               Request(late[1], max_new_tokens=8, temperature=0.8, top_p=0.9, seed=5,
+                       stop_token_ids=[])]
+    alone = [run_batch(model, _NoTokenizer(), [r], compile=False)[0] for r in reqs + joiners]
+    batch = DecodeBatch(model, _NoTokenizer(), reqs, compile=False, headroom=2.0)
+    got, rows, waiting = {}, {0: 0, 1: 1}, [2, 3]
+    assert batch.admit(joiners[0]) is None  # no free row yet
+    while not batch.finished:
+        for b, c in batch.step():
+            got[rows.pop(b)] = c
+        while waiting and batch.free_rows():
+            b = batch.admit(joiners[waiting[0] - 2])
+            assert b is not None
+            rows[b] = waiting.pop(0)
+    assert sorted(got) == [0, 1, 2, 3], "every request, the joiners included, finished"
+    for i, c in got.items():
+        assert (c.token_ids, c.finish_reason, c.prompt_tokens) == \
+            (alone[i].token_ids, alone[i].finish_reason, alone[i].prompt_tokens), i
+    # a prompt longer than the slots already filled waits for the next batch
+    b2 = DecodeBatch(model, _NoTokenizer(), [Request([1, 2], max_new_tokens=4,
+                                                     stop_token_ids=[])], compile=False,
+                     headroom=2.0)
+    b2.step()
+    assert b2.finished is False and not b2.fits(Request(list(range(1, 9)), max_new_tokens=1))
 
 
 def test_generation_ends_at_the_context():

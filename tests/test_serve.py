@@ -162,3 +162,62 @@ def test_the_openai_client_talks_to_it(server):
                                        max_new_tokens=8, stop=["\nUser:"])[0]
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="other", prompt="x")
+
+
+class _SlowTokenizer:
+    """The run's tokenizer with a 20 ms decode: a long streamed request then spans half a
+    second or more of decode steps, long enough for a second request to arrive meanwhile."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids):
+        time.sleep(0.02)
+        return self.tok.decode(ids)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_short_request_joins_a_running_batch_and_finishes_first(tiny_run):
+    """Continuous batching: a request arriving while a long one decodes joins its batch in
+    a free row, gets its own greedy text, and is answered before the long one ends."""
+    import asyncio
+
+    from lmfab.infer.generate import Request, run_batch
+    from lmfab.serve.batcher import Batcher
+
+    model, tok, _ = load_trained(tiny_run)
+    short_ids = tok.encode("And then the").ids
+    long = Request(tok.encode("The king").ids, max_new_tokens=1000, stop_token_ids=[])
+    short = Request(short_ids, max_new_tokens=6, stop_token_ids=[])
+    expected = run_batch(model, tok, [Request(short_ids, max_new_tokens=6,
+                                              stop_token_ids=[])])[0]
+    order = []
+
+    async def finish(job, name):
+        while True:
+            item = await job.pieces.get()
+            if not isinstance(item, str):
+                order.append(name)
+                return item
+
+    async def main():
+        batcher = Batcher(model, _SlowTokenizer(tok), max_batch_size=4, compile=False)
+        try:
+            job_long = batcher.submit(long)
+            first = await job_long.pieces.get()  # the long request is decoding
+            assert isinstance(first, str)
+            job_short = batcher.submit(short)
+            got = await asyncio.gather(finish(job_short, "short"), finish(job_long, "long"))
+            return batcher, got
+        finally:
+            batcher.close()
+
+    batcher, (c_short, c_long) = asyncio.run(main())
+    assert order == ["short", "long"]
+    assert batcher.batches == 1 and batcher.joined == 1 and batcher.largest_batch == 2
+    assert c_short.token_ids == expected.token_ids and c_short.text == expected.text
+    context = model.cfg.max_seq_len  # the long request runs to the end of the context
+    assert c_long.finish_reason == "length"
+    assert len(c_long.token_ids) == context - len(long.prompt_ids) > 2 * len(c_short.token_ids)

@@ -1,7 +1,8 @@
 """Text generation from a trained run: KV-cached batched decoding, sampling, stop rules.
 
-:func:`generate` continues a batch of prompts and returns the texts; :func:`run_batch` is
-the engine under it (and under ``lmfab serve``): one prefill of the left-padded prompts
+:func:`generate` continues a batch of prompts and returns the texts; :func:`run_batch` runs
+one :class:`DecodeBatch`, the engine under it (and, with requests joining between steps,
+under ``lmfab serve``): one prefill of the left-padded prompts
 into a preallocated :class:`~lmfab.infer.cache.KVCache`, then one-token decode steps, each
 row with its own sampling settings (greedy, temperature, top-k, top-p, a seed), its own
 stop strings and stop tokens, and an optional callback that receives text as soon as it is
@@ -310,9 +311,174 @@ class _Text:
 @torch.no_grad()
 def batch_bucket(n: int) -> int:
     """The batch size a compiled decode runs ``n`` rows at: the next power of two, so that
-    a server whose batches take every size from 1 to 16 captures 5 CUDA graphs, not 16.
+    batches of every size from 1 to 16 capture 5 CUDA graphs, not 16.
     Decode at these sizes reads weights, not activations: the extra rows cost little."""
     return 1 << (n - 1).bit_length()
+
+
+class DecodeBatch:
+    """A batch of requests decoding together, one step at a time, that can take in new
+    requests while it runs (continuous batching).
+
+    Rows share cache slot numbers. A request joining at slot ``s`` is prefilled alone and
+    its keys and values copied into a free row at slots ``s - n .. s - 1`` (``n`` prompt
+    tokens), the row's padding set to ``s - n``: its positions are then those of its prompt
+    alone, as for the rows that started the batch. A row is free when its request finished
+    (or it was an idle row of the padded batch); it joins if its prompt fits before the
+    current slot and the tokens it asks for fit after it (``headroom`` makes the cache that
+    much longer than the starting rows need, for joiners; 1: none; ``rows``: at least that
+    many rows, the spare ones free from the start). The buffers never move, so a captured
+    CUDA graph serves the whole batch.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
+                 compile: bool | str | None = None, pad_batch: bool | None = None,
+                 headroom: float = 1.0, rows: int | None = None):
+        if not requests:
+            raise ValueError("a batch needs at least one request")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = device = next(model.parameters()).device
+        self.context = context = model.cfg.max_seq_len
+        lengths = [len(r.prompt_ids) for r in requests]
+        if min(lengths) < 1 or max(lengths) >= context:
+            raise ValueError("every prompt needs 1 to context - 1 tokens (fit_prompt fits them)")
+        self.eos = eos = tokenizer.token_to_id(EOS)
+        self.fill = eos if eos is not None else 0
+        mode = compile_mode(device, compile)
+        n_real = len(requests)
+        rows = max(rows or 0, batch_bucket(n_real) if (pad_batch if pad_batch is not None
+                                                        else mode is not None) else n_real)
+        self.requests: list[Request | None] = [*requests, *[None] * (rows - n_real)]
+        B = len(self.requests)
+        lengths += [1] * (B - n_real)
+        T0 = max(lengths)
+        need = T0 + max(min(r.max_new_tokens, context - T0) for r in requests)
+        length = _cache_length(max(need, int(need * headroom)), context)
+        self.budget = [0] * B
+        self.n_new = [0] * B
+        self.lengths = lengths
+        self.texts: list[_Text | None] = [None] * B
+        self.stops: list[set[int]] = [set()] * B
+        self.reasons = ["length"] * B
+        self.done = [True] * B
+        self.results: dict[int, Completion] = {}
+
+        dtype = next(model.parameters()).dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.float32  # quantized weights: the activations' dtype
+        self.dtype = dtype
+        self.cache = cache = _cache_for(model, B, length, device, dtype)
+        pad = [T0 - n for n in lengths]
+        cache.reset(pad)
+        self.slot = T0  # the slot the next fed token goes to (mirrors cache.slot, no sync)
+        self.temperature = torch.zeros(B, device=device)
+        self.top_k = torch.zeros(B, dtype=torch.long, device=device)
+        self.top_p = torch.ones(B, device=device)
+        self.generators: list[torch.Generator | None] = [None] * B
+        for b, r in enumerate(requests):
+            self._set_row(b, r, budget=min(r.max_new_tokens, context - T0))
+        prompt = torch.tensor([[self.fill] * p + (r.prompt_ids if r is not None else [self.fill])
+                               for p, r in zip(pad, self.requests, strict=True)],
+                              dtype=torch.long, device=device)
+        self.step_fn = _step
+        if mode is not None:
+            cache.mark_static()
+            self.step_fn = _guarded(_compiled_step(mode), mode)
+        self.logits = _step(model, prompt, cache)  # prefill: eager, any length
+
+    def _set_row(self, b: int, r: Request, *, budget: int) -> None:
+        self.requests[b] = r
+        self.budget[b], self.n_new[b] = max(0, budget), 0
+        self.lengths[b] = len(r.prompt_ids)
+        self.texts[b] = _Text(self.tokenizer, r.stop, lazy=r.on_text is None)
+        self.stops[b] = (set(r.stop_token_ids) if r.stop_token_ids is not None else
+                         ({self.eos} if self.eos is not None else set()))
+        self.reasons[b] = "length"
+        self.temperature[b] = max(0.0, r.temperature)
+        self.top_k[b] = r.top_k or 0
+        self.top_p[b] = 1.0 if r.top_p is None else r.top_p
+        self.generators[b] = (torch.Generator(device=self.device).manual_seed(r.seed)
+                              if r.temperature > 0 else None)
+        self.done[b] = self.budget[b] == 0
+        if self.done[b]:
+            self._finish(b)
+
+    def _finish(self, b: int) -> None:
+        t = self.texts[b]
+        self.results[b] = Completion(t.text, t.ids, self.reasons[b], self.lengths[b])
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+    def free_rows(self) -> list[int]:
+        return [b for b, d in enumerate(self.done) if d]
+
+    def fits(self, r: Request) -> bool:
+        """Whether ``r`` can join now with all the tokens it would get on its own."""
+        n = len(r.prompt_ids)
+        want = min(r.max_new_tokens, self.context - n)
+        return 1 <= n <= self.slot and self.slot + want <= self.cache.length
+
+    def admit(self, r: Request) -> int | None:
+        """Put ``r`` into a free row (its prompt prefilled); the row, or None if it does
+        not fit now (see :meth:`fits`)."""
+        free = self.free_rows()
+        if not free or not self.fits(r):
+            return None
+        b, n, s = free[0], len(r.prompt_ids), self.slot
+        if not 1 <= n < self.context:
+            raise ValueError("every prompt needs 1 to context - 1 tokens (fit_prompt fits them)")
+        alone = KVCache(self.model.cfg, 1, _cache_length(n, self.context), device=self.device,
+                        dtype=self.dtype)  # never the pool's: it could be this batch's own
+        alone.reset([0])
+        logits = _step(self.model, torch.tensor([r.prompt_ids], device=self.device), alone)
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][b, :, s - n:s].copy_(alone.k[layer][0, :, :n])
+            self.cache.v[layer][b, :, s - n:s].copy_(alone.v[layer][0, :, :n])
+        self.cache.pad[b] = s - n
+        self.logits[b] = logits[0]
+        self.results.pop(b, None)
+        self._set_row(b, r, budget=min(r.max_new_tokens, self.context - n))
+        return b
+
+    def step(self) -> list[tuple[int, Completion]]:
+        """Sample each live row's next token, release its text, feed the tokens back (one
+        decode step); the rows that finished in this step with their completions."""
+        hot = [b for b in range(len(self.done)) if not self.done[b]
+               and self.generators[b] is not None]
+        nxt = next_tokens(self.logits, self.temperature, self.top_k, self.top_p,
+                          self.generators, hot=hot)
+        ended = []
+        for b, t in enumerate(nxt.tolist()):
+            if self.done[b]:
+                continue
+            r, text = self.requests[b], self.texts[b]
+            self.n_new[b] += 1
+            if r.cancelled is not None and r.cancelled():
+                self.done[b], self.reasons[b] = True, "cancelled"
+            elif t in self.stops[b]:
+                self.done[b], self.reasons[b] = True, "stop"
+            else:
+                piece, hit = text.add(t)
+                if hit:
+                    self.done[b], self.reasons[b] = True, "stop"
+                elif self.n_new[b] >= self.budget[b]:
+                    self.done[b] = True
+                    piece += text.flush()
+                if piece and r.on_text is not None:
+                    r.on_text(piece)
+            if self.done[b] and self.reasons[b] == "stop":
+                rest = text.flush()  # text held back for a stop string that never came
+                if rest and r.on_text is not None:
+                    r.on_text(rest)
+            if self.done[b]:
+                self._finish(b)
+                ended.append((b, self.results[b]))
+        if not self.finished:
+            self.logits = self.step_fn(self.model, nxt[:, None], self.cache)
+            self.slot += 1
+        return ended
 
 
 def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
@@ -324,79 +490,10 @@ def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
     size with idle rows that generate nothing."""
     if not requests:
         return []
-    device = next(model.parameters()).device
-    context = model.cfg.max_seq_len
-    lengths = [len(r.prompt_ids) for r in requests]
-    if min(lengths) < 1 or max(lengths) >= context:
-        raise ValueError("every prompt needs 1 to context - 1 tokens (fit_prompt fits them)")
-    eos = tokenizer.token_to_id(EOS)
-    mode = compile_mode(device, compile)
-    n_real = len(requests)
-    if pad_batch if pad_batch is not None else mode is not None:
-        idle = Request([eos if eos is not None else 0], max_new_tokens=0, stop_token_ids=[])
-        requests = [*requests, *[idle] * (batch_bucket(n_real) - n_real)]
-        lengths += [1] * (len(requests) - n_real)
-    B = len(requests)
-    T0 = max(lengths)
-    budget = [max(0, min(r.max_new_tokens, context - T0)) for r in requests]
-    stops = [set(r.stop_token_ids) if r.stop_token_ids is not None else
-             ({eos} if eos is not None else set()) for r in requests]
-    texts = [_Text(tokenizer, r.stop, lazy=r.on_text is None) for r in requests]
-    done = [b == 0 for b in budget]
-    reasons = ["length"] * B
-
-    dtype = next(model.parameters()).dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = torch.float32  # quantized weights: the activations' dtype
-    cache = _cache_for(model, B, _cache_length(T0 + max(budget), context), device, dtype)
-    pad = [T0 - n for n in lengths]
-    cache.reset(pad)
-    fill = eos if eos is not None else 0
-    prompt = torch.tensor([[fill] * p + r.prompt_ids for p, r in zip(pad, requests, strict=True)],
-                          dtype=torch.long, device=device)
-    temperature = torch.tensor([max(0.0, r.temperature) for r in requests], device=device)
-    top_k = torch.tensor([r.top_k or 0 for r in requests], device=device)
-    top_p = torch.tensor([1.0 if r.top_p is None else r.top_p for r in requests], device=device)
-    generators = [torch.Generator(device=device).manual_seed(r.seed) if r.temperature > 0
-                  else None for r in requests]
-    hot = [b for b, r in enumerate(requests) if r.temperature > 0]
-
-    step = _step
-    if mode is not None:
-        cache.mark_static()
-        step = _guarded(_compiled_step(mode), mode)
-    logits = _step(model, prompt, cache)  # prefill: eager, any length
-    n_new = 0
-    while not all(done):
-        nxt = next_tokens(logits, temperature, top_k, top_p, generators, hot=hot)
-        n_new += 1
-        for b, t in enumerate(nxt.tolist()):
-            if done[b]:
-                continue
-            r = requests[b]
-            if r.cancelled is not None and r.cancelled():
-                done[b], reasons[b] = True, "cancelled"
-                continue
-            if t in stops[b]:
-                done[b], reasons[b] = True, "stop"
-            else:
-                piece, hit = texts[b].add(t)
-                if hit:
-                    done[b], reasons[b] = True, "stop"
-                elif n_new >= budget[b]:
-                    done[b] = True
-                    piece += texts[b].flush()
-                if piece and r.on_text is not None:
-                    r.on_text(piece)
-            if done[b] and reasons[b] == "stop":
-                rest = texts[b].flush()  # text held back for a stop string that never came
-                if rest and r.on_text is not None:
-                    r.on_text(rest)
-        if all(done):
-            break
-        logits = step(model, nxt[:, None], cache)
-    return [Completion(t.text, t.ids, reason, n)
-            for t, reason, n in zip(texts, reasons, lengths, strict=True)][:n_real]
+    batch = DecodeBatch(model, tokenizer, requests, compile=compile, pad_batch=pad_batch)
+    while not batch.finished:
+        batch.step()
+    return [batch.results[b] for b in range(len(requests))]
 
 
 def generate(
