@@ -132,6 +132,17 @@ def test_a_request_joining_a_running_batch_gets_what_it_gets_alone(name):
     assert b2.finished is False and not b2.fits(Request(list(range(1, 9)), max_new_tokens=1))
 
 
+def test_spare_rows_stop_where_half_the_free_memory_ends():
+    from lmfab.infer.generate import _cache_row_bytes, spare_rows
+
+    btlm = load_model_config(CONFIGS / "models" / "btlm-3b-8k.yaml")
+    row = _cache_row_bytes(btlm, 4096)  # bf16 keys and values of 32 layers, 4096 slots
+    assert row == 2 * 32 * 32 * 80 * 4096 * 2
+    assert spare_rows(16, 2, row, 80 * 2**30) == 16  # an H200's free memory: all 16
+    assert spare_rows(16, 2, row, 8 * 2**30) == 3  # 8 GiB free: 4 GiB of 1.34 GB rows
+    assert spare_rows(16, 3, row, 2**20) == 3  # never fewer than the batch needs
+
+
 def test_generation_ends_at_the_context():
     model = random_model("tiny-learned")  # learned positions: 64 of them
     c = run_batch(model, _NoTokenizer(), [Request([1] * 60, max_new_tokens=50,

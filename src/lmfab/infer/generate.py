@@ -316,6 +316,20 @@ def batch_bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _cache_row_bytes(cfg, length: int, itemsize: int = 2) -> int:
+    """Bytes of one row of a KV cache ``length`` slots long (keys and values, every layer)."""
+    return 2 * cfg.n_layer * cfg.kv_heads * cfg.d_head * length * itemsize
+
+
+def spare_rows(wanted: int, needed: int, row_bytes: int, free_bytes: int,
+               share: float = 0.5) -> int:
+    """Rows for a batch that needs ``needed`` and would like ``wanted``: the spare ones only
+    as far as ``share`` of the free device memory holds them (a 3B model's 16 rows of a
+    4K-slot cache are 24 GB), never fewer than ``needed``."""
+    fit = int(share * free_bytes // max(row_bytes, 1))
+    return max(needed, min(wanted, fit))
+
+
 class DecodeBatch:
     """A batch of requests decoding together, one step at a time, that can take in new
     requests while it runs (continuous batching).
@@ -346,14 +360,18 @@ class DecodeBatch:
         self.fill = eos if eos is not None else 0
         mode = compile_mode(device, compile)
         n_real = len(requests)
-        rows = max(rows or 0, batch_bucket(n_real) if (pad_batch if pad_batch is not None
-                                                        else mode is not None) else n_real)
-        self.requests: list[Request | None] = [*requests, *[None] * (rows - n_real)]
-        B = len(self.requests)
-        lengths += [1] * (B - n_real)
+        base = (batch_bucket(n_real) if (pad_batch if pad_batch is not None
+                                         else mode is not None) else n_real)
         T0 = max(lengths)
         need = T0 + max(min(r.max_new_tokens, context - T0) for r in requests)
         length = _cache_length(max(need, int(need * headroom)), context)
+        if rows is not None and rows > base and device.type == "cuda":
+            rows = spare_rows(rows, base, _cache_row_bytes(model.cfg, length),
+                              torch.cuda.mem_get_info(device)[0])
+        rows = max(rows or 0, base)
+        self.requests: list[Request | None] = [*requests, *[None] * (rows - n_real)]
+        B = len(self.requests)
+        lengths += [1] * (B - n_real)
         self.budget = [0] * B
         self.n_new = [0] * B
         self.lengths = lengths
