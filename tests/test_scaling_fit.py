@@ -16,6 +16,7 @@ from lmfab.scaling.fit import (
     _parabola_min,
     fit_chinchilla,
     fit_power_law,
+    fit_score_map,
     fit_warnings,
     isoflop_exponents,
     isoflop_minima,
@@ -437,3 +438,37 @@ def test_a_perplexity_is_fitted_as_its_log_and_predicted_in_its_units(tmp_path):
     assert t["value"] == pytest.approx(math.exp(t["loss"]))
     assert t["value_lo"] <= t["value"] <= t["value_hi"]
     assert "t/perplexity" in out["summary"] and "log perplexity" in out["summary"]
+
+
+def test_a_score_predicted_in_two_steps_through_the_loss(tmp_path):
+    """``--against eval_loss``: the law is fitted on the loss, the score (in its fitted
+    units) as a line in the loss; the target's loss from the law is carried to the score."""
+    C, loss = noisy_cerebras(seed=5, noise=0.0)
+    # log perplexity = 1.5 + 2 x loss, exactly; one run without the score
+    rows = [row(f"fam-{i}", "family", math.sqrt(c / 120), 20 * math.sqrt(c / 120), v,
+                downstream={"t/perplexity": math.exp(1.5 + 2 * v)})
+            for i, (c, v) in enumerate(zip(C, loss, strict=True))]
+    rows.append(row("no-score", "family", 1e9, 2e10, float(cerebras(6 * 1e9 * 2e10))))
+    write_rows(tmp_path / "results.jsonl", rows)
+    target = REPO / "configs" / "train" / "cerebras-gpt-1.3b.yaml"
+    out = run_fit(tmp_path, out_dir=tmp_path / "fit", loss_key="t/perplexity",
+                  against="eval_loss", bootstrap=50, predict=target, echo=False)
+    assert len(out["power"]["C"]) == len(C) + 1  # the loss law has every run with a loss
+    m = out["score_map"]
+    assert (m["slope"], m["intercept"], m["r2"]) == (pytest.approx(2.0), pytest.approx(1.5),
+                                                     pytest.approx(1.0))
+    assert len(m["loss"]) == len(C)  # the run without the score is not on the line
+    assert out["power"]["b"] == pytest.approx(B_EXP, abs=0.01)  # the law is the loss's
+    t = out["target"][0]
+    assert t["metric"] == "t/perplexity"
+    assert t["value"] == pytest.approx(math.exp(1.5 + 2 * t["loss"]), rel=1e-6)
+    # the interval carries the loss's own interval through the line
+    assert t["value_lo"] <= math.exp(1.5 + 2 * t["loss_lo"]) * 1.0001
+    assert t["value_hi"] >= math.exp(1.5 + 2 * t["loss_hi"]) * 0.9999
+    assert "score_map.png" in out["files"] and (tmp_path / "fit" / "score_map.png").is_file()
+    assert "t/perplexity as log perplexity (nats) = 1.5 + 2 x eval_loss" in out["summary"]
+    with pytest.raises(ValueError, match="maps a downstream score"):
+        run_fit(tmp_path, out_dir=tmp_path / "fit2", loss_key="eval_loss", against="eval_loss",
+                echo=False)
+    with pytest.raises(ValueError, match="3 runs with distinct losses"):
+        fit_score_map([3.0, 3.0, 3.0], [1.0, 2.0, 3.0], metric="t/acc", against="eval_loss")

@@ -341,7 +341,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from lmfab.scaling.fit import run_fit
 
     run_fit(args.sweep_dir, form=args.form, predict=args.predict, loss_key=args.metric,
-            out_dir=args.out)
+            against=args.against, out_dir=args.out)
     return 0
 
 

@@ -300,6 +300,9 @@ def _fit_flags(p: argparse.ArgumentParser) -> None:
                    "downstream score TASK/METRIC of the runs' eval_input.tasks (e.g. "
                    "lmfab_choice/acc; accuracies are fitted as the error 1 - acc, perplexities as "
                    "their log; predictions are also given in the score's own units)")
+    p.add_argument("--against", choices=["eval_loss", "bpb"], help="predict the --metric "
+                   "score in two steps: the law on this loss, then the score as a straight "
+                   "line in the loss over the runs (score_map.png)")
     p.add_argument("-o", "--out", required=True, metavar="DIR",
                    help="folder for fit.json and the plots")
 

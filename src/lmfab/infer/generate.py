@@ -325,7 +325,7 @@ def spare_rows(wanted: int, needed: int, row_bytes: int, free_bytes: int,
                share: float = 0.5) -> int:
     """Rows for a batch that needs ``needed`` and would like ``wanted``: the spare ones only
     as far as ``share`` of the free device memory holds them (a 3B model's 16 rows of a
-    4K-slot cache are 24 GB), never fewer than ``needed``."""
+    4K-slot cache are 21 GB), never fewer than ``needed``."""
     fit = int(share * free_bytes // max(row_bytes, 1))
     return max(needed, min(wanted, fit))
 

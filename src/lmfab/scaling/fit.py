@@ -629,6 +629,58 @@ def _g(x: float | None, fmt: str = ".3g") -> str:
     return "?" if x is None or not math.isfinite(x) else format(x, fmt)
 
 
+@dataclass
+class ScoreMap:
+    """A downstream score (in its fitted units, :func:`lmfab.scaling.results.fitted_as`) as a
+    straight line in a loss over the same runs: y = intercept + slope * L. The second step of
+    predicting a score from compute (compute -> loss by the loss law, loss -> score by this
+    line), as Llama 3 (2024) and others predict downstream scores; the line is the simplest
+    map that two quantities falling together allow with a handful of runs."""
+
+    metric: str
+    against: str
+    intercept: float
+    slope: float
+    r2: float
+    loss: list[float]
+    y: list[float]
+    names: list[str]
+    boot: np.ndarray = field(repr=False)  # (n, 2): intercept, slope per bootstrap sample
+
+    def at(self, loss: float, lo: float | None = None, hi: float | None = None,
+           level: float = LEVEL) -> tuple[float, float, float]:
+        """(value, lo, hi) at a loss, the interval covering the line's bootstrap and, when
+        given, the loss's own interval [lo, hi]."""
+        mid = self.intercept + self.slope * loss
+        ends = [x for x in (loss, lo, hi) if x is not None]
+        vals = np.concatenate([self.boot[:, 0] + self.boot[:, 1] * x for x in ends])
+        a, b = _interval(vals, level)
+        return float(mid), float(min(a, mid)), float(max(b, mid))
+
+    def to_dict(self) -> dict:
+        return jsonable({"metric": self.metric, "against": self.against,
+                         "intercept": self.intercept, "slope": self.slope, "r2": self.r2,
+                         "loss": self.loss, "y": self.y, "names": self.names,
+                         "n_boot_ok": len(self.boot)})
+
+
+def fit_score_map(loss: Sequence[float], y: Sequence[float], *, metric: str, against: str,
+                  names: Sequence[str] | None = None, bootstrap: int = 1000, seed: int = 0
+                  ) -> ScoreMap:
+    """Least squares line of ``y`` (a score in its fitted units) in ``loss``; needs 3 runs
+    with 2 distinct losses."""
+    x, yy = np.asarray(loss, dtype=float), np.asarray(y, dtype=float)
+    names = _names(names, len(x))
+    if len(x) < 3 or len(np.unique(x)) < 2:
+        raise _refuse(f"a line of {metric} in {against}", "3 runs with distinct losses", names)
+    slope, icpt = np.polyfit(x, yy, 1)
+    boot = _bootstrap(len(x), lambda i: np.polyfit(x[i], yy[i], 1)[::-1], bootstrap, seed,
+                      usable=lambda i: len(np.unique(x[i])) > 1, width=2)
+    return ScoreMap(metric, against, float(icpt), float(slope),
+                    _goodness(yy, icpt + slope * x)["r2"], x.tolist(), yy.tolist(), names,
+                    boot)
+
+
 def fit_warnings(power: PowerFit | None, chin: ChinchillaFit | None) -> list[str]:
     """What a fit's own numbers say about how far to trust it (printed and in fit.json)."""
     out = []
@@ -688,6 +740,11 @@ def _summary(out: dict, res: Results, power: PowerFit | None, chin: ChinchillaFi
                      f" ({_g(t['extrapolation'])}x beyond the sweep)"
                      + (f"; {t['metric']} {_g(t['value'], '.4g')} [{_g(t['value_lo'], '.4g')}, "
                         f"{_g(t['value_hi'], '.4g')}]" if "value" in t else ""))
+    if "score_map" in out:
+        m = out["score_map"]
+        lines.append(f"{m['metric']} as {out['score_fitted_as']} = {_g(m['intercept'], '.4g')} "
+                     f"{'+' if m['slope'] >= 0 else '-'} {_g(abs(m['slope']), '.4g')} x "
+                     f"{m['against']} over {len(m['loss'])} runs, R^2 {m['r2']:.3f}")
     lines += [f"warning: {w}" for w in out.get("warnings", [])]
     lines.append(f"wrote {', '.join(out['files'])} to {out['out_dir']}")
     return "\n".join(lines)
@@ -695,7 +752,8 @@ def _summary(out: dict, res: Results, power: PowerFit | None, chin: ChinchillaFi
 
 def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | None = None,
             out_dir: str | Path, overrides: Sequence[str] = (), loss_key: str = "eval_loss",
-            bootstrap: int = 1000, seed: int = 0, echo: bool = True) -> dict:
+            against: str | None = None, bootstrap: int = 1000, seed: int = 0,
+            echo: bool = True) -> dict:
     """Load a sweep's results, fit, write ``fit.json`` and PNGs to ``out_dir``; print and
     return the summary (``result["summary"]``).
 
@@ -707,6 +765,12 @@ def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | No
 
     if form not in ("power", "chinchilla", "both"):
         raise ValueError(f"form must be power, chinchilla or both, got {form!r}")
+    metric = None
+    if against is not None:  # two steps: the law on the loss, the score as a line in it
+        if "/" not in loss_key or "/" in against:
+            raise ValueError(f"against={against!r} maps a downstream score TASK/METRIC onto a "
+                             f"loss (eval_loss or bpb); the score to map is {loss_key!r}")
+        metric, loss_key = loss_key, against
     res = load_results(source, loss_key=loss_key)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -748,6 +812,21 @@ def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | No
         for t in out["target"]:
             ends = sorted((back(t["loss_lo"]), back(t["loss_hi"])))
             t.update(metric=loss_key, value=back(t["loss"]), value_lo=ends[0], value_hi=ends[1])
+    smap = None
+    if metric is not None:
+        mres = load_results(source, loss_key=metric)
+        rows = [r for r in mres.rows if not is_lr_group(r["group"])
+                and isinstance(r.get(loss_key), int | float)]
+        smap = fit_score_map([r[loss_key] for r in rows], [r[metric] for r in rows],
+                             metric=metric, against=loss_key, names=[r["name"] for r in rows],
+                             bootstrap=bootstrap, seed=seed)
+        _, back, out["score_fitted_as"] = fitted_as(metric)
+        out["score_map"] = smap.to_dict()
+        for t in out["target"]:
+            y, lo, hi = smap.at(t["loss"], t["loss_lo"], t["loss_hi"])
+            ends = sorted((back(lo), back(hi)))
+            t.update(metric=metric, metric_fitted=y, value=back(y), value_lo=ends[0],
+                     value_hi=ends[1])
     files = []
 
     def plot(name: str, draw: Callable[[str], None]) -> None:
@@ -761,7 +840,10 @@ def run_fit(source: str | Path, *, form: str = "power", predict: str | Path | No
         plot("isoflop.png", lambda p: plots.plot_isoflop(minima, res.rows, p, loss_key=loss_key))
     if sweeps:
         plot("mup_lr.png", lambda p: plots.plot_lr_sweeps(sweeps, res.rows, p, loss_key=loss_key))
-    for stale in {"power_fit.png", "isoflop.png", "mup_lr.png"} - set(files):
+    if smap is not None:
+        plot("score_map.png", lambda p: plots.plot_score_map(
+            smap, p, fitted_as=out["score_fitted_as"], targets=out["target"]))
+    for stale in {"power_fit.png", "isoflop.png", "mup_lr.png", "score_map.png"} - set(files):
         (out_dir / stale).unlink(missing_ok=True)  # from an earlier fit of other rows
     files.append("fit.json")
     out.update(files=files, out_dir=str(out_dir), warnings=fit_warnings(power, chin))

@@ -112,3 +112,25 @@ def plot_lr_sweeps(sweeps: Sequence[LRSweep], rows: Sequence[dict], path: str, *
         ax.legend(fontsize=8)
     axes[0].set_ylabel("eval loss (nats/token)")
     _save(fig, path)
+
+
+def plot_score_map(smap, path: str, *, fitted_as: str, targets: Sequence[dict] = ()) -> None:
+    """A downstream score against the loss over the runs, its line, and each target's
+    predicted loss (with interval) carried to the score."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    ax.scatter(smap.loss, smap.y, color="C0", label="runs", zorder=3)
+    xs = [*smap.loss, *[t["loss"] for t in targets]]
+    grid = np.linspace(min(xs), max(xs), 50)
+    ax.plot(grid, smap.intercept + smap.slope * grid, color="C0", lw=1,
+            label=f"line (R² {smap.r2:.3f})")
+    for i, t in enumerate(targets):
+        ax.errorbar([t["loss"]], [t["metric_fitted"]],
+                    xerr=[[t["loss"] - t["loss_lo"]], [t["loss_hi"] - t["loss"]]],
+                    fmt="*", ms=12, color=f"C{i + 1}", label=f"target ({t['form']} loss law)")
+    ax.set_xlabel(smap.against)
+    ax.set_ylabel(fitted_as)
+    ax.set_title(f"{smap.metric} against {smap.against}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
