@@ -308,7 +308,6 @@ class _Text:
         return self._release(len(self.text))
 
 
-@torch.no_grad()
 def batch_bucket(n: int) -> int:
     """The batch size a compiled decode runs ``n`` rows at: the next power of two, so that
     batches of every size from 1 to 16 capture 5 CUDA graphs, not 16.
@@ -345,6 +344,7 @@ class DecodeBatch:
     CUDA graph serves the whole batch.
     """
 
+    @torch.no_grad()
     def __init__(self, model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
                  compile: bool | str | None = None, pad_batch: bool | None = None,
                  headroom: float = 1.0, rows: int | None = None):
@@ -365,8 +365,12 @@ class DecodeBatch:
         T0 = max(lengths)
         need = T0 + max(min(r.max_new_tokens, context - T0) for r in requests)
         length = _cache_length(max(need, int(need * headroom)), context)
+        dtype = next(model.parameters()).dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.float32  # quantized weights: the activations' dtype
+        self.dtype = dtype
         if rows is not None and rows > base and device.type == "cuda":
-            rows = spare_rows(rows, base, _cache_row_bytes(model.cfg, length),
+            rows = spare_rows(rows, base, _cache_row_bytes(model.cfg, length, dtype.itemsize),
                               torch.cuda.mem_get_info(device)[0])
         rows = max(rows or 0, base)
         self.requests: list[Request | None] = [*requests, *[None] * (rows - n_real)]
@@ -380,11 +384,6 @@ class DecodeBatch:
         self.reasons = ["length"] * B
         self.done = [True] * B
         self.results: dict[int, Completion] = {}
-
-        dtype = next(model.parameters()).dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            dtype = torch.float32  # quantized weights: the activations' dtype
-        self.dtype = dtype
         self.cache = cache = _cache_for(model, B, length, device, dtype)
         pad = [T0 - n for n in lengths]
         cache.reset(pad)
@@ -438,6 +437,7 @@ class DecodeBatch:
         want = min(r.max_new_tokens, self.context - n)
         return 1 <= n <= self.slot and self.slot + want <= self.cache.length
 
+    @torch.no_grad()
     def admit(self, r: Request) -> int | None:
         """Put ``r`` into a free row (its prompt prefilled); the row, or None if it does
         not fit now (see :meth:`fits`)."""
@@ -460,6 +460,7 @@ class DecodeBatch:
         self._set_row(b, r, budget=min(r.max_new_tokens, self.context - n))
         return b
 
+    @torch.no_grad()
     def step(self) -> list[tuple[int, Completion]]:
         """Sample each live row's next token, release its text, feed the tokens back (one
         decode step); the rows that finished in this step with their completions."""
@@ -499,6 +500,7 @@ class DecodeBatch:
         return ended
 
 
+@torch.no_grad()
 def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
               compile: bool | str | None = None, pad_batch: bool | None = None
               ) -> list[Completion]:
