@@ -179,9 +179,11 @@ class _SlowTokenizer:
         return getattr(self.tok, name)
 
 
-def test_a_short_request_joins_a_running_batch_and_finishes_first(tiny_run):
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_short_request_joins_a_running_batch_and_finishes_first(tiny_run, continuous):
     """Continuous batching: a request arriving while a long one decodes joins its batch in
-    a free row, gets its own greedy text, and is answered before the long one ends."""
+    a free row, gets its own greedy text, and is answered before the long one ends. With
+    ``continuous=False`` it waits for the next batch instead (the benchmark's peer)."""
     import asyncio
 
     from lmfab.infer.generate import Request, run_batch
@@ -203,7 +205,8 @@ def test_a_short_request_joins_a_running_batch_and_finishes_first(tiny_run):
                 return item
 
     async def main():
-        batcher = Batcher(model, _SlowTokenizer(tok), max_batch_size=4, compile=False)
+        batcher = Batcher(model, _SlowTokenizer(tok), max_batch_size=4, compile=False,
+                          continuous=continuous)
         try:
             job_long = batcher.submit(long)
             first = await job_long.pieces.get()  # the long request is decoding
@@ -215,8 +218,12 @@ def test_a_short_request_joins_a_running_batch_and_finishes_first(tiny_run):
             batcher.close()
 
     batcher, (c_short, c_long) = asyncio.run(main())
-    assert order == ["short", "long"]
-    assert batcher.batches == 1 and batcher.joined == 1 and batcher.largest_batch == 2
+    if continuous:
+        assert order == ["short", "long"]
+        assert batcher.batches == 1 and batcher.joined == 1 and batcher.largest_batch == 2
+    else:
+        assert order == ["long", "short"]
+        assert batcher.batches == 2 and batcher.joined == 0 and batcher.largest_batch == 1
     assert c_short.token_ids == expected.token_ids and c_short.text == expected.text
     context = model.cfg.max_seq_len  # the long request runs to the end of the context
     assert c_long.finish_reason == "length"

@@ -34,9 +34,11 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, compile: bool | None = None):
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, compile: bool | None = None,
+                 continuous: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.compile = max_batch_size, compile
+        self.continuous = continuous  # False: a batch runs to its end, arrivals wait for the next
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0  # batches started so far
         self.joined = 0  # requests that joined a batch already running
@@ -134,7 +136,7 @@ class Batcher:
                 for b, c in batch.step():
                     _post(self._live.pop(b), c)
             self._take(block=False)
-            if not self._open.is_set():  # held: nothing joins; a finished batch ends
+            if not self._open.is_set() or not self.continuous:  # nothing joins
                 if batch.finished:
                     return
                 continue
