@@ -206,3 +206,16 @@ def test_missing_or_empty_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no token shards \(\*\.tok\)"):
         TokenDataset(tmp_path / "empty")
+
+
+def test_a_token_id_past_the_vocabulary_is_refused_naming_shard_and_window(tmp_path):
+    # tokens are g*5 .. g*5+4 for window g: with a vocabulary of 60, windows 0-11 are in
+    # range and window 12 (ids 60-64, the first window of the third shard) is not
+    split = make_split(tmp_path / "train")
+    ds = TokenDataset(split, window=WINDOW, tokenizer_hash=HASH, vocab_size=60)
+    assert ds.get(np.arange(12)).max() == 59
+    with pytest.raises(ShardError, match=r"shard_00002\.tok: window 0 holds token id 60 "
+                                         r"\(position 0\), not below model\.vocab_size=60"):
+        ds.get(np.array([3, 12, 1]))
+    # without a vocabulary (the data tools) nothing is checked
+    assert TokenDataset(split, window=WINDOW, tokenizer_hash=HASH).get(np.array([12])).max() == 64

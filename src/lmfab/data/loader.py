@@ -47,8 +47,12 @@ class TokenDataset:
         *,
         window: int | None = None,
         tokenizer_hash: str | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         self.split_dir = Path(split_dir)
+        # ids at or above it are refused per batch, naming the shard: on a GPU an embedding
+        # lookup past the table is a device-side assert that names nothing
+        self.vocab_size = vocab_size
         if not self.split_dir.is_dir():
             raise FileNotFoundError(_missing_split(self.split_dir))
         paths = sorted(self.split_dir.glob("*.tok"), key=lambda p: p.name)
@@ -138,10 +142,17 @@ class TokenDataset:
         shard_of = np.searchsorted(self._starts, idx, side="right") - 1  # (N,)
         if len(self._shards) == 1:
             out[:] = self._shards[0][idx]
-            return out
-        for s in np.unique(shard_of):
-            rows = np.nonzero(shard_of == s)[0]
-            out[rows] = self._shards[s][idx[rows] - self._starts[s]]  # (rows, window)
+        else:
+            for s in np.unique(shard_of):
+                rows = np.nonzero(shard_of == s)[0]
+                out[rows] = self._shards[s][idx[rows] - self._starts[s]]  # (rows, window)
+        if self.vocab_size is not None and int(out.max()) >= self.vocab_size:
+            row, col = (int(v[0]) for v in np.nonzero(out >= self.vocab_size))
+            s = int(shard_of[row])
+            raise ShardError(
+                f"{self.paths[s]}: window {int(idx[row] - self._starts[s])} holds token id "
+                f"{int(out[row, col])} (position {col}), not below model.vocab_size="
+                f"{self.vocab_size}: a damaged shard, or one packed with a larger vocabulary")
         return out
 
 

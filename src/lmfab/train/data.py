@@ -59,7 +59,8 @@ def open_dataset(cfg: Config, data_dir: str | Path, split: str, seq_len: int,
             f"{data_dir}: its tokenizer.json differs from the run's ({reference}); every "
             "dataset of a run (mixtures, later stages, eval) must be packed by one tokenizer"
         )
-    ds = TokenDataset(data_dir / split, window=seq_len + 1, tokenizer_hash=expected)
+    ds = TokenDataset(data_dir / split, window=seq_len + 1, tokenizer_hash=expected,
+                      vocab_size=cfg.model.vocab_size)
     if trained_with is not None and ds.tokenizer_hash != _UNKNOWN_HASH:
         want = tokenizer_hash(trained_with)
         if ds.tokenizer_hash != want:
