@@ -38,18 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lmfab.config.load import load_model_config  # noqa: E402
-from lmfab.infer.generate import Request, run_batch  # noqa: E402
+from lmfab.infer.generate import Request, TokenIdsOnly, run_batch  # noqa: E402
 from lmfab.models import build_model, materialize  # noqa: E402
-
-
-class Ids:
-    """run_batch's tokenizer, for token-level timing: no end-of-text token, no text."""
-
-    def token_to_id(self, _):
-        return None
-
-    def decode(self, ids):
-        return ""
 
 
 def hf_llama(model, dtype):
@@ -116,7 +106,7 @@ def sync(device):
 
 def lmfab_run(model, prompts, n, compile):
     reqs = [Request(p, max_new_tokens=n, stop_token_ids=[]) for p in prompts]
-    out = run_batch(model, Ids(), reqs, compile=compile)
+    out = run_batch(model, TokenIdsOnly(), reqs, compile=compile)
     return [c.token_ids for c in out]
 
 

@@ -35,18 +35,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from lmfab.infer.generate import Request, run_batch  # noqa: E402
+from lmfab.infer.generate import Request, TokenIdsOnly, run_batch  # noqa: E402
 from lmfab.infer.quantize import quantize_model, weight_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Ids:
-    def token_to_id(self, _):
-        return None
-
-    def decode(self, ids):
-        return ""
 
 
 def sync(device):
@@ -61,7 +53,7 @@ def decode_tps(model, device, n=64, prompt_len=32, compile=None) -> float:
     n = min(n, model.cfg.max_seq_len - prompt_len - 1)
 
     def run(k):
-        run_batch(model, Ids(), [Request(prompt, max_new_tokens=k, stop_token_ids=[])],
+        run_batch(model, TokenIdsOnly(), [Request(prompt, max_new_tokens=k, stop_token_ids=[])],
                   compile=compile)
 
     run(n), run(1)  # warm-up (compilation)

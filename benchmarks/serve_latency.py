@@ -28,23 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lmfab.config.load import load_model_config  # noqa: E402
-from lmfab.infer.generate import Request  # noqa: E402
+from lmfab.infer.generate import Request, TokenIdsOnly  # noqa: E402
 from lmfab.models import build_model, materialize  # noqa: E402
 from lmfab.serve.batcher import Batcher  # noqa: E402
 
 
-class Ids:
-    """No text: token-level requests; ``decode`` is called for streaming and returns ''."""
-
-    def token_to_id(self, _):
-        return None
-
-    def decode(self, ids):
-        return ""
-
-
 async def one_load(model, args, continuous: bool) -> dict:
-    batcher = Batcher(model, Ids(), max_batch_size=args.max_batch, compile=args.compile,
+    batcher = Batcher(model, TokenIdsOnly(), max_batch_size=args.max_batch, compile=args.compile,
                       continuous=continuous)
     g = torch.Generator().manual_seed(0)
     vocab = model.cfg.vocab_size

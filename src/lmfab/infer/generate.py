@@ -131,6 +131,17 @@ def next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
 
 # ---- requests and the engine ------------------------------------------------------------------
 
+class TokenIdsOnly:
+    """A stand-in tokenizer for token-level runs of :func:`run_batch` / :class:`DecodeBatch`
+    (benchmarks, tests of ids): no end-of-text token, and no text."""
+
+    def token_to_id(self, _token):
+        return None
+
+    def decode(self, _ids):
+        return ""
+
+
 class PromptTooLong(ValueError):
     """A prompt longer than the model's context, refused (``on_long_prompt="refuse"``)."""
 
@@ -445,8 +456,6 @@ class DecodeBatch:
         if not free or not self.fits(r):
             return None
         b, n, s = free[0], len(r.prompt_ids), self.slot
-        if not 1 <= n < self.context:
-            raise ValueError("every prompt needs 1 to context - 1 tokens (fit_prompt fits them)")
         alone = KVCache(self.model.cfg, 1, _cache_length(n, self.context), device=self.device,
                         dtype=self.dtype)  # never the pool's: it could be this batch's own
         alone.reset([0])

@@ -176,7 +176,7 @@ def quantize_model(model: nn.Module, scheme: str) -> QuantizeReport:
         for key, names in plan.items():
             config, label = configs[key]
             chosen = {linears[n] for n in names}
-            packed_cpu = key[0] == "cpu-int4" if isinstance(key, tuple) else False
+            packed_cpu = isinstance(key, tuple) and key[0] == "cpu-int4"
             if packed_cpu:  # the kernel's fast path takes bf16 weights and activations
                 for n in names:
                     linears[n].to(torch.bfloat16)

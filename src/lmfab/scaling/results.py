@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 STATUSES = ("done", "failed", "diverged", "unfinished", "missing")
 # Fields the fits read: a done row without one of them is excluded.
 REQUIRED = {"name": str, "status": str, "group": str, "n_params": int, "tokens": int,
@@ -192,3 +194,18 @@ def is_isoflop_group(group: str) -> bool:
 def is_lr_group(group: str) -> bool:
     """``mup-lr``, ``sp-lr``, ``lr-sweep``: a dash- or underscore-separated word ``lr``."""
     return "lr" in re.split(r"[-_]", group.lower())
+
+
+def jsonable(x: Any) -> Any:
+    """numpy scalars and arrays to Python; non-finite floats to None (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
