@@ -172,7 +172,7 @@ def test_small_or_empty_corpora_are_clear_errors(tmp_path, capsys):
     # a seed for which the short document is the one held out
     seed = next(s for s in range(100) if split_hash(short_doc, s) < split_hash(long_doc, s))
     two = write_jsonl(tmp_path / "two.jsonl", [long_doc, short_doc])
-    with pytest.raises(ValueError, match=r"val split empty: its 1 document\(s\)"):
+    with pytest.raises(ValueError, match=r"val split empty for seq_len=\d+: its 1 document\(s\)"):
         tokenize_corpus(
             [str(two)],
             str(tmp_path / "a"),

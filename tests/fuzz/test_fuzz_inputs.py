@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from lmfab.data.prep.readers import ReadStats, iter_documents
@@ -133,6 +133,10 @@ def test_empty_files_and_folders(tmp_path):
 @pytest.mark.slow
 @given(lines=st.lists(st.one_of(good, good, good, bad_lines, invalid_utf8), min_size=1,
                       max_size=8))
+@example(lines=[  # a val split too short for one window: the refusal must name seq_len
+    ("good", '{"text": "%s", "meta": {"redpajama_set_name": "S"}}' % t, t)
+    for t in ("0", "001", "0203")
+])
 def test_tokenize_cli_on_fuzzed_corpora(lines):
     src = _tmp(".jsonl")
     src.write_bytes(b"\n".join(_as_bytes(line) for _, line, _ in lines) + b"\n")

@@ -363,8 +363,9 @@ def _check_windows(stats: dict[str, dict], seq_len: int) -> None:
         )
     if "val" in stats and stats["val"]["windows"] == 0:
         raise ValueError(
-            f"val split empty: its {stats['val']['documents']} document(s) give "
-            f"{stats['val']['tokens']} tokens, fewer than one window of {window}; "
+            f"val split empty for seq_len={seq_len}: its {stats['val']['documents']} "
+            f"document(s) give {stats['val']['tokens']} tokens, fewer than one window of "
+            f"{window}; "
             "raise val_fraction or lower seq_len"
         )
 
