@@ -347,3 +347,18 @@ def test_sweep_collects_the_final_eval_s_downstream_scores(tmp_path):
     row = collect_point(point, tmp_path)
     assert row["status"] == "done" and row["eval_loss"] == 3.0
     assert row["downstream"] == {"lmfab_cloze/acc": 0.2, "lmfab_choice/acc_norm": 0.4}
+
+
+def test_task_builder_names_untitled_documents_by_file_and_line(tmp_path):
+    """No title: items name the file (not the path it was given by) and the line, so two
+    untitled documents of one file stay apart."""
+    from lmfab.data.prep.readers import iter_documents
+
+    docs = [d for d in iter_documents([str(SAMPLE / "books.jsonl.zst")]) if d.text.strip()]
+    corpus = tmp_path / "deep" / "untitled.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    items = task_build.build(corpus, val_fraction=0.3)
+    names = {it["doc"] for it in items["lmfab_cloze"] + items["lmfab_choice"]}
+    assert names and all(n.startswith("untitled.jsonl:") for n in names), names
+    assert len(names) > 1  # several held-out documents, told apart by their line

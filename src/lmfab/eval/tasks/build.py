@@ -113,6 +113,13 @@ def choice_candidates(text: str) -> list[dict]:
     return out
 
 
+def _doc_name(d) -> str:
+    """A document's name in the items: its title, else file name and line (not the path the
+    corpus was given by, which may be a machine's own; two untitled documents of one file
+    stay apart)."""
+    return (d.meta or {}).get("title") or f"{Path(d.path).name}:{d.line}"
+
+
 def build(corpus: str | Path = DEFAULT_CORPUS, *, val_fraction: float = 0.05, seed: int = 0,
           n_cloze: int = N_CLOZE, n_choice: int = N_CHOICE) -> dict[str, list[dict]]:
     """The items of both tasks (nothing written)."""
@@ -127,7 +134,7 @@ def build(corpus: str | Path = DEFAULT_CORPUS, *, val_fraction: float = 0.05, se
 
     cloze = []
     for i in held:
-        title = (docs[i].meta or {}).get("title") or docs[i].path
+        title = _doc_name(docs[i])
         cloze += [{"doc": title, **c} for c in cloze_candidates(docs[i].text)]
     cloze = sorted(rng.sample(cloze, min(n_cloze, len(cloze))),
                    key=lambda c: (c["doc"], c["line"]))
@@ -142,7 +149,7 @@ def build(corpus: str | Path = DEFAULT_CORPUS, *, val_fraction: float = 0.05, se
     choice = []
     cands = []
     for i in held:
-        title = (docs[i].meta or {}).get("title") or docs[i].path
+        title = _doc_name(docs[i])
         pool = pools.get(_family(docs[i].meta, docs[i].source)) or [
             b for p in pools.values() for b in p]
         cands += [(title, pool, c) for c in choice_candidates(docs[i].text)]
