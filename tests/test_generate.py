@@ -132,6 +132,47 @@ def test_a_request_joining_a_running_batch_gets_what_it_gets_alone(name):
     assert b2.finished is False and not b2.fits(Request(list(range(1, 9)), max_new_tokens=1))
 
 
+def _drive(model, reqs, joiners, *, overlap):
+    """Run ``reqs`` in one DecodeBatch, admitting ``joiners`` as rows free up; the
+    completions by request index (joiners after reqs)."""
+    batch = DecodeBatch(model, _NoTokenizer(), reqs, compile=False, headroom=3.0,
+                        overlap=overlap)
+    got, rows, waiting = {}, {i: i for i in range(len(reqs))}, list(range(len(joiners)))
+    while not batch.finished:
+        for b, c in batch.step():
+            got[rows.pop(b)] = c
+        while waiting and batch.free_rows():
+            b = batch.admit(joiners[waiting[0]])
+            assert b is not None
+            rows[b] = len(reqs) + waiting.pop(0)
+    return {i: (c.token_ids, c.finish_reason, c.prompt_tokens) for i, c in got.items()}
+
+
+def _overlap_case(device):
+    model = random_model("tiny-llama").to(device)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 9, 3, 4)]
+    free = run_batch(model, _NoTokenizer(), [Request(prompts[0], max_new_tokens=16,
+                                                     stop_token_ids=[])], compile=False)[0]
+    stop = free.token_ids[6]  # row 0 ends early on a stop token, mid-batch
+    reqs = [Request(prompts[0], max_new_tokens=16, stop_token_ids=[stop]),
+            Request(prompts[1], max_new_tokens=12, temperature=0.9, top_k=30, seed=2,
+                    stop_token_ids=[]),
+            Request(prompts[2], max_new_tokens=1, stop_token_ids=[])]  # one token: done at once
+    joiners = [Request(prompts[3], max_new_tokens=6, stop_token_ids=[])]
+    return model, reqs, joiners, stop
+
+
+def test_the_overlapped_decode_step_changes_no_output():
+    """With ``overlap`` each step is queued before the host reads the tokens (the step
+    after a stop token is computed and dropped); completions, finish reasons and joiners
+    are what the plain loop gives."""
+    model, reqs, joiners, stop = _overlap_case("cpu")
+    plain = _drive(model, reqs, joiners, overlap=False)
+    assert plain[0][1] == "stop" and plain[0][0][-1] != stop and plain[2][0] and plain[3][0]
+    assert _drive(model, reqs, joiners, overlap=True) == plain
+
+
 def test_spare_rows_stop_where_half_the_free_memory_ends():
     from lmfab.infer.generate import _cache_row_bytes, spare_rows
 
@@ -269,3 +310,14 @@ def test_compiled_batches_of_three_and_four_share_one_cache_and_graph():
     b = run_batch(model, _NoTokenizer(), reqs)
     assert [c.token_ids for c in a] == [c.token_ids for c in b[:3]]
     assert [k[0] for k in generate_module._CACHES[model]] == [4]
+
+
+@pytest.mark.gpu
+def test_the_overlapped_cuda_decode_changes_no_output():
+    """On CUDA the overlapped step copies the tokens to pinned memory behind an event; in
+    fp32 the completions equal the plain loop's, and the compiled step's too."""
+    model, reqs, joiners, _ = _overlap_case("cuda")
+    plain = _drive(model, reqs, joiners, overlap=False)
+    assert _drive(model, reqs, joiners, overlap=True) == plain
+    compiled = run_batch(model, _NoTokenizer(), reqs)  # CUDA graphs, overlapped by default
+    assert [(c.token_ids, c.finish_reason) for c in compiled] == [plain[i][:2] for i in range(3)]

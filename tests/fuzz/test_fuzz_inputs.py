@@ -134,7 +134,7 @@ def test_empty_files_and_folders(tmp_path):
 @given(lines=st.lists(st.one_of(good, good, good, bad_lines, invalid_utf8), min_size=1,
                       max_size=8))
 @example(lines=[  # a val split too short for one window: the refusal must name seq_len
-    ("good", '{"text": "%s", "meta": {"redpajama_set_name": "S"}}' % t, t)
+    ("good", json.dumps({"text": t, "meta": {"redpajama_set_name": "S"}}), t)
     for t in ("0", "001", "0203")
 ])
 def test_tokenize_cli_on_fuzzed_corpora(lines):

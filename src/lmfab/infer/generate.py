@@ -353,12 +353,18 @@ class DecodeBatch:
     much longer than the starting rows need, for joiners; 1: none; ``rows``: at least that
     many rows, the spare ones free from the start). The buffers never move, so a captured
     CUDA graph serves the whole batch.
+
+    ``overlap`` (default: on CUDA) queues each decode step on the GPU before the host reads
+    the sampled tokens back and does its per-row work (stop checks, detokenisation), so the
+    GPU does not wait on Python between steps; the step after a stop token is then computed
+    and dropped. The outputs are the same either way (tested).
     """
 
     @torch.no_grad()
     def __init__(self, model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
                  compile: bool | str | None = None, pad_batch: bool | None = None,
-                 headroom: float = 1.0, rows: int | None = None):
+                 headroom: float = 1.0, rows: int | None = None,
+                 overlap: bool | None = None):
         if not requests:
             raise ValueError("a batch needs at least one request")
         self.model, self.tokenizer = model, tokenizer
@@ -413,6 +419,9 @@ class DecodeBatch:
             cache.mark_static()
             self.step_fn = _guarded(_compiled_step(mode), mode)
         self.logits = _step(model, prompt, cache)  # prefill: eager, any length
+        self.overlap = device.type == "cuda" if overlap is None else overlap
+        self._host = (torch.empty(B, dtype=torch.long, pin_memory=True)
+                      if self.overlap and device.type == "cuda" else None)
 
     def _set_row(self, b: int, r: Request, *, budget: int) -> None:
         self.requests[b] = r
@@ -477,8 +486,26 @@ class DecodeBatch:
                and self.generators[b] is not None]
         nxt = next_tokens(self.logits, self.temperature, self.top_k, self.top_p,
                           self.generators, hot=hot)
+        # Queue the next step first when some row will surely want it (a row with budget
+        # left after this token): the GPU computes it while the host works on the tokens.
+        ahead = self.overlap and any(not d and n + 1 < m for d, n, m in
+                                     zip(self.done, self.n_new, self.budget, strict=True))
+        if ahead:
+            if self._host is not None:
+                self._host.copy_(nxt, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+            self.logits = self.step_fn(self.model, nxt[:, None], self.cache)
+            self.slot += 1
+            if self._host is not None:
+                copied.synchronize()  # the tokens only, not the step queued after them
+                tokens = self._host.tolist()
+            else:
+                tokens = nxt.tolist()
+        else:
+            tokens = nxt.tolist()
         ended = []
-        for b, t in enumerate(nxt.tolist()):
+        for b, t in enumerate(tokens):
             if self.done[b]:
                 continue
             r, text = self.requests[b], self.texts[b]
@@ -503,7 +530,7 @@ class DecodeBatch:
             if self.done[b]:
                 self._finish(b)
                 ended.append((b, self.results[b]))
-        if not self.finished:
+        if not ahead and not self.finished:
             self.logits = self.step_fn(self.model, nxt[:, None], self.cache)
             self.slot += 1
         return ended
