@@ -13,7 +13,9 @@ check); the timed runs' agreement is reported, and required only in fp32: in bf1
 round differently and random weights have near-ties that flip (seen on the H200 at 1B).
 
 lmfab: :func:`lmfab.infer.generate.run_batch`, decode step compiled with CUDA graphs on CUDA
-(``--lmfab-compile``). HF: ``generate(do_sample=False, cache_implementation="static")``,
+(``--lmfab-compile``), each step queued before the host reads the last tokens back; on CUDA
+also ``lmfab-no-overlap``, the same without that overlap. HF: ``generate(do_sample=False,
+cache_implementation="static")``,
 which in transformers 5 compiles the decoding forward itself on CUDA (its ``compile_config``;
 ``--hf-compile auto``, the default). ``--hf-compile on`` also wraps ``model.forward`` in
 ``torch.compile(mode="reduce-overhead", fullgraph=True)`` as transformers 4's static-cache
@@ -104,9 +106,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def lmfab_run(model, prompts, n, compile):
+def lmfab_run(model, prompts, n, compile, overlap=None):
     reqs = [Request(p, max_new_tokens=n, stop_token_ids=[]) for p in prompts]
-    out = run_batch(model, TokenIdsOnly(), reqs, compile=compile)
+    out = run_batch(model, TokenIdsOnly(), reqs, compile=compile, overlap=overlap)
     return [c.token_ids for c in out]
 
 
@@ -216,8 +218,12 @@ def main() -> int:
         if dtype == torch.float32 and agree < a.min_agreement:
             raise SystemExit(f"batch {B}: lmfab and HF greedy outputs agree on {agree:.0%} "
                              "only; the mapping is wrong, not timing")
-        for impl, run in (("lmfab", lambda p, n: lmfab_run(model, p, n, lm_compile)),
-                          ("hf-static", lambda p, n: hf_run(hf, p, n))):
+        impls = [("lmfab", lambda p, n: lmfab_run(model, p, n, lm_compile)),
+                 ("hf-static", lambda p, n: hf_run(hf, p, n))]
+        if device.type == "cuda":  # what queueing each step before the host reads buys
+            impls.insert(1, ("lmfab-no-overlap",
+                             lambda p, n: lmfab_run(model, p, n, lm_compile, overlap=False)))
+        for impl, run in impls:
             with torch.no_grad():
                 t_n = timed(lambda run=run, p=prompts: run(p, a.new_tokens), device, a.repeats)
                 t_1 = timed(lambda run=run, p=prompts: run(p, 1), device, a.repeats)

@@ -538,15 +538,16 @@ class DecodeBatch:
 
 @torch.no_grad()
 def run_batch(model: GPT, tokenizer: Tokenizer, requests: Sequence[Request], *,
-              compile: bool | str | None = None, pad_batch: bool | None = None
-              ) -> list[Completion]:
+              compile: bool | str | None = None, pad_batch: bool | None = None,
+              overlap: bool | None = None) -> list[Completion]:
     """Continue every request's prompt (already fitted to the context, see
     :func:`fit_prompt`) in one batch; the completions in request order. ``pad_batch``
     (default: when the decode step is compiled) runs the batch at :func:`batch_bucket`'s
-    size with idle rows that generate nothing."""
+    size with idle rows that generate nothing; ``overlap``: see :class:`DecodeBatch`."""
     if not requests:
         return []
-    batch = DecodeBatch(model, tokenizer, requests, compile=compile, pad_batch=pad_batch)
+    batch = DecodeBatch(model, tokenizer, requests, compile=compile, pad_batch=pad_batch,
+                        overlap=overlap)
     while not batch.finished:
         batch.step()
     return [batch.results[b] for b in range(len(requests))]
