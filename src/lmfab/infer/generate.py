@@ -490,20 +490,17 @@ class DecodeBatch:
         # left after this token): the GPU computes it while the host works on the tokens.
         ahead = self.overlap and any(not d and n + 1 < m for d, n, m in
                                      zip(self.done, self.n_new, self.budget, strict=True))
+        pinned = ahead and self._host is not None
+        if pinned:
+            self._host.copy_(nxt, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
         if ahead:
-            if self._host is not None:
-                self._host.copy_(nxt, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record()
             self.logits = self.step_fn(self.model, nxt[:, None], self.cache)
             self.slot += 1
-            if self._host is not None:
-                copied.synchronize()  # the tokens only, not the step queued after them
-                tokens = self._host.tolist()
-            else:
-                tokens = nxt.tolist()
-        else:
-            tokens = nxt.tolist()
+        if pinned:
+            copied.synchronize()  # the tokens only, not the step queued after them
+        tokens = self._host.tolist() if pinned else nxt.tolist()
         ended = []
         for b, t in enumerate(tokens):
             if self.done[b]:

@@ -365,8 +365,7 @@ def _check_windows(stats: dict[str, dict], seq_len: int) -> None:
         raise ValueError(
             f"val split empty for seq_len={seq_len}: its {stats['val']['documents']} "
             f"document(s) give {stats['val']['tokens']} tokens, fewer than one window of "
-            f"{window}; "
-            "raise val_fraction or lower seq_len"
+            f"{window}; raise val_fraction or lower seq_len"
         )
 
 
